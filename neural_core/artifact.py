@@ -1,0 +1,763 @@
+"""The pruned-image artifact: the retained full-resolution patches of one radiograph in a documented binary
+container (no pickle). The byte layout is specified in ``docs/ARTIFACT_FORMAT.md``.
+
+::
+
+    magic b"NRLART\\x00" | version u16 LE | header length u32 LE | UTF-8 JSON header | payload sections | SHA-256
+
+The payload holds the retained patches as one lossless mosaic image (PNG, lossless WebP for 8-bit, or lossless
+JPEG 2000, whichever is smallest) and optionally a tiny 8-bit context layer of the whole image (PNG).
+
+Reading (:meth:`Artifact.from_bytes`) treats the bytes as hostile: sizes, offsets, every header field and the
+image dimensions written inside each encoded section are checked before anything is decoded or allocated, and the
+only exception that escapes for bad bytes is :class:`~neural_core.errors.ArtifactError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import cv2
+import numpy as np
+
+from .config import DEFAULT_LIMITS, Limits, PruneConfig
+from .errors import ArtifactError
+from .prune import MAX_PATCH, PatchGrid
+
+MAGIC = b"NRLART\x00"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<7sHI")          # magic, version, header length
+PREAMBLE_BYTES = _PREAMBLE.size             # 13
+CHECKSUM_BYTES = 32                         # SHA-256 over everything before it
+MAX_HEADER_BYTES = 8 * 1024 * 1024          # the JSON header may not be longer than this
+MAX_CONTEXT_SIDE = 1024
+PATCH_ENCODINGS = ("png", "webp", "j2k")    # order = preference on equal size
+_WEBP_MAX_SIDE = 16383
+_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+_META_MODES = ("keep", "tau", "top_k")
+_TOP_KEYS = frozenset({"height", "width", "bit_depth", "dtype", "patch", "rows", "cols", "kept", "mosaic",
+                       "sections", "context_shape", "model", "meta", "scores"})
+_SECTION_KEYS = frozenset({"name", "offset", "length", "encoding", "shape", "dtype"})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# small validators; ``exc`` is ArtifactError when reading bytes and ValueError when building from arrays
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            and math.isfinite(float(v)))
+
+
+def _int_field(d: dict, key: str, lo: int, hi: int, exc=ArtifactError, where: str = "header") -> int:
+    v = d.get(key)
+    if not _is_int(v):
+        raise exc(f"artifact {where} field {key!r} must be an integer, got {type(v).__name__}")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise exc(f"artifact {where} field {key!r} = {v} is outside [{lo}, {hi}]")
+    return v
+
+
+def _check_model(model, exc=ArtifactError) -> dict:
+    if not isinstance(model, dict):
+        raise exc("artifact model identity must be a JSON object with name, version and config_hash")
+    for key in ("name", "config_hash"):
+        if not isinstance(model.get(key), str) or not model.get(key):
+            raise exc(f"artifact model identity needs a non-empty string {key!r}")
+    if not isinstance(model.get("version"), (str, int)) or isinstance(model.get("version"), bool):
+        raise exc("artifact model identity needs a 'version' (string or integer)")
+    return model
+
+
+def _check_meta(meta, exc=ArtifactError) -> dict:
+    if not isinstance(meta, dict):
+        raise exc("artifact meta must be a JSON object")
+
+    def opt(key, ok, what):
+        if key in meta and meta[key] is not None and not ok(meta[key]):
+            raise exc(f"artifact meta field {key!r} must be {what}, got {meta[key]!r:.60}")
+
+    opt("created_at", lambda v: isinstance(v, str), "a string")
+    opt("source_format", lambda v: isinstance(v, str), "a string")
+    opt("study_key", lambda v: isinstance(v, str), "a string")
+    opt("source_bytes", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    opt("keep", lambda v: _is_num(v) and 0.0 < float(v) <= 1.0, "a fraction in (0, 1]")
+    opt("tau", lambda v: _is_num(v) and 0.0 <= float(v) <= 1.0, "a number in [0, 1]")
+    opt("top_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    opt("mode", lambda v: v in _META_MODES, f"one of {_META_MODES}")
+    return meta
+
+
+def _mosaic_layout(k: int, rows: int, cols: int) -> tuple[int, int]:
+    """``(tile_rows, tile_cols)`` of the mosaic holding ``k`` of the ``rows x cols`` grid's patches:
+    ``tile_cols = cols`` when every patch is kept (the mosaic is then the zero-padded image itself), otherwise
+    ``min(cols, ceil(sqrt(k)))``; ``tile_rows = ceil(k / tile_cols)``. Patches fill the mosaic in row-major order,
+    unused tiles are zero."""
+    if k == rows * cols:
+        return rows, cols
+    tc = math.isqrt(k)
+    if tc * tc < k:
+        tc += 1
+    tc = max(1, min(tc, cols))
+    return -(-k // tc), tc
+
+
+def _max_value(bit_depth: int) -> int:
+    return (1 << bit_depth) - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# encoders / decoders (every decoder first reads the dimensions from the encoded bytes and compares them with what the
+# header promises, so a hostile section cannot make the decoder allocate more than the header allowed)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _encode_png(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:  # pragma: no cover - cv2 encodes any 2-D uint8/uint16 array
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _encode_webp(img: np.ndarray) -> bytes | None:
+    """Lossless WebP (quality > 100 selects lossless in OpenCV); 8-bit only, at most 16383 px a side."""
+    if img.dtype != np.uint8 or max(img.shape) > _WEBP_MAX_SIDE:
+        return None
+    try:
+        ok, buf = cv2.imencode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101])
+    except cv2.error:  # pragma: no cover - build without WebP
+        return None
+    return buf.tobytes() if ok else None
+
+
+def _encode_j2k(img: np.ndarray) -> bytes | None:
+    """Lossless (reversible 5/3 wavelet) JPEG 2000 code-stream via Pillow/OpenJPEG; 8- or 16-bit, one tile."""
+    try:
+        from PIL import Image
+
+        if Image.MAX_IMAGE_PIXELS and img.size > Image.MAX_IMAGE_PIXELS:
+            return None   # Pillow would refuse to decode it again (decompression-bomb guard)
+        out = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(img)).save(out, "JPEG2000", irreversible=False, no_jp2=True)
+        return out.getvalue()
+    except Exception:  # pragma: no cover - Pillow without OpenJPEG
+        return None
+
+
+def _encode_patches(mosaic: np.ndarray) -> tuple[str, bytes]:
+    """Encode the mosaic with every available lossless codec and keep the smallest (PNG wins ties)."""
+    best = ("png", _encode_png(mosaic))
+    for name, enc in (("webp", _encode_webp), ("j2k", _encode_j2k)):
+        data = enc(mosaic)
+        if data is not None and len(data) < len(best[1]):
+            # keep a codec only if it really round-trips (guards against a lossy build of a codec)
+            try:
+                back = _decode(name, data, mosaic.shape, mosaic.dtype)
+            except ArtifactError:
+                continue
+            if np.array_equal(back, mosaic):
+                best = (name, data)
+    return best
+
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_dims(data: bytes, dtype) -> tuple[int, int]:
+    if len(data) < 33 or data[:8] != _PNG_SIG or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        raise ArtifactError("artifact image section is not a valid PNG")
+    w, h = struct.unpack(">II", data[16:24])
+    depth, color, interlace = data[24], data[25], data[28]
+    want = 8 if dtype == np.uint8 else 16
+    if color != 0 or depth != want or interlace not in (0, 1):
+        raise ArtifactError(f"artifact PNG section must be {want}-bit greyscale "
+                            f"(got depth {depth}, colour type {color})")
+    return h, w
+
+
+def _webp_dims(data: bytes, dtype) -> tuple[int, int]:
+    if dtype != np.uint8:
+        raise ArtifactError("artifact WebP section is only allowed for 8-bit images")
+    if len(data) < 25 or data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8L" or data[20] != 0x2F:
+        raise ArtifactError("artifact image section is not a lossless (VP8L) WebP")
+    bits = int.from_bytes(data[21:25], "little")
+    return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+
+
+def _j2k_dims(data: bytes, dtype) -> tuple[int, int]:
+    if len(data) < 45 or data[:4] != b"\xff\x4f\xff\x51":
+        raise ArtifactError("artifact image section is not a JPEG 2000 code-stream")
+    (_lsiz, _rsiz, xsiz, ysiz, xo, yo, xt, yt, xto, yto, csiz) = struct.unpack(">HHIIIIIIIIH", data[4:42])
+    ssiz, xr, yr = data[42], data[43], data[44]
+    want = 8 if dtype == np.uint8 else 16
+    if csiz != 1 or xr != 1 or yr != 1 or ssiz & 0x80 or (ssiz & 0x7F) + 1 != want:
+        raise ArtifactError(f"artifact JPEG 2000 section must be one unsigned {want}-bit component")
+    if xo or yo or xto or yto or xt < xsiz or yt < ysiz:
+        raise ArtifactError("artifact JPEG 2000 section must be a single tile without offsets")
+    return ysiz, xsiz
+
+
+def _decode(encoding: str, data: bytes, shape: tuple[int, int], dtype) -> np.ndarray:
+    """Decode one image section after checking its embedded dimensions against ``shape``."""
+    dims = {"png": _png_dims, "webp": _webp_dims, "j2k": _j2k_dims}.get(encoding)
+    if dims is None:
+        raise ArtifactError(f"unknown artifact section encoding {encoding!r}")
+    got = dims(data, dtype)
+    if tuple(got) != tuple(shape):
+        raise ArtifactError(f"artifact image section is {got[0]}x{got[1]} but the header promises "
+                            f"{shape[0]}x{shape[1]}")
+    try:
+        if encoding == "j2k":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data), formats=["JPEG2000"]) as im:
+                if im.size != (shape[1], shape[0]):
+                    raise ArtifactError("artifact JPEG 2000 section has unexpected dimensions")
+                img = np.asarray(im)
+            if img.dtype.kind in "iu" and img.dtype != dtype and img.size and img.min() >= 0 \
+                    and img.max() <= np.iinfo(dtype).max:
+                img = img.astype(dtype)
+        else:
+            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            if img is not None and encoding == "webp" and img.ndim == 3:
+                if img.shape[2] not in (3, 4) or not (np.array_equal(img[..., 0], img[..., 1])
+                                                      and np.array_equal(img[..., 0], img[..., 2])):
+                    raise ArtifactError("artifact WebP section is not greyscale")
+                img = np.ascontiguousarray(img[..., 0])
+    except ArtifactError:
+        raise
+    except Exception as e:  # any decoder failure on hostile bytes
+        raise ArtifactError(f"artifact {encoding.upper()} section cannot be decoded ({type(e).__name__})") from None
+    if img is None:
+        raise ArtifactError(f"artifact {encoding.upper()} section cannot be decoded (corrupt image data)")
+    if img.shape != tuple(shape) or img.dtype != dtype:
+        raise ArtifactError(f"artifact image section decoded to {img.shape} {img.dtype}, expected "
+                            f"{tuple(shape)} {np.dtype(dtype).name}")
+    return img
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public types
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ByteReport:
+    """Measured sizes. ``artifact_bytes`` is ``len(artifact.to_bytes())``, never an estimate."""
+
+    artifact_bytes: int
+    original_file_bytes: int | None     # size of the source file (DICOM/PNG/JPEG) when known
+    raw_pixel_bytes: int                # ceil(H * W * bit_depth / 8): the pixels bit-packed, uncompressed
+    fraction_kept: float                # patches_kept / patches_total
+    patches_kept: int
+    patches_total: int
+
+    @property
+    def ratio_to_raw(self) -> float:
+        """``artifact_bytes / raw_pixel_bytes`` (0.05 = the artifact is 5 % of the raw pixels)."""
+        return self.artifact_bytes / self.raw_pixel_bytes
+
+    @property
+    def ratio_to_original(self) -> float | None:
+        """``artifact_bytes / original_file_bytes``, or None when the original size is unknown."""
+        if not self.original_file_bytes:
+            return None
+        return self.artifact_bytes / self.original_file_bytes
+
+    @property
+    def reduction_vs_raw(self) -> float:
+        """How many times smaller than the raw pixels (``raw_pixel_bytes / artifact_bytes``)."""
+        return self.raw_pixel_bytes / self.artifact_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "artifact_bytes": self.artifact_bytes,
+            "original_file_bytes": self.original_file_bytes,
+            "raw_pixel_bytes": self.raw_pixel_bytes,
+            "fraction_kept": self.fraction_kept,
+            "patches_kept": self.patches_kept,
+            "patches_total": self.patches_total,
+            "ratio_to_raw": self.ratio_to_raw,
+            "ratio_to_original": self.ratio_to_original,
+            "reduction_vs_raw": self.reduction_vs_raw,
+        }
+
+
+@dataclass(eq=False)
+class Artifact:
+    """The retained patches of one image plus everything needed to put them back.
+
+    ``patches`` is ``(K, patch, patch)`` in the dtype of the display array (uint8 / uint16) holding the raw pixel
+    values; edge patches are zero-padded to the full patch size (:meth:`patch_pixels` returns the true pixels).
+    ``coords`` is ``(K, 2)`` int32 (row, col) in row-major order. ``context`` is an optional small uint8 image of the
+    whole picture. ``model`` identifies the model that chose the patches (``name``, ``version``, ``config_hash``);
+    ``meta`` holds ``keep``/``tau``/``top_k``/``mode``, ``created_at``, ``source_format``, ``source_bytes``,
+    ``study_key`` and any other JSON values.
+    """
+
+    height: int
+    width: int
+    bit_depth: int
+    patch: int
+    rows: int
+    cols: int
+    patches: np.ndarray
+    coords: np.ndarray
+    context: np.ndarray | None = None
+    model: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    scores: np.ndarray | None = None   # (K,) float32 normalised salience of each kept patch, same order as coords
+    _cache: tuple | None = field(default=None, init=False, repr=False)
+
+    # -- derived ---------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> np.dtype:
+        return self.patches.dtype
+
+    @property
+    def grid(self) -> PatchGrid:
+        return PatchGrid(self.height, self.width, self.patch, self.rows, self.cols)
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.patches.shape[0])
+
+    @property
+    def fraction_kept(self) -> float:
+        return self.n_kept / (self.rows * self.cols)
+
+    def mask(self) -> np.ndarray:
+        """Boolean ``(rows, cols)``: True where a patch was kept."""
+        m = np.zeros((self.rows, self.cols), dtype=bool)
+        m[self.coords[:, 0], self.coords[:, 1]] = True
+        return m
+
+    def patch_pixels(self, i: int) -> np.ndarray:
+        """The true (unpadded) pixels of kept patch ``i`` (a view into ``patches``)."""
+        if not -self.n_kept <= i < self.n_kept:
+            raise IndexError(f"patch index {i} out of range for {self.n_kept} kept patches")
+        r, c = (int(v) for v in self.coords[i])
+        y0, x0, y1, x1 = self.grid.box(r, c)
+        return self.patches[i, : y1 - y0, : x1 - x0]
+
+    def context_full(self) -> np.ndarray | None:
+        """The context layer upsampled (bilinear) to ``H x W`` and rescaled to the raw range, in the raw dtype."""
+        if self.context is None:
+            return None
+        up = cv2.resize(self.context.astype(np.float32), (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        up = np.rint(up * (_max_value(self.bit_depth) / 255.0))
+        return np.clip(up, 0, _max_value(self.bit_depth)).astype(self.dtype)
+
+    def reconstruct(self, fill: str = "blank") -> np.ndarray:
+        """The ``H x W`` image in the raw dtype: kept patches exact, pruned regions 0 (``fill="blank"``) or the
+        upsampled context layer (``fill="context"``, needs an artifact built with ``context_side > 0``)."""
+        if fill not in ("blank", "context"):
+            raise ValueError(f"fill must be 'blank' or 'context', got {fill!r}")
+        if fill == "context" and self.context is None:
+            raise ValueError("this artifact has no context layer (built with context_side=0); use fill='blank'")
+        P = self.patch
+        canvas = np.zeros((self.rows * P, self.cols * P), dtype=self.dtype)
+        if fill == "context":
+            canvas[: self.height, : self.width] = self.context_full()
+        tiles = canvas.reshape(self.rows, P, self.cols, P).transpose(0, 2, 1, 3)   # a view: writes reach canvas
+        tiles[self.coords[:, 0], self.coords[:, 1]] = self.patches
+        if canvas.shape == (self.height, self.width):
+            return canvas
+        return np.ascontiguousarray(canvas[: self.height, : self.width])
+
+    def sizes(self) -> ByteReport:
+        """Byte figures; ``artifact_bytes`` is measured by serialising."""
+        n = len(self.to_bytes())
+        src = self.meta.get("source_bytes")
+        return ByteReport(
+            artifact_bytes=n,
+            original_file_bytes=int(src) if _is_int(src) else None,
+            raw_pixel_bytes=-(-self.height * self.width * self.bit_depth // 8),
+            fraction_kept=self.fraction_kept,
+            patches_kept=self.n_kept,
+            patches_total=self.rows * self.cols,
+        )
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def _check_state(self) -> None:
+        """Programming-error checks before serialising (ValueError)."""
+        if self.patches.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"patches must be uint8 or uint16, got {self.patches.dtype}")
+        if not 1 <= self.bit_depth <= (8 if self.patches.dtype == np.uint8 else 16):
+            raise ValueError(f"bit_depth {self.bit_depth} does not fit {self.patches.dtype}")
+        P = self.patch
+        if not 1 <= P <= MAX_PATCH or self.rows != -(-self.height // P) or self.cols != -(-self.width // P):
+            raise ValueError("height/width/patch/rows/cols are inconsistent")
+        k = self.patches.shape[0] if self.patches.ndim == 3 else -1
+        if k < 1 or self.patches.shape[1:] != (P, P):
+            raise ValueError(f"patches must be (K>=1, {P}, {P}), got {self.patches.shape}")
+        if self.coords.shape != (k, 2):
+            raise ValueError(f"coords must be ({k}, 2), got {self.coords.shape}")
+        flat = self.coords[:, 0].astype(np.int64) * self.cols + self.coords[:, 1]
+        if (self.coords.min() < 0 or (self.coords[:, 0] >= self.rows).any() or (self.coords[:, 1] >= self.cols).any()
+                or (np.diff(flat) <= 0).any()):
+            raise ValueError("coords must be unique, inside the grid and in row-major order")
+        if self.context is not None and (self.context.dtype != np.uint8 or self.context.ndim != 2
+                                         or not all(1 <= s <= MAX_CONTEXT_SIDE for s in self.context.shape)):
+            raise ValueError("context must be a 2-D uint8 array of at most 1024 px a side")
+        _check_model(self.model, ValueError)
+        _check_meta(self.meta, ValueError)
+
+    def _content_key(self) -> bytes:
+        h = hashlib.sha256()
+        h.update(str((self.patches.shape, self.patches.dtype.str, self.rows, self.cols)).encode())
+        h.update(np.ascontiguousarray(self.patches).tobytes())
+        if self.context is not None:
+            h.update(str(self.context.shape).encode())
+            h.update(np.ascontiguousarray(self.context).tobytes())
+        return h.digest()
+
+    def _sections(self) -> list[tuple[str, str, tuple[int, int], str, bytes]]:
+        """``[(name, encoding, shape, dtype, data)]``; cached on the pixel content (encoding is the slow part)."""
+        key = self._content_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        P, k = self.patch, self.n_kept
+        tr, tc = _mosaic_layout(k, self.rows, self.cols)
+        tiles = np.zeros((tr * tc, P, P), dtype=self.dtype)
+        tiles[:k] = self.patches
+        mosaic = tiles.reshape(tr, tc, P, P).transpose(0, 2, 1, 3).reshape(tr * P, tc * P)
+        enc, data = _encode_patches(mosaic)
+        sections = [("patches", enc, mosaic.shape, self.dtype.name, data)]
+        if self.context is not None:
+            sections.append(("context", "png", self.context.shape, "uint8", _encode_png(self.context)))
+        self._cache = (key, sections)
+        return sections
+
+    def header(self) -> dict:
+        """The JSON header ``to_bytes`` writes."""
+        self._check_state()
+        tr, tc = _mosaic_layout(self.n_kept, self.rows, self.cols)
+        sections, offset = [], 0
+        for name, enc, shape, dtype, data in self._sections():
+            sections.append({"name": name, "offset": offset, "length": len(data), "encoding": enc,
+                             "shape": [int(shape[0]), int(shape[1])], "dtype": dtype})
+            offset += len(data)
+        return {
+            "height": int(self.height), "width": int(self.width), "bit_depth": int(self.bit_depth),
+            "dtype": self.dtype.name, "patch": int(self.patch), "rows": int(self.rows), "cols": int(self.cols),
+            "kept": self.coords.astype(int).tolist(),
+            "mosaic": {"tile_rows": tr, "tile_cols": tc},
+            "sections": sections,
+            "context_shape": None if self.context is None else [int(s) for s in self.context.shape],
+            "model": self.model,
+            "meta": self.meta,
+            "scores": None if self.scores is None else [round(float(v), 6) for v in self.scores],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialise (deterministic for equal content: canonical JSON, deterministic encoders)."""
+        header = self.header()
+        try:
+            hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"artifact model/meta must be plain JSON values: {e}") from None
+        if len(hjson) > MAX_HEADER_BYTES:
+            raise ValueError(f"artifact header would be {len(hjson)} bytes, more than {MAX_HEADER_BYTES}")
+        parts = [_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hjson)), hjson]
+        parts.extend(s[4] for s in self._sections())
+        body = b"".join(parts)
+        return body + hashlib.sha256(body).digest()
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write atomically (temporary file in the same directory, fsync, ``os.replace``). Returns the byte count."""
+        data = self.to_bytes()
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return len(data)
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, limits: Limits = DEFAULT_LIMITS,
+             expected_model: dict | None = None) -> "Artifact":
+        """Read and validate an artifact file (see :meth:`from_bytes`); unreadable files raise ArtifactError."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > limits.max_artifact_bytes:
+                    raise ArtifactError(f"artifact file is {size} bytes, more than the limit of "
+                                        f"{limits.max_artifact_bytes}")
+                data = f.read(limits.max_artifact_bytes + 1)
+        except OSError as e:
+            raise ArtifactError(f"cannot read artifact {os.fspath(path)!r}: {e.strerror or e}") from None
+        return cls.from_bytes(data, limits=limits, expected_model=expected_model)
+
+    @classmethod
+    def from_bytes(cls, b: bytes, *, limits: Limits = DEFAULT_LIMITS,
+                   expected_model: dict | None = None) -> "Artifact":
+        """Parse and validate. Every field is checked before any pixel buffer is allocated; bad input raises
+        :class:`ArtifactError` only. With ``expected_model`` (``name``, ``version``, ``config_hash``) an artifact made
+        by a different model (name or config hash differ) is refused."""
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise ArtifactError(f"an artifact must be bytes, got {type(b).__name__}")
+        b = bytes(b)
+        n = len(b)
+        if n > limits.max_artifact_bytes:
+            raise ArtifactError(f"artifact is {n} bytes, more than the limit of {limits.max_artifact_bytes}")
+        if n == 0:
+            raise ArtifactError("artifact is empty (0 bytes)")
+        head = b[: len(MAGIC)]
+        if head != MAGIC[: len(head)]:
+            raise ArtifactError("not a NEURAL artifact (bad magic bytes)")
+        if n < PREAMBLE_BYTES:
+            raise ArtifactError(f"artifact is truncated: {n} bytes, the fixed preamble alone is {PREAMBLE_BYTES}")
+        _, version, hlen = _PREAMBLE.unpack_from(b)
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"unsupported artifact format version {version} (this build reads version "
+                                f"{FORMAT_VERSION})")
+        if not 2 <= hlen <= MAX_HEADER_BYTES:
+            raise ArtifactError(f"artifact header length {hlen} is outside [2, {MAX_HEADER_BYTES}]")
+        if n < PREAMBLE_BYTES + hlen + CHECKSUM_BYTES:
+            raise ArtifactError(f"artifact is truncated: {n} bytes, but the header alone needs "
+                                f"{PREAMBLE_BYTES + hlen + CHECKSUM_BYTES}")
+        header_bytes = b[PREAMBLE_BYTES: PREAMBLE_BYTES + hlen]
+        if hashlib.sha256(memoryview(b)[:-CHECKSUM_BYTES]).digest() != b[-CHECKSUM_BYTES:]:
+            # tell a truncated file from a modified one when the header still says how long the file should be
+            try:
+                expected = PREAMBLE_BYTES + hlen + CHECKSUM_BYTES + sum(
+                    int(s["length"]) for s in _parse_json(header_bytes)["sections"])
+            except Exception:
+                expected = None
+            if expected is not None and n < expected:
+                raise ArtifactError(f"artifact is truncated: {n} bytes, the header promises {expected}")
+            raise ArtifactError("checksum mismatch: the artifact is corrupt or was modified")
+        h = _parse_json(header_bytes)
+        payload = b[PREAMBLE_BYTES + hlen: n - CHECKSUM_BYTES]
+        return _from_header(h, payload, limits, expected_model)
+
+
+def _parse_json(data: bytes) -> dict:
+    def no_dupes(pairs):
+        d = {}
+        for k, v in pairs:
+            if k in d:
+                raise ValueError(f"duplicate key {k!r}")
+            d[k] = v
+        return d
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    try:
+        h = json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"artifact header is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(h, dict):
+        raise ArtifactError("artifact header must be a JSON object")
+    return h
+
+
+def _model_str(m: dict | None) -> str:
+    m = m or {}
+    return f"{m.get('name')!s} version {m.get('version')!s} (config {str(m.get('config_hash'))[:12]})"
+
+
+def _from_header(h: dict, payload: bytes, limits: Limits, expected_model: dict | None) -> Artifact:
+    unknown = set(h) - _TOP_KEYS
+    missing = _TOP_KEYS - set(h)
+    if missing:
+        raise ArtifactError(f"artifact header is missing {sorted(missing)}")
+    if unknown:
+        raise ArtifactError(f"artifact header has unknown fields {sorted(unknown)[:5]}")
+
+    height = _int_field(h, "height", 1, limits.max_pixels)
+    width = _int_field(h, "width", 1, limits.max_pixels)
+    if height * width > limits.max_pixels:
+        raise ArtifactError(f"artifact image {height}x{width} exceeds the limit of {limits.max_pixels} pixels")
+    if h["dtype"] not in _DTYPES:
+        raise ArtifactError(f"artifact dtype must be one of {sorted(_DTYPES)}, got {h['dtype']!r:.40}")
+    dtype = np.dtype(_DTYPES[h["dtype"]])
+    bit_depth = _int_field(h, "bit_depth", 1, 8 if dtype == np.uint8 else 16)
+    patch = _int_field(h, "patch", 1, MAX_PATCH)
+    rows = _int_field(h, "rows", 1, limits.max_pixels)
+    cols = _int_field(h, "cols", 1, limits.max_pixels)
+    if rows != -(-height // patch) or cols != -(-width // patch):
+        raise ArtifactError(f"artifact grid {rows}x{cols} does not match a {height}x{width} image with "
+                            f"{patch} px patches")
+
+    # kept patches
+    kept = h["kept"]
+    if not isinstance(kept, list) or not 1 <= len(kept) <= rows * cols:
+        raise ArtifactError(f"artifact 'kept' must be a list of 1..{rows * cols} [row, col] pairs")
+    try:
+        coords = np.array(kept)
+    except (ValueError, OverflowError, TypeError):
+        raise ArtifactError("artifact 'kept' must be a list of [row, col] integer pairs") from None
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.dtype.kind not in "iu":
+        raise ArtifactError("artifact 'kept' must be a list of [row, col] integer pairs")
+    k = coords.shape[0]
+    if (coords < 0).any() or (coords[:, 0] >= rows).any() or (coords[:, 1] >= cols).any():
+        raise ArtifactError("artifact 'kept' has a patch outside the grid")
+    coords = coords.astype(np.int32)
+    flat = coords[:, 0].astype(np.int64) * cols + coords[:, 1]
+    if (np.diff(flat) <= 0).any():
+        raise ArtifactError("artifact 'kept' must be unique and in row-major order")
+
+    tr, tc = _mosaic_layout(k, rows, cols)
+    if h["mosaic"] != {"tile_rows": tr, "tile_cols": tc}:
+        raise ArtifactError(f"artifact mosaic layout must be {tr}x{tc} tiles for {k} patches")
+
+    # context shape
+    cshape = h["context_shape"]
+    if cshape is not None:
+        if (not isinstance(cshape, list) or len(cshape) != 2
+                or not all(_is_int(s) and 1 <= s <= MAX_CONTEXT_SIDE for s in cshape)):
+            raise ArtifactError(f"artifact context_shape must be null or [h, w] with sides 1..{MAX_CONTEXT_SIDE}")
+        cshape = (int(cshape[0]), int(cshape[1]))
+
+    # sections: exactly "patches" then (iff context_shape) "context", contiguous, covering the payload
+    sections = h["sections"]
+    want_names = ["patches"] + (["context"] if cshape is not None else [])
+    if not isinstance(sections, list) or len(sections) != len(want_names):
+        raise ArtifactError(f"artifact must have sections {want_names}")
+    offset = 0
+    for s, name in zip(sections, want_names):
+        if not isinstance(s, dict) or set(s) != _SECTION_KEYS or s["name"] != name:
+            raise ArtifactError(f"artifact section {name!r} is malformed")
+        off = _int_field(s, "offset", 0, len(payload), where=f"section {name!r}")
+        length = _int_field(s, "length", 1, len(payload), where=f"section {name!r}")
+        if off != offset:
+            raise ArtifactError(f"artifact section {name!r} starts at {off}, expected {offset}")
+        offset += length
+        if offset > len(payload):
+            raise ArtifactError(f"artifact is truncated: section {name!r} runs past the end of the payload")
+        if s["dtype"] not in _DTYPES or not isinstance(s["shape"], list) or len(s["shape"]) != 2:
+            raise ArtifactError(f"artifact section {name!r} has a bad shape or dtype")
+    if offset != len(payload):
+        raise ArtifactError(f"artifact payload is {len(payload)} bytes but the sections cover {offset}")
+
+    ps = sections[0]
+    if ps["dtype"] != dtype.name or ps["shape"] != [tr * patch, tc * patch]:
+        raise ArtifactError(f"artifact patch mosaic must be {tr * patch}x{tc * patch} {dtype.name}")
+    if ps["encoding"] not in PATCH_ENCODINGS or (ps["encoding"] == "webp" and dtype != np.uint8):
+        raise ArtifactError(f"artifact patch encoding {ps['encoding']!r:.20} is not allowed for {dtype.name}")
+    if cshape is not None:
+        cs = sections[1]
+        if cs["encoding"] != "png" or cs["dtype"] != "uint8" or cs["shape"] != list(cshape):
+            raise ArtifactError("artifact context section must be a uint8 PNG of context_shape")
+
+    model = _check_model(h["model"])
+    meta = _check_meta(h["meta"])
+    scores = h["scores"]
+    if scores is not None:
+        if (not isinstance(scores, list) or len(scores) != k
+                or not all(_is_num(v) and 0.0 <= float(v) <= 1.0 for v in scores)):
+            raise ArtifactError(f"artifact 'scores' must be null or {k} numbers in [0, 1]")
+        scores = np.asarray(scores, dtype=np.float32)
+    if expected_model is not None:
+        if (model.get("name"), model.get("config_hash")) != (expected_model.get("name"),
+                                                               expected_model.get("config_hash")):
+            raise ArtifactError(f"artifact was made by model {_model_str(model)} but the loaded model is "
+                                f"{_model_str(expected_model)}; re-run the pruning with the current model")
+
+    # everything is consistent: decode (sizes are now bounded by the validated header)
+    data = payload[: ps["length"]]
+    mosaic = _decode(ps["encoding"], data, (tr * patch, tc * patch), dtype)
+    if int(mosaic.max()) > _max_value(bit_depth):
+        raise ArtifactError(f"artifact pixel values exceed the {bit_depth}-bit range")
+    patches = mosaic.reshape(tr, patch, tc, patch).transpose(0, 2, 1, 3).reshape(tr * tc, patch, patch)[:k].copy()
+    context, cached = None, [("patches", ps["encoding"], (tr * patch, tc * patch), dtype.name, data)]
+    if cshape is not None:
+        cdata = payload[ps["length"]:]
+        context = _decode("png", cdata, cshape, np.uint8)
+        cached.append(("context", "png", cshape, "uint8", cdata))
+
+    art = Artifact(height=height, width=width, bit_depth=bit_depth, patch=patch, rows=rows, cols=cols,
+                   patches=patches, coords=coords, context=context, model=model, meta=meta, scores=scores)
+    art._cache = (art._content_key(), cached)   # to_bytes() reproduces the same bytes without re-encoding
+    return art
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building
+# ----------------------------------------------------------------------------------------------------------------------
+
+def prune_settings(cfg: PruneConfig) -> dict:
+    """The ``meta`` entries describing how patches were chosen: ``mode``, ``keep``, ``tau``, ``top_k``."""
+    return {"mode": cfg.mode(), "keep": cfg.keep, "tau": cfg.tau, "top_k": cfg.top_k}
+
+
+def make_context(raw: np.ndarray, bit_depth: int, side: int) -> np.ndarray:
+    """Area-downsampled 8-bit thumbnail of the whole image, longer side ``side`` px (aspect ratio kept, never
+    larger than the image)."""
+    H, W = raw.shape
+    scale = side / max(H, W)
+    ch = min(H, max(1, round(H * scale)))
+    cw = min(W, max(1, round(W * scale)))
+    small = cv2.resize(raw.astype(np.float32), (cw, ch), interpolation=cv2.INTER_AREA)
+    return np.clip(np.rint(small * (255.0 / _max_value(bit_depth))), 0, 255).astype(np.uint8)
+
+
+def build_artifact(raw: np.ndarray, bit_depth: int, mask: np.ndarray, grid: PatchGrid, *, context_side: int = 0,
+                   model: dict, meta: dict, scores: np.ndarray | None = None) -> Artifact:
+    """Cut the kept patches (``mask`` True, shape ``(rows, cols)``) out of the full-resolution display array ``raw``
+    (uint8 / uint16 holding ``bit_depth``-bit values). Vectorised: pad to whole patches, reshape to
+    ``(rows, P, cols, P)``, transpose, boolean-index. ``model`` needs ``name``, ``version``, ``config_hash``;
+    ``meta`` gets ``created_at`` (UTC, ISO 8601) when absent. Bad arguments raise ValueError."""
+    raw = np.asarray(raw)
+    if raw.ndim != 2 or raw.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"raw must be a 2-D uint8 or uint16 array, got {raw.dtype} {raw.shape}")
+    if not _is_int(bit_depth) or not 1 <= bit_depth <= raw.dtype.itemsize * 8:
+        raise ValueError(f"bit_depth {bit_depth!r} does not fit {raw.dtype}")
+    if raw.shape != (grid.height, grid.width):
+        raise ValueError(f"raw is {raw.shape[0]}x{raw.shape[1]} but the grid is for {grid.height}x{grid.width}")
+    if raw.size and int(raw.max()) > _max_value(bit_depth):
+        raise ValueError(f"raw has values above {_max_value(bit_depth)}, the {bit_depth}-bit maximum")
+    mask = np.asarray(mask)
+    if mask.shape != (grid.rows, grid.cols) or mask.dtype != np.bool_:
+        raise ValueError(f"mask must be a bool array of shape {(grid.rows, grid.cols)}, got {mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise ValueError("mask keeps no patches")
+    if not _is_int(context_side) or not 0 <= context_side <= MAX_CONTEXT_SIDE:
+        raise ValueError(f"context_side must be an integer in [0, {MAX_CONTEXT_SIDE}], got {context_side!r}")
+    _check_model(model, ValueError)
+    meta = dict(meta)
+    meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+    _check_meta(meta, ValueError)
+
+    P = grid.patch
+    ph, pw = grid.padded_shape
+    if (ph, pw) == raw.shape:
+        padded = raw
+    else:
+        padded = np.zeros((ph, pw), dtype=raw.dtype)
+        padded[: grid.height, : grid.width] = raw
+    tiles = padded.reshape(grid.rows, P, grid.cols, P).transpose(0, 2, 1, 3)
+    patches = np.ascontiguousarray(tiles[mask])                      # (K, P, P), row-major order
+    coords = np.argwhere(mask).astype(np.int32)                      # (K, 2), row-major order
+    context = make_context(raw, bit_depth, context_side) if context_side else None
+    if scores is not None:
+        scores = np.clip(np.asarray(scores, dtype=np.float32).reshape(-1), 0.0, 1.0)
+        if scores.shape[0] != patches.shape[0]:
+            raise ValueError(f"scores has {scores.shape[0]} values for {patches.shape[0]} kept patches")
+    return Artifact(height=grid.height, width=grid.width, bit_depth=int(bit_depth), patch=P, rows=grid.rows,
+                    cols=grid.cols, patches=patches, coords=coords, context=context, model=dict(model), meta=meta,
+                    scores=scores)

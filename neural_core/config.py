@@ -1,0 +1,137 @@
+"""Settings as data: every tunable of the pipeline lives in a small dataclass here.
+
+The intensity convention is torchxrayvision's: every image is float32 in [-1024, 1024], air dark.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, asdict
+
+INTENSITY_MIN = -1024.0
+INTENSITY_MAX = 1024.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits. Override with environment variables ``NEURAL_MAX_UPLOAD_MB``, ``NEURAL_MAX_PIXELS``,
+    ``NEURAL_MAX_REPORT_CHARS`` (see README, "Limits and security")."""
+
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000          # 20000x20000 bombs are refused, a 3000x2500 CR is fine
+    min_side: int = 32                    # a 1x1 "image" is not a radiograph
+    max_report_chars: int = 20_000
+    max_artifact_bytes: int = 256 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        d = cls()
+        return cls(
+            max_upload_bytes=int(float(os.environ.get("NEURAL_MAX_UPLOAD_MB", d.max_upload_bytes / 2**20)) * 2**20),
+            max_pixels=int(os.environ.get("NEURAL_MAX_PIXELS", d.max_pixels)),
+            min_side=d.min_side,
+            max_report_chars=int(os.environ.get("NEURAL_MAX_REPORT_CHARS", d.max_report_chars)),
+            max_artifact_bytes=d.max_artifact_bytes,
+        )
+
+
+@dataclass
+class ReportModelConfig:
+    """Swin encoder -> linear projection -> T5 decoder. ``num_layers == num_decoder_layers`` always (transformers 5
+    breaks ``generate(encoder_outputs=...)`` otherwise)."""
+
+    image_size: int = 224
+    swin_embed_dim: int = 32
+    swin_depths: tuple[int, ...] = (2, 2, 2)
+    swin_heads: tuple[int, ...] = (2, 4, 8)
+    swin_window: int = 7
+    swin_patch: int = 4
+    d_model: int = 128
+    d_ff: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    d_kv: int = 32
+    vocab_size: int = 2000
+    max_report_tokens: int = 96
+    dropout: float = 0.1
+    # Optional real checkpoints (local directories); when given they override the sizes above.
+    swin_checkpoint: str | None = None
+    t5_checkpoint: str | None = None
+
+    @property
+    def token_grid(self) -> int:
+        """Side of the encoder token grid the decoder attends to."""
+        return self.image_size // self.swin_patch // 2 ** (len(self.swin_depths) - 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["swin_depths"] = list(self.swin_depths)
+        d["swin_heads"] = list(self.swin_heads)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReportModelConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("swin_depths", "swin_heads"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+def tiny_report_config() -> ReportModelConfig:
+    """For unit tests: builds in well under a second."""
+    return ReportModelConfig(image_size=56, swin_embed_dim=16, swin_depths=(1, 1), swin_heads=(1, 2),
+                             swin_window=7, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                             vocab_size=300, max_report_tokens=32)
+
+
+def small_report_config() -> ReportModelConfig:
+    """The shipped default: 14x14 token grid at 224^2, sized to train on 2 CPU cores."""
+    return ReportModelConfig()
+
+
+@dataclass
+class PruneConfig:
+    """How patches are chosen. Exactly one of keep / tau / top_k drives the selection (keep by default)."""
+
+    keep: float | None = 0.10       # fraction of patches kept
+    tau: float | None = None        # threshold on the per-image normalised score in [0, 1]
+    top_k: int | None = None
+    patch_size: int | None = None   # in original pixels; None = auto (see prune.auto_patch_size)
+    context_side: int = 0           # side of the optional low-res context layer; 0 = none
+
+    def mode(self) -> str:
+        if self.top_k is not None:
+            return "top_k"
+        if self.tau is not None:
+            return "tau"
+        return "keep"
+
+
+@dataclass
+class ClassifierConfig:
+    """Patch encoder + message-passing network."""
+
+    patch_pixels: int = 16          # every retained patch is resized to this side before encoding
+    patch_dim: int = 64
+    text_dim: int = 384             # MiniLM sentence embedding size
+    hidden: int = 64
+    layers: int = 3
+    dropout: float = 0.2
+    num_node_types: int = 3         # 0 image patch, 1 anatomy, 2 observation
+    num_edge_types: int = 5         # 0 spatial, 1 located_at, 2 suggestive_of, 3 modify, 4 bridge
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifierConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class SalienceConfig:
+    layers: tuple[int, ...] | None = None   # decoder layers to aggregate; None = all
+    head_reduce: str = "mean"               # mean | max
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,27 @@
+"""The documented error types of ``neural_core``.
+
+Everything the library raises on bad *input* derives from :class:`NeuralError`, so callers (the CLI, the app, a
+batch job) can catch one type, show ``str(err)`` to a person and carry on. Programming errors (bugs) are left as
+ordinary Python exceptions on purpose.
+"""
+from __future__ import annotations
+
+
+class NeuralError(Exception):
+    """Base class for every input error ``neural_core`` raises on purpose. ``str(err)`` is a one-line message."""
+
+
+class ImageLoadError(NeuralError):
+    """The file is not a readable chest radiograph (unknown format, truncated, RGB DICOM, too large, ...)."""
+
+
+class ReportError(NeuralError):
+    """The report text is unusable (too long, not text)."""
+
+
+class ArtifactError(NeuralError):
+    """An artifact file is corrupt, truncated, tampered with, hostile or from an incompatible model."""
+
+
+class ModelLoadError(NeuralError):
+    """A model directory is missing files or holds an incompatible configuration."""
