@@ -1,0 +1,63 @@
+"""Study records and the patient split."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neural_core.data.studies import (StudyRecord, default_records, load_covid_cxr, load_kermany, load_manifest,
+                                      load_split, patient_split, records_in, save_split)
+
+
+def _rec(pid, i=0):
+    return StudyRecord(f"/x/{pid}_{i}.png", None, "none", 0, pid, "t")
+
+
+def test_split_never_puts_a_patient_in_two_parts(tmp_path):
+    recs = [_rec(f"p{p}", i) for p in range(50) for i in range(3)]
+    split = patient_split(recs, seed=3)
+    assert set(split.values()) == {"train", "val", "test"}
+    parts = {w: {r.patient_id for r in records_in(recs, split, w)} for w in ("train", "val", "test")}
+    assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["val"])
+    assert not (parts["val"] & parts["test"])
+    assert sum(len(records_in(recs, split, w)) for w in parts) == len(recs)
+    save_split(split, tmp_path / "s.json", seed=3, sources=["t"])
+    assert load_split(tmp_path / "s.json") == split
+    assert patient_split(recs, seed=3) == split          # seeded
+    assert patient_split(recs, seed=4) != split
+
+
+def test_unknown_patients_are_left_out():
+    assert records_in([_rec("new")], {"p1": "train"}, "train") == []
+
+
+def test_kermany_layout_and_templates(tmp_path):
+    for cls, name in (("NORMAL", "IM-0115-0001.jpeg"), ("NORMAL", "NORMAL2-IM-0115-0002.jpeg"),
+                      ("PNEUMONIA", "person12_bacteria_3.jpeg"), ("PNEUMONIA", "person12_virus_4.jpeg")):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / cls / name)
+    recs = load_kermany(tmp_path)
+    by = {Path(r.image).name: r for r in recs}
+    assert by["IM-0115-0001.jpeg"].patient_id == by["NORMAL2-IM-0115-0002.jpeg"].patient_id
+    assert by["person12_bacteria_3.jpeg"].patient_id == by["person12_virus_4.jpeg"].patient_id
+    assert by["person12_virus_4.jpeg"].subtype == "virus"
+    assert all(r.report_source == "label-template" for r in recs)
+    assert "viral" in by["person12_virus_4.jpeg"].report
+    assert [r.pneumonia for r in recs].count(1) == 2
+
+
+def test_manifest(tmp_path):
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("image,report,label,patient_id\na.png,No effusion.,0,P1\na.png,,,P2\n")
+    recs = load_manifest(tmp_path / "m.csv")
+    assert recs[0].report == "No effusion." and recs[0].pneumonia == 0 and recs[0].report_source == "given"
+    assert recs[1].report is None and recs[1].pneumonia is None and Path(recs[1].image).exists()
+
+
+def test_real_sources(shared_data):
+    recs = default_records(shared_data)
+    assert len(recs) > 5000
+    covid = load_covid_cxr(shared_data / "covid-cxr")
+    assert len(covid) == 208 and all(r.report_source == "clinical-notes" for r in covid)
+    assert all(Path(r.image).exists() for r in covid[:20])
+    assert {r.pneumonia for r in covid} == {0, 1, None}

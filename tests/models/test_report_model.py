@@ -1,0 +1,59 @@
+"""Report model: shapes of the cross-attentions (regression for eager attention), save/load, generate."""
+import torch
+
+from neural_core.config import tiny_report_config
+from neural_core.models.report_model import ReportModel
+
+
+def _model():
+    torch.manual_seed(0)
+    return ReportModel(tiny_report_config()).eval()
+
+
+def test_cross_attentions_come_back_with_expected_shapes():
+    m = _model()
+    cfg = m.cfg
+    x = torch.randn(2, 1, cfg.image_size, cfg.image_size) * 500
+    labels = torch.randint(3, cfg.vocab_size, (2, 7))
+    out = m(x, labels, output_attentions=True)
+    g = m.token_grid
+    assert g == (cfg.token_grid, cfg.token_grid)
+    assert len(out.cross_attentions) == cfg.num_layers
+    for att in out.cross_attentions:
+        assert att.shape == (2, cfg.num_heads, 7, g[0] * g[1])
+        # each query's attention over the image tokens is a distribution
+        torch.testing.assert_close(att.sum(-1), torch.ones(2, cfg.num_heads, 7), atol=1e-4, rtol=0)
+
+
+def test_padding_is_masked_out_of_the_loss():
+    m = _model()
+    x = torch.randn(1, 1, m.cfg.image_size, m.cfg.image_size)
+    y = torch.tensor([[5, 6, 7, 1]])
+    y_padded = torch.tensor([[5, 6, 7, 1, 0, 0, 0]])
+    torch.testing.assert_close(m(x, y).loss, m(x, y_padded).loss, atol=1e-5, rtol=0)
+
+
+def test_generate_and_roundtrip(tmp_path):
+    m = _model()
+    x = torch.randn(1, 1, m.cfg.image_size, m.cfg.image_size)
+    ids = m.generate(x, max_new_tokens=5)
+    assert ids.shape[0] == 1 and ids.shape[1] <= 6
+    m.save_pretrained(tmp_path / "rm")
+    m2 = ReportModel.from_pretrained(tmp_path / "rm")
+    y = torch.tensor([[5, 6, 7, 1]])
+    torch.testing.assert_close(m(x, y).logits, m2(x, y).logits)
+    assert (tmp_path / "rm" / "swin" / "model.safetensors").exists()
+    assert (tmp_path / "rm" / "t5" / "model.safetensors").exists()
+
+
+def test_fp16_save_is_smaller_and_loads(tmp_path):
+    m = _model()
+    m.save_pretrained(tmp_path / "a")
+    m.save_pretrained(tmp_path / "b", fp16=True)
+    a = (tmp_path / "a" / "t5" / "model.safetensors").stat().st_size
+    b = (tmp_path / "b" / "t5" / "model.safetensors").stat().st_size
+    assert b < 0.6 * a
+    m2 = ReportModel.from_pretrained(tmp_path / "b")
+    x = torch.randn(1, 1, m.cfg.image_size, m.cfg.image_size)
+    y = torch.tensor([[5, 6, 7, 1]])
+    torch.testing.assert_close(m(x, y).logits, m2(x, y).logits, atol=5e-2, rtol=5e-2)
