@@ -61,8 +61,11 @@ def _read_report(value: str | None) -> str | None:
 
 
 def cmd_analyze(a) -> int:
+    from .io import load_image
+
+    xray = load_image(a.image)  # bad input fails before the model is loaded
     pipe = _pipeline(a)
-    res = pipe.analyze(a.image, _read_report(a.report), image_only=a.image_only, num_beams=a.beams, **_prune_kw(a))
+    res = pipe.analyze(xray, _read_report(a.report), image_only=a.image_only, num_beams=a.beams, **_prune_kw(a))
     summary = res.summary()
     summary["report"] = res.report
     if a.json:

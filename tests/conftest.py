@@ -53,3 +53,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+class FakeTextEncoder:
+    """Deterministic stand-in for MiniLM (hash-seeded vectors): fast unit tests of the graph side."""
+
+    dim = 384
+
+    def encode(self, texts):
+        import hashlib
+
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            seed = int(hashlib.sha1(t.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).normal(size=self.dim)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory):
+    """A tiny *untrained* bundle saved in HF format (fast to load; outputs are marked UNTRAINED)."""
+    from neural_core.bundle import untrained_bundle
+    from neural_core.config import tiny_report_config
+
+    d = tmp_path_factory.mktemp("bundle") / "tiny"
+    b = untrained_bundle(tiny_report_config())
+    b.save(d, fp16=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_bundle_dir):
+    from neural_core.bundle import load_bundle
+    from neural_core.pipeline import Pipeline
+
+    return Pipeline(load_bundle(tiny_bundle_dir, device="cpu"), text_encoder=FakeTextEncoder())
