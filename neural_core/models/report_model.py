@@ -48,6 +48,10 @@ class ReportModel(nn.Module):
         swin_dim = self.swin.config.hidden_size if hasattr(self.swin.config, "hidden_size") else self.swin.num_features
         self.proj = nn.Sequential(nn.Linear(swin_dim, self.t5.config.d_model), nn.LayerNorm(self.t5.config.d_model))
         self.in_channels = self.swin.config.num_channels
+        # The T5 text encoder is never run (the decoder reads the Swin tokens), so its blocks get no gradient;
+        # freezing them keeps DDP from waiting for gradients that never come and AdamW from storing their state.
+        for p in list(self.t5.encoder.block.parameters()) + list(self.t5.encoder.final_layer_norm.parameters()):
+            p.requires_grad_(False)
 
     # -- construction -------------------------------------------------------------------------------------------
     @staticmethod

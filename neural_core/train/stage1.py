@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..config import ReportModelConfig, small_report_config, tiny_report_config
-from ..data.studies import (StudyRecord, default_records, load_iu_reports, load_split, patient_split,
-                            records_in, save_split)
+from ..data.studies import (StudyRecord, default_records, load_iu_reports, load_manifest, load_split,
+                            patient_split, records_in, save_split)
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer, train_tokenizer
 from ..transforms import augment, from_uint8, resize_square, to_uint8
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="runs/stage1")
+    ap.add_argument("--manifest", help="train on a CSV manifest (image,report,label,patient_id) instead of --data")
     ap.add_argument("--split", help="existing split.json to reuse")
     ap.add_argument("--config", choices=["small", "tiny"], default="small")
     ap.add_argument("--epochs", type=int, default=8)
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    records = [r for r in default_records(args.data) if r.report]
+    source = load_manifest(args.manifest) if args.manifest else default_records(args.data)
+    records = [r for r in source if r.report]
     if args.limit:
         rng = np.random.default_rng(args.seed)
         records = [records[i] for i in sorted(rng.choice(len(records), args.limit, replace=False))]
