@@ -60,7 +60,7 @@ READ_SECTIONS = ("findings", "impression")
 
 #: Header spellings (lower case) -> section key.
 SECTION_HEADERS: dict[str, str] = {
-    "findings": "findings", "finding": "findings",
+    "findings": "findings", "finding": "findings", "findings and impression": "findings",
     "impression": "impression", "impressions": "impression", "conclusion": "impression",
     "conclusions": "impression", "summary": "impression", "opinion": "impression",
     "indication": "indication", "indications": "indication", "clinical indication": "indication",
@@ -76,7 +76,7 @@ _HEADER_ALT = "|".join(sorted((re.escape(h).replace(r"\ ", r"[ \t]+") for h in S
 # "FINDINGS:" at the start of the text, of a line, or after a sentence end; or an upper-case header alone on a line.
 _HEADER_RE = re.compile(
     rf"(?:(?<=^)|(?<=[\n.;!?]))[ \t]*(?P<h>{_HEADER_ALT})[ \t]*:"
-    rf"|(?m:^[ \t]*(?P<hc>(?-i:[A-Z][A-Z \t]+?))[ \t]*$)",
+    rf"|(?m:^[ \t]*(?P<hc>(?-i:[A-Z]+(?:[ \t]+[A-Z]+)*))[ \t]*$)",
     re.IGNORECASE,
 )
 
@@ -181,7 +181,7 @@ ANATOMY: dict[str, tuple[str, ...]] = {
 }
 
 OBSERVATIONS: dict[str, tuple[str, ...]] = {
-    # Normal / unchanged / size words, read together with their anatomy (see _CONTEXT_LABELS).
+    # Normal / unchanged / size words, read together with their anatomy (see CONTEXT_VALUES).
     "normal": ("normal", "within normal limits", "normal limits", "within limits of normal", "unremarkable",
                "clear", "grossly normal",
                "grossly clear", "intact", "well expanded", "well aerated", "normally expanded", "normal size",
@@ -350,9 +350,8 @@ UNCERTAINTY_TERMS: dict[str, list[str]] = {
         "equivocal", "versus", "vs", "differential diagnosis", "differential includes", "cannot exclude",
         "can not exclude", "cannot rule out", "can not rule out", "not excluded", "uncertain", "indeterminate",
         "presumed", "presumably", "perhaps", "possibility of", "raises the possibility", "consider",
-        "considerations include", "vs.", "favor", "favored",
-        "would be difficult to exclude", "difficult to exclude", "not entirely excluded", "?", "query",
-        "correlate for", "correlation for", "cannot be excluded",
+        "considerations include", "vs.", "favor", "favored", "would be difficult to exclude",
+        "difficult to exclude", "not entirely excluded", "?", "query", "correlate for", "correlation for",
         "suggest",
     ],
     "following_negations": [
@@ -361,7 +360,7 @@ UNCERTAINTY_TERMS: dict[str, list[str]] = {
         "is likely", "are likely", "is suspected", "are suspected", "is questioned", "is questionable",
         "are questionable", "is probable", "versus", "vs", "vs.", "?", "not entirely excluded",
         "is suggested", "are suggested", "is favored", "is not entirely excluded", "may be present",
-        "may be seen", "could be present", "may be", "might be", "is equivocal", "is uncertain",
+        "may be seen", "could be present", "might be present", "is equivocal", "is uncertain",
         "difficult to exclude",
     ],
     "pseudo_negations": ["to suggest", "not likely", "no further", "either or", "with or without", "or without"],
@@ -384,8 +383,10 @@ SUGGESTIVE_CUES: tuple[str, ...] = (
     "possibly due to", "secondary to", "in keeping with", "most likely", "likely", "probably", "which may be",
 )
 
-#: Certainty from negex flags is resolved by cue distance; a modifier modifies observations this many tokens away.
+#: A modifier modifies an observation at most this many tokens away.
 MODIFY_WINDOW = 4
+#: Sentences longer than this (in tokens) are processed in pieces.
+MAX_SENTENCE_TOKENS = 160
 
 _LABEL_ANATOMY = "ANATOMY"
 _LABEL_OBS = "OBSERVATION"
@@ -641,27 +642,52 @@ def extract(report: str, *, limits: Limits = DEFAULT_LIMITS) -> ReportGraph:
         for key, a, b in spans:
             if key not in READ_SECTIONS:
                 continue
-            doc = nlp(text[a:b])
-            sents = list(doc.sents)
-            sent_of = {}
-            for si, s in enumerate(sents):
-                for t in range(s.start, s.end):
-                    sent_of[t] = si
-            bounds_cache: dict = {}
-            local: list[tuple[Any, Entity]] = []
-            for ent in doc.ents:
-                e = Entity(
-                    id=len(entities), text=ent.text,
-                    type="anatomy" if ent.label_ == _LABEL_ANATOMY else "observation",
-                    certainty=_certainty(nlp, doc, ent, bounds_cache),
-                    start=a + ent.start_char, end=a + ent.end_char,
-                    sentence=sent_base + sent_of.get(ent.start, 0), section=key)
-                entities.append(e)
-                local.append((ent, e))
-            _alternatives(doc, local)
-            relations.extend(_relations(doc, local, sent_of))
-            sent_base += max(1, len(sents))
+            seg = text[a:b]
+            # One Doc per sentence: negation/uncertainty scopes and relations never cross a sentence, and negex's
+            # cost grows with (scopes x entities) of a Doc, which must stay small for long reports.
+            chunks = _sentence_spans(nlp, seg)
+            for (s0, _), doc in zip(chunks, nlp.pipe(seg[x:y] for x, y in chunks)):
+                base = a + s0
+                sents = list(doc.sents)
+                sent_of = {}
+                for si, sent in enumerate(sents):
+                    for t in range(sent.start, sent.end):
+                        sent_of[t] = si
+                bounds_cache: dict = {}
+                local: list[tuple[Any, Entity]] = []
+                for ent in doc.ents:
+                    e = Entity(
+                        id=len(entities), text=ent.text,
+                        type="anatomy" if ent.label_ == _LABEL_ANATOMY else "observation",
+                        certainty=_certainty(nlp, doc, ent, bounds_cache),
+                        start=base + ent.start_char, end=base + ent.end_char,
+                        sentence=sent_base + sent_of.get(ent.start, 0), section=key)
+                    entities.append(e)
+                    local.append((ent, e))
+                _alternatives(doc, local)
+                relations.extend(_relations(doc, local, sent_of))
+                sent_base += max(1, len(sents))
     return ReportGraph(entities, relations, sections)
+
+
+def _sentence_spans(nlp, text: str) -> list[tuple[int, int]]:
+    """Character spans of the sentences of ``text`` (blank ones dropped). A sentence longer than
+    :data:`MAX_SENTENCE_TOKENS` (never seen in a real report; a pasted list or junk) is cut into pieces, after a
+    comma or semicolon where possible, so that processing time stays linear in the length of the text."""
+    doc = nlp.get_pipe("sentencizer")(nlp.make_doc(text))
+    out: list[tuple[int, int]] = []
+    for sent in doc.sents:
+        if not sent.text.strip():
+            continue
+        start = sent.start
+        for i in range(sent.start, sent.end):
+            n = i - start + 1
+            if (n >= MAX_SENTENCE_TOKENS // 2 and doc[i].text in (",", ";", ":")) or n >= MAX_SENTENCE_TOKENS:
+                out.append((doc[start].idx, doc[i].idx + len(doc[i])))
+                start = i + 1
+        if start < sent.end:
+            out.append((doc[start].idx, sent.end_char))
+    return [(x, y) for x, y in out if text[x:y].strip()]
 
 
 def _alternatives(doc, local: list[tuple[Any, Entity]]) -> None:

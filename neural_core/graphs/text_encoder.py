@@ -63,12 +63,19 @@ class TextEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every start
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
             self._model = AutoModel.from_pretrained(str(self.path), local_files_only=True,
                                                     trust_remote_code=False)
         except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError...)
             raise ModelLoadError(f"cannot load the text encoder in {self.path}: {exc}") from exc
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self._model.eval()
         self._torch = torch
         self._pooling = self._read_pooling()

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from ..device import set_threads
+
+    set_threads()  # NEURAL_THREADS=1 when the machine is shared: oversubscribed BLAS threads are 5x slower here
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")

@@ -1,0 +1,418 @@
+"""Report knowledge graph: entities, certainty, sections, relations, CheXpert labels, limits, real-data agreement."""
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from neural_core.config import Limits
+from neural_core.errors import NeuralError, ReportError
+from neural_core.graphs.report_kg import (
+    CHEXPERT_LABELS,
+    Entity,
+    Relation,
+    ReportGraph,
+    chexpert_labels,
+    extract,
+    parse_sections,
+)
+
+
+def obs(g: ReportGraph) -> dict[str, str]:
+    """Lower-case observation text -> certainty (last one wins)."""
+    return {e.text.lower(): e.certainty for e in g.entities if e.type == "observation"}
+
+
+def rels(g: ReportGraph) -> set[tuple[str, str, str]]:
+    t = {e.id: e.text.lower() for e in g.entities}
+    return {(t[r.src], r.type, t[r.dst]) for r in g.relations}
+
+
+def known(labels: dict) -> dict:
+    return {k: v for k, v in labels.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entities and certainty
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_two_sentences_with_negation():
+    text = "There is consolidation in the right lower lobe. No pleural effusion."
+    g = extract(text)
+    by_text = {e.text: e for e in g.entities}
+    assert set(by_text) == {"consolidation", "right lower lobe", "pleural effusion"}
+    c, lobe, eff = by_text["consolidation"], by_text["right lower lobe"], by_text["pleural effusion"]
+    assert (c.type, c.certainty, c.sentence) == ("observation", "present", 0)
+    assert (lobe.type, lobe.certainty, lobe.sentence) == ("anatomy", "present", 0)
+    assert (eff.type, eff.certainty, eff.sentence) == ("observation", "absent", 1)
+    for e in g.entities:
+        assert text[e.start:e.end] == e.text
+        assert e.section == "findings"
+    assert [e.id for e in g.entities] == list(range(len(g.entities)))
+    assert Relation(c.id, lobe.id, "located_at") in g.relations
+    assert g.sections == {"findings": text}
+    labels = g.chexpert_labels()
+    assert labels["Consolidation"] == 1.0
+    assert labels["Pleural Effusion"] == 0.0
+    assert labels["No Finding"] == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Possible right lower lobe pneumonia.", {"pneumonia": "uncertain"}),
+    ("Pneumonia cannot be excluded.", {"pneumonia": "uncertain"}),
+    ("Cannot exclude pneumonia.", {"pneumonia": "uncertain"}),
+    ("Findings are concerning for pneumonia.", {"pneumonia": "uncertain"}),
+    ("Questionable nodule in the right upper lobe.", {"nodule": "uncertain"}),
+    ("Probable small left pleural effusion.", {"pleural effusion": "uncertain", "small": "uncertain"}),
+    ("Mild pulmonary edema may be present.", {"pulmonary edema": "uncertain"}),
+    ("Atelectasis versus pneumonia in the left base.", {"atelectasis": "uncertain", "pneumonia": "uncertain"}),
+    ("Scarring or atelectasis at the left base.", {"scarring": "uncertain", "atelectasis": "uncertain"}),
+    # negation wins over the "or" of a list, and over "to suggest" after it
+    ("No effusion or pneumothorax.", {"effusion": "absent", "pneumothorax": "absent"}),
+    ("There is no focal air space opacity to suggest a pneumonia.",
+     {"air space opacity": "absent", "pneumonia": "absent"}),
+    # the nearest cue decides when both kinds are in scope
+    ("No pneumothorax; possible small effusion.", {"pneumothorax": "absent", "effusion": "uncertain"}),
+    # radiology negation cues
+    ("Lungs are clear of consolidation, effusion, or pneumothorax.",
+     {"consolidation": "absent", "effusion": "absent", "pneumothorax": "absent", "clear": "present"}),
+    ("Negative for pneumothorax.", {"pneumothorax": "absent"}),
+    ("The lungs are free of focal airspace disease.", {"airspace disease": "absent"}),
+    ("Interval resolution of the right pleural effusion.", {"pleural effusion": "absent"}),
+    ("Pneumothorax is not seen.", {"pneumothorax": "absent"}),
+    ("The heart is not enlarged and there is a small effusion.", {"enlarged": "absent", "effusion": "present"}),
+    ("No significant change in the right pleural effusion.", {"pleural effusion": "present"}),
+])
+def test_certainty(text, expected):
+    got = obs(extract(text))
+    for k, v in expected.items():
+        assert got.get(k) == v, (text, got)
+
+
+def test_anatomy_is_always_present():
+    g = extract("No effusion in the left costophrenic angle. Possible nodule in the right lung.")
+    anat = [e for e in g.entities if e.type == "anatomy"]
+    assert {e.text.lower() for e in anat} >= {"left costophrenic angle", "right lung"} or \
+        {e.text.lower() for e in anat} >= {"costophrenic angle", "right lung"}
+    assert all(e.certainty == "present" for e in anat)
+
+
+def test_multiword_and_plural_vocabulary():
+    g = extract("Bilateral ground-glass opacities. Small bilateral pleural effusions. Hiatal hernia. "
+                "Right PICC line tip in the SVC. Left lower lobe atelectasis.")
+    t = {e.text.lower() for e in g.entities}
+    assert {"ground-glass opacities", "pleural effusions", "hiatal hernia", "picc line", "left lower lobe",
+            "atelectasis"} <= t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+
+MIMIC_STYLE = """FINAL REPORT
+EXAMINATION:  CHEST (PA AND LAT)
+
+INDICATION:  ___ with cough and fever, evaluate for pneumonia.
+
+TECHNIQUE:  Chest PA and lateral
+
+COMPARISON:  Prior study showed a pneumothorax.
+
+FINDINGS:
+
+The lungs are clear. No pleural effusion.
+
+IMPRESSION:
+
+No acute cardiopulmonary process.
+"""
+
+
+def test_parse_sections_headers():
+    s = parse_sections(MIMIC_STYLE)
+    assert s["indication"] == "___ with cough and fever, evaluate for pneumonia."
+    assert s["technique"].endswith("Chest PA and lateral")
+    assert s["comparison"] == "Prior study showed a pneumothorax."
+    assert s["findings"] == "The lungs are clear. No pleural effusion."
+    assert s["impression"] == "No acute cardiopulmonary process."
+    assert set(s) <= {"findings", "impression", "indication", "history", "comparison", "technique"}
+
+
+def test_parse_sections_variants():
+    assert parse_sections("The lungs are clear.") == {"findings": "The lungs are clear."}
+    assert parse_sections("") == {}
+    inline = parse_sections("Indication: fever. Findings: Right lower lobe consolidation. Impression: Pneumonia.")
+    assert inline == {"indication": "fever.", "findings": "Right lower lobe consolidation.",
+                      "impression": "Pneumonia."}
+    caps = parse_sections("FINDINGS\nHeart normal.\nIMPRESSION\nNormal chest.")
+    assert caps == {"findings": "Heart normal.", "impression": "Normal chest."}
+    hist = parse_sections("CLINICAL HISTORY: cough.\nFINDINGS: Lungs clear.")
+    assert hist == {"history": "cough.", "findings": "Lungs clear."}
+    with pytest.raises(ReportError):
+        parse_sections(b"FINDINGS: clear")  # type: ignore[arg-type]
+
+
+def test_indication_history_comparison_are_not_findings():
+    g = extract(MIMIC_STYLE)
+    texts = {e.text.lower() for e in g.entities}
+    assert "pneumonia" not in texts and "pneumothorax" not in texts
+    assert {e.section for e in g.entities} == {"findings", "impression"}
+    for e in g.entities:
+        assert MIMIC_STYLE[e.start:e.end] == e.text
+    labels = g.chexpert_labels()
+    assert labels["Pneumonia"] is None and labels["Pneumothorax"] is None
+    assert labels["Pleural Effusion"] == 0.0
+    assert labels["No Finding"] == 1.0
+    # impression sentences are numbered after the findings ones
+    imp = [e for e in g.entities if e.section == "impression"]
+    fnd = [e for e in g.entities if e.section == "findings"]
+    assert min(e.sentence for e in imp) > max(e.sentence for e in fnd)
+
+    only_indication = extract("INDICATION: pneumonia?\nHISTORY: pneumonia.")
+    assert only_indication.entities == []
+    assert all(v is None for v in only_indication.chexpert_labels().values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Relations and graph export
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_relations():
+    g = extract("Small left pleural effusion. Patchy opacity in the left base suggestive of pneumonia. "
+                "Mild cardiomegaly.")
+    r = rels(g)
+    assert ("small", "modify", "pleural effusion") in r
+    assert ("patchy", "modify", "opacity") in r
+    assert ("opacity", "located_at", "left base") in r
+    assert ("opacity", "suggestive_of", "pneumonia") in r
+    assert ("pneumonia", "located_at", "left base") in r
+    assert ("mild", "modify", "cardiomegaly") in r
+    # relations stay inside their sentence
+    sent = {e.id: e.sentence for e in g.entities}
+    assert all(sent[x.src] == sent[x.dst] for x in g.relations)
+    g2 = extract("Streaky opacities consistent with atelectasis.")
+    assert ("opacities", "suggestive_of", "atelectasis") in rels(g2)
+    # deterministic
+    assert extract("Small left pleural effusion.") == extract("Small left pleural effusion.")
+
+
+def test_to_networkx():
+    g = extract("There is consolidation in the right lower lobe. No pleural effusion.")
+    G = g.to_networkx()
+    assert isinstance(G, nx.DiGraph)
+    assert G.number_of_nodes() == len(g.entities)
+    for e in g.entities:
+        assert G.nodes[e.id]["text"] == e.text
+        assert G.nodes[e.id]["type"] == e.type
+        assert G.nodes[e.id]["certainty"] == e.certainty
+    for r in g.relations:
+        assert G.edges[r.src, r.dst]["type"] == r.type
+    assert ReportGraph([], [], {}).to_networkx().number_of_nodes() == 0
+
+
+def test_hand_built_graph_labels():
+    """Labels come from the graph alone, so a graph built by other code gets them too."""
+    g = ReportGraph(
+        entities=[Entity(0, "heart", "anatomy", "present", 4, 9, 0, "findings"),
+                  Entity(1, "enlarged", "observation", "present", 13, 21, 0, "findings"),
+                  Entity(2, "pneumothorax", "observation", "absent", 26, 38, 1, "findings")],
+        relations=[Relation(1, 0, "located_at")],
+        sections={"findings": "The heart is enlarged. No pneumothorax."},
+    )
+    labels = g.chexpert_labels()
+    assert labels["Cardiomegaly"] == 1.0 and labels["Pneumothorax"] == 0.0 and labels["No Finding"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CheXpert labels
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_chexpert_label_names():
+    assert CHEXPERT_LABELS == [
+        "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+        "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+        "Fracture", "Support Devices"]
+    labels = chexpert_labels("The lungs are clear.")
+    assert list(labels) == CHEXPERT_LABELS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The heart is enlarged.", {"Cardiomegaly": 1.0, "No Finding": 0.0}),
+    ("Heart size is normal. Lungs are clear.", {"Cardiomegaly": 0.0, "No Finding": 1.0}),
+    ("Heart and mediastinum normal. Lungs are clear.",
+     {"Cardiomegaly": 0.0, "Enlarged Cardiomediastinum": 0.0, "No Finding": 1.0}),
+    ("The cardiomediastinal silhouette is within normal limits. No pneumothorax or pleural effusion.",
+     {"Enlarged Cardiomediastinum": 0.0, "Pneumothorax": 0.0, "Pleural Effusion": 0.0, "No Finding": 1.0}),
+    ("Mild cardiomegaly. Possible small left pleural effusion.",
+     {"Cardiomegaly": 1.0, "Pleural Effusion": -1.0, "No Finding": 0.0}),
+    ("Right PICC line with tip in the SVC. Lungs are clear.", {"Support Devices": 1.0, "No Finding": 1.0}),
+    ("Patchy opacity in the left base suggestive of pneumonia.",
+     {"Lung Opacity": 1.0, "Pneumonia": -1.0, "No Finding": 0.0}),
+    ("Left lower lobe atelectasis. No focal consolidation.",
+     {"Atelectasis": 1.0, "Consolidation": 0.0, "No Finding": 0.0}),
+    ("Right lung nodule. Old left rib fracture.", {"Lung Lesion": 1.0, "Fracture": 1.0}),
+    ("Pulmonary edema. Apical pleural thickening.", {"Edema": 1.0, "Pleural Other": 1.0}),
+    ("Large hiatal hernia. The lungs are clear.", {"No Finding": 0.0}),
+    ("Heart size is stable. Mediastinal contours are unchanged.",
+     {"Cardiomegaly": -1.0, "Enlarged Cardiomediastinum": -1.0}),
+    # positive beats uncertain beats negative
+    ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
+    ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
+])
+def test_chexpert_labels(text, expected):
+    got = chexpert_labels(text)
+    for k, v in expected.items():
+        assert got[k] == v, (text, known(got))
+
+
+def test_labels_of_empty_and_unmentioned():
+    for text in ("", "   \n\t "):
+        g = extract(text)
+        assert g == ReportGraph([], [], {})
+        assert all(v is None for v in g.chexpert_labels().values())
+    got = chexpert_labels("There is consolidation in the right lower lobe.")
+    assert got["Pneumothorax"] is None and got["Edema"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [None, b"No effusion.", 42, ["No effusion."]])
+def test_not_text(bad):
+    with pytest.raises(ReportError, match="must be text"):
+        extract(bad)  # type: ignore[arg-type]
+    with pytest.raises(NeuralError):
+        chexpert_labels(bad)  # type: ignore[arg-type]
+
+
+def test_too_long():
+    limits = Limits(max_report_chars=100)
+    text = "No pleural effusion. " * 10
+    with pytest.raises(ReportError, match="too long: 210 characters, the limit is 100"):
+        extract(text, limits=limits)
+    assert extract(text[:100], limits=limits).entities
+    with pytest.raises(ReportError):
+        extract("x" * (Limits().max_report_chars + 1))
+
+
+def test_markup_is_plain_text():
+    text = "<p> Small left effusion. </p> <script>alert('pneumonia')</script> <img src=x onerror=alert(1)> " \
+           "No pneumothorax. &lt;b&gt;"
+    g = extract(text)
+    assert obs(g)["effusion"] == "present" and obs(g)["pneumothorax"] == "absent"
+    for e in g.entities:
+        assert text[e.start:e.end] == e.text
+    # glued markup is tokenised as odd words, never interpreted
+    glued = "<b>Small</b> left effusion.<script>alert('x')</script><img src=x onerror=alert(1)>No pneumothorax."
+    for e in extract(glued).entities:
+        assert glued[e.start:e.end] == e.text
+
+
+@pytest.mark.parametrize("text", ["no effusion, " * 1500, "effusion " * 2200, "No effusion. " * 1500,
+                                  "Possible small effusion or atelectasis, no pneumothorax; " * 350])
+def test_long_pathological_reports_stay_fast(text):
+    """Junk at the length limit: linear time (negex alone is quadratic in a single huge sentence)."""
+    assert len(text) <= Limits().max_report_chars
+    t0 = time.perf_counter()
+    g = extract(text)
+    g.chexpert_labels()
+    assert time.perf_counter() - t0 < 10.0   # about 0.3 s on one core
+    assert g.entities
+    for e in g.entities[:50] + g.entities[-50:]:
+        assert text[e.start:e.end] == e.text
+
+
+def test_thread_safety():
+    texts = ["There is consolidation in the right lower lobe. No pleural effusion.",
+             "Mild cardiomegaly. Possible small left pleural effusion.",
+             "Heart and mediastinum normal. Lungs are clear."] * 4
+    expected = [extract(t) for t in texts]
+    results: list = [None] * len(texts)
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = extract(texts[i])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real data
+# ---------------------------------------------------------------------------------------------------------------
+
+# Measured on the IU val split (296 studies) when the labeler was written: macro positive-class F1 0.805 over the
+# 9 labels with >= 5 positives, mean 4-way (blank/1/0/-1) agreement 0.952, No Finding agreement 0.932. The floors
+# leave a margin for vocabulary changes, not for a broken labeler.
+IU_MIN_MACRO_F1_POS = 0.75
+IU_MIN_MEAN_ACC4 = 0.93
+IU_MIN_NO_FINDING_ACC = 0.90
+
+
+def _code(v) -> int:
+    if v is None or v == "":
+        return 9
+    return int(float(v))
+
+
+def test_iu_val_agreement(iu_dir: Path):
+    ann = json.loads((iu_dir / "annotation.json").read_text())
+    with open(iu_dir / "id2tag.csv", newline="") as f:
+        gold = {row["Id"]: row for row in csv.DictReader(f)}
+    rows = [r for r in ann["val"] if r["id"] in gold]
+    assert len(rows) > 250
+    pred = {r["id"]: chexpert_labels(r["report"]) for r in rows}
+    acc, f1 = {}, {}
+    for lab in CHEXPERT_LABELS:
+        g = [_code(gold[r["id"]][lab]) for r in rows]
+        p = [_code(pred[r["id"]][lab]) for r in rows]
+        acc[lab] = sum(a == b for a, b in zip(g, p)) / len(rows)
+        tp = sum(a == 1 and b == 1 for a, b in zip(g, p))
+        fp = sum(a != 1 and b == 1 for a, b in zip(g, p))
+        fn = sum(a == 1 and b != 1 for a, b in zip(g, p))
+        if sum(a == 1 for a in g) >= 5:
+            f1[lab] = 2 * tp / (2 * tp + fp + fn)
+    macro_f1 = sum(f1.values()) / len(f1)
+    mean_acc = sum(acc.values()) / len(acc)
+    print(f"\nIU val ({len(rows)} studies): macro F1(pos) {macro_f1:.3f} over {len(f1)} labels, "
+          f"mean 4-way agreement {mean_acc:.3f}")
+    for lab in CHEXPERT_LABELS:
+        print(f"  {lab:28s} acc4 {acc[lab]:.3f}" + (f"  F1pos {f1[lab]:.3f}" if lab in f1 else ""))
+    assert macro_f1 >= IU_MIN_MACRO_F1_POS
+    assert mean_acc >= IU_MIN_MEAN_ACC4
+    assert acc["No Finding"] >= IU_MIN_NO_FINDING_ACC
+
+
+def test_covid_clinical_notes_parse(covid_dir: Path):
+    with open(covid_dir / "metadata.csv", newline="") as f:
+        notes = [row.get("clinical_notes") or "" for row in csv.DictReader(f)]
+    assert len(notes) > 100
+    with_obs = 0
+    opacity_like = 0
+    for note in notes:
+        g = extract(note)
+        for e in g.entities:
+            assert note[e.start:e.end] == e.text
+        if any(e.type == "observation" for e in g.entities):
+            with_obs += 1
+        labels = g.chexpert_labels()
+        assert list(labels) == CHEXPERT_LABELS
+        if any(labels[k] == 1.0 for k in ("Lung Opacity", "Consolidation", "Pneumonia")):
+            opacity_like += 1
+    # almost every case in this collection is a pneumonia with opacities described in the notes
+    assert with_obs >= 0.9 * len(notes)
+    assert opacity_like >= 0.5 * len(notes)
