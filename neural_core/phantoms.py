@@ -4,8 +4,9 @@ A phantom is drawn from a few analytic shapes (numpy only): the body ellipse, tw
 with the heart and spine, posterior ribs as bright arcs over the lungs, the diaphragm domes and, optionally, a soft
 "consolidation" blob in one lower zone. Everything is deterministic for a given seed (``numpy.random.default_rng``),
 and every phantom is **clearly labelled SYNTHETIC**: the word is burnt into the top-left corner of the pixels, the
-name starts with ``SYNTHETIC`` and the matching report says so on its first line (outside the FINDINGS/IMPRESSION
-sections, so the report graph ignores it).
+name starts with ``SYNTHETIC`` and :attr:`Phantom.synthetic` is True. The matching report is plain FINDINGS /
+IMPRESSION text (no marker in it: the report model reads every word of the report, and a marker line would take
+its attention).
 
     >>> from neural_core.phantoms import phantom
     >>> p = phantom(seed=3, consolidation=True, side="right", zone="lower")
@@ -26,8 +27,8 @@ from .io import XRay, from_array
 
 __all__ = ["Phantom", "phantom", "phantom_array", "phantom_report", "gallery", "SYNTHETIC_MARK"]
 
-#: First line of every phantom report, and the text burnt into the pixels.
-SYNTHETIC_MARK = "SYNTHETIC PHANTOM - not a patient image"
+#: How a phantom is described wherever it is shown (the pixels carry the word SYNTHETIC).
+SYNTHETIC_MARK = "SYNTHETIC phantom - not a patient image"
 
 _SIDES = ("right", "left")   # patient right is image left (radiological convention)
 _ZONES = ("lower", "middle", "upper")
@@ -130,7 +131,7 @@ def phantom_array(seed: int = 0, *, height: int = 512, width: int = 512, consoli
 
 
 def phantom_report(consolidation: tuple[str, str] | None) -> str:
-    """The short report matching a phantom (first line: :data:`SYNTHETIC_MARK`)."""
+    """The short report matching a phantom (FINDINGS and IMPRESSION)."""
     if consolidation is None:
         findings = ("The lungs are clear. No focal consolidation, pleural effusion or pneumothorax. "
                     "Heart size is normal.")
@@ -142,7 +143,7 @@ def phantom_report(consolidation: tuple[str, str] | None) -> str:
         findings = (f"Focal airspace consolidation in the {side} {lobe}. No pleural effusion or pneumothorax. "
                     "Heart size is normal.")
         impression = f"{side.capitalize()} {lobe} consolidation, suggestive of pneumonia."
-    return f"{SYNTHETIC_MARK}\nFINDINGS: {findings}\nIMPRESSION: {impression}"
+    return f"FINDINGS: {findings}\nIMPRESSION: {impression}"
 
 
 def phantom(seed: int = 0, *, height: int = 512, width: int = 512, consolidation: bool | None = None,
