@@ -36,34 +36,33 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import re
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from .artifact import Artifact, build_artifact
-from .bundle import DEFAULT_BUNDLE, ROOT, ModelBundle, load_bundle
+import numpy as np
+
 from .config import PruneConfig
 from .data.studies import StudyRecord, default_records, load_manifest, load_split, records_in
-from .device import autocast, set_threads
 from .errors import NeuralError
-from .io import XRay, load_image, to_float
-from .models.tokenizer import decode_clean
-from .prune import grid_for, normalise, patch_scores, select
-from .salience import SalienceResult, salience_batch
-from .train.stage2 import Prepared, make_graph, predict, roc_auc
-from .transforms import resize_square
+
+if TYPE_CHECKING:  # the heavy modules (torch, transformers, PyG) are imported where used: `neural --help`
+    # and every other sub-command build this module's parser, and must not pay for them
+    from .artifact import Artifact
+    from .bundle import ModelBundle
+    from .io import XRay
+    from .salience import SalienceResult
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("neural.evaluate")
 
@@ -81,9 +80,16 @@ ABLATION_KEEP = 0.10
 CONTEXT_SIDE = 32          # the CLI's default context layer; its bytes are part of every artifact measured here
 
 #: ``--quick``: classification studies and report-generation studies (seeded, stratified by dataset x label).
-#: Sized from a measured run (see ``results.json`` -> ``meta.timings_s``): < 10 min on 2 shared CPU cores.
-QUICK_CLASSIFICATION = 36
-QUICK_REPORT_GENERATION = 6
+#: Measured on 2 CPU cores shared with a stage-1 training job (1 torch thread, small report model): 152-270 s wall
+#: with an untrained bundle (the spread is the other job's load), 157 s with the stage-1 report model (which writes
+#: text, so report graphs, MiniLM and fusion all run). Per-stage times land in ``results.json`` ->
+#: ``meta.timings_s``.
+QUICK_CLASSIFICATION = 60
+QUICK_REPORT_GENERATION = 8
+#: ``--quick`` draws its classification studies among images of at most this many pixels: one 10-megapixel
+#: covid-cxr original alone costs ~4 min on 2 cores (15 codec searches + keep-1.0 graphs of ~10k nodes). The full
+#: run has no such limit.
+QUICK_MAX_PIXELS = 4_000_000
 
 UNTRAINED_WARNING = ("UNTRAINED MODEL: no trained bundle was found, so these numbers come from random weights and "
                      "mean nothing. Train one (stage 1 + stage 2) or pass --model DIR.")
@@ -116,6 +122,7 @@ class EvalConfig:
     codecs: tuple[str, ...] = CODECS
     context_side: int = CONTEXT_SIDE
     save_artifacts: int = 2
+    threads: int | None = None
     command: str | None = None
 
 
@@ -176,6 +183,8 @@ def threshold_metrics(y, s, threshold: float) -> dict:
 
 def classification_metrics(y, s, threshold: float, n_boot: int, seed: int) -> dict:
     """AUC (+ bootstrap CI) and threshold metrics over the studies with a finite score."""
+    from .train.stage2 import roc_auc
+    
     y = np.asarray(y, dtype=np.int64)
     s = np.asarray(s, dtype=np.float64)
     ok = np.isfinite(s)
@@ -289,9 +298,12 @@ def encode_to_budget(raw: np.ndarray, bit_depth: int, codec: str, budget: int) -
     smallest: tuple[bytes, float] | None = None      # smallest encoding above it (used only if nothing fits)
     n_enc = 0
 
+    _last_data: list[bytes] = [b""]
+
     def attempt(q: float) -> bool:
         nonlocal best, smallest, n_enc
         data = _encode(img, codec, q)
+        _last_data[0] = data
         n_enc += 1
         if len(data) <= budget:
             if best is None or len(data) > len(best[0]):
@@ -302,13 +314,34 @@ def encode_to_budget(raw: np.ndarray, bit_depth: int, codec: str, budget: int) -
         return False
 
     if codec in ("jpeg", "webp"):
-        lo, hi = (1, 100) if codec == "jpeg" else (0, 100)
-        while lo <= hi:                               # ends having tried the lowest quality if nothing fitted
-            q = (lo + hi) // 2
-            if attempt(q):
-                lo = q + 1
+        # bracketing search on the integer quality, next probe interpolated on log(size) (bisection when one side
+        # moved twice running); ends with adjacent qualities (fits / too big), or at the ends of the range
+        q_min, q_max = (1, 100) if codec == "jpeg" else (0, 100)
+        fit: tuple[int, int] | None = None           # (largest quality known to fit, its size)
+        over: tuple[int, int] | None = None          # (smallest quality known to overshoot, its size)
+        q, last, streak = (75 if codec == "jpeg" else 50), None, 0
+        while True:
+            ok = attempt(q)
+            size = len(_last_data[0])
+            if ok:
+                fit = (q, size)
             else:
-                hi = q - 1
+                over = (q, size)
+            streak = streak + 1 if last == ok else 1
+            last = ok
+            if (fit and fit[0] >= q_max) or (over and over[0] <= q_min) or (fit and over and over[0] - fit[0] <= 1):
+                break
+            if fit and over:
+                if streak >= 2:
+                    q = (fit[0] + over[0]) // 2
+                else:
+                    a = (math.log(budget) - math.log(fit[1])) / max(1e-9, math.log(over[1]) - math.log(fit[1]))
+                    q = round(fit[0] + a * (over[0] - fit[0]))
+                q = min(over[0] - 1, max(fit[0] + 1, q))
+            elif fit:
+                q = min(q_max, fit[0] + max(1, (q_max - fit[0] + 1) // 2))
+            else:
+                q = max(q_min, over[0] - max(1, (over[0] - q_min + 1) // 2))
     else:
         r_min, r_max = 1.0, 1.0e5                     # rate = compression ratio: larger rate, smaller file
         fits_at, over_at = None, None                 # rates known to fit / known to overshoot
@@ -374,7 +407,7 @@ def default_text_encoder() -> tuple[object, str]:
                     "with-report results are not those of the shipped pipeline", err)
         return HashTextEncoder(), HashTextEncoder.name + " - neural_core.graphs.text_encoder unavailable"
     enc = get_text_encoder()
-    return enc, getattr(enc, "name", type(enc).__name__)
+    return enc, repr(enc)
 
 
 def stratified_subset(records: list[StudyRecord], n: int, seed: int) -> list[StudyRecord]:
@@ -407,6 +440,17 @@ def stratified_subset(records: list[StudyRecord], n: int, seed: int) -> list[Stu
         take = min(alloc[k], len(idx))
         chosen += [idx[j] for j in rng.permutation(len(idx))[:take]]
     return [records[i] for i in sorted(chosen)]
+
+
+def _pixel_count(path: str) -> int:
+    """Width x height from the file header (no decoding); 0 when the header can't be read here (e.g. DICOM)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:
+        return 0
 
 
 def _sha256(path: Path) -> str:
@@ -487,15 +531,21 @@ class _Timer:
         return _Ctx()
 
 
-def resolve_model(cfg: EvalConfig) -> tuple[ModelBundle, Path | None]:
-    """The bundle to evaluate and its directory (None for the built-in untrained one)."""
+def model_dir_for(cfg: EvalConfig) -> Path | None:
+    """``--model``, else ``assets/default_model`` when it holds a bundle, else None (the built-in UNTRAINED one)."""
+    from .bundle import DEFAULT_BUNDLE
+    
     if cfg.model:
-        p = Path(cfg.model)
-        return load_bundle(p, device=cfg.device), p
-    if (DEFAULT_BUNDLE / "model.json").exists():
-        return load_bundle(DEFAULT_BUNDLE, device=cfg.device), DEFAULT_BUNDLE
-    log.warning("no trained bundle at %s: evaluating an UNTRAINED model", DEFAULT_BUNDLE)
-    return load_bundle(None, device=cfg.device), None
+        return Path(cfg.model)
+    return DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "model.json").exists() else None
+
+
+def resolve_model(cfg: EvalConfig, model_dir: Path | None) -> ModelBundle:
+    from .bundle import DEFAULT_BUNDLE, load_bundle
+    
+    if model_dir is None:
+        log.warning("no trained bundle at %s: evaluating an UNTRAINED model", DEFAULT_BUNDLE)
+    return load_bundle(model_dir, device=cfg.device)
 
 
 def resolve_split(cfg: EvalConfig, model_dir: Path | None) -> Path:
@@ -533,13 +583,21 @@ def select_studies(cfg: EvalConfig, split: dict[str, str]) -> tuple[list[StudyRe
             "unknown_patients": sum(1 for r in records if r.patient_id not in split)}
     n_cls, n_gen = len(cls), len(gen)
     if cfg.quick:
-        cls = stratified_subset(cls, QUICK_CLASSIFICATION, cfg.seed)
+        small = [r for r in cls if _pixel_count(r.image) <= QUICK_MAX_PIXELS]
+        info["quick_excluded_large_images"] = len(cls) - len(small)
+        cls = stratified_subset(small, QUICK_CLASSIFICATION, cfg.seed)
         gen = stratified_subset(gen, QUICK_REPORT_GENERATION, cfg.seed + 1)
     if cfg.limit:
         cls = stratified_subset(cls, cfg.limit, cfg.seed)
         gen = stratified_subset(gen, min(cfg.limit, len(gen)), cfg.seed + 1)
     info["subset"] = {"classification": f"{len(cls)} of {n_cls}", "report_generation": f"{len(gen)} of {n_gen}",
-                      "how": "seeded, stratified by dataset x label" if (cfg.quick or cfg.limit) else "all"}
+                      "how": "all test studies"}
+    if cfg.quick or cfg.limit:
+        how = "seeded, stratified by dataset x label"
+        if cfg.quick:
+            how += (f"; --quick drew classification studies among images of <= {QUICK_MAX_PIXELS / 1e6:g} MP "
+                    f"({info['quick_excluded_large_images']} larger left out)")
+        info["subset"]["how"] = how
     if not cls:
         raise NeuralError(f"no labelled test studies in {source} for this split "
                           f"({len(test)} test records, none with a pneumonia label)")
@@ -564,6 +622,11 @@ class Evaluator:
 
     # -- model calls ------------------------------------------------------------------------------------------------
     def salience(self, px: list[np.ndarray], reports: list[str | None]) -> list[SalienceResult]:
+        import torch
+        
+        from .device import autocast
+        from .salience import salience_batch
+        
         out: list[SalienceResult] = []
         b = max(1, self.cfg.batch)
         for i in range(0, len(px), b):
@@ -573,6 +636,11 @@ class Evaluator:
         return out
 
     def generate(self, px: list[np.ndarray]) -> list[str]:
+        import torch
+        
+        from .device import autocast
+        from .models.tokenizer import decode_clean
+        
         out: list[str] = []
         b = max(1, self.cfg.batch)
         model = self.bundle.report_model
@@ -584,6 +652,10 @@ class Evaluator:
         return out
 
     def predict(self, clf, graphs: list) -> np.ndarray:
+        import torch
+        
+        from .train.stage2 import predict
+        
         if clf is None or not graphs:
             return np.full(len(graphs), np.nan)
         if self.bundle.device.type == "cpu":
@@ -599,6 +671,9 @@ class Evaluator:
     # -- artifacts ---------------------------------------------------------------------------------------------------
     def artifact(self, x: XRay, token_map: np.ndarray, keep: float) -> Artifact:
         """Exactly what :meth:`Pipeline.prune_and_classify` stores for this study at this keep."""
+        from .artifact import build_artifact
+        from .prune import grid_for, normalise, patch_scores, select
+        
         grid = grid_for(x.meta.height, x.meta.width)
         scores = normalise(patch_scores(token_map, grid)).astype(np.float32)
         mask = select(scores, PruneConfig(keep=keep))
@@ -622,6 +697,9 @@ class Evaluator:
 
     # -- one chunk of studies --------------------------------------------------------------------------------------
     def run_chunk(self, studies: list[_Study], bar) -> list[_Study]:
+        from .io import load_image, to_float
+        from .transforms import resize_square
+        
         loaded: list[tuple[_Study, XRay]] = []
         for st in studies:
             with self.timer("load"):
@@ -647,7 +725,12 @@ class Evaluator:
             if st.in_gen:
                 self.gen_texts[st.rec.study_id] = {"ref": st.rec.report, "full": sg.report}
             if st.in_cls:
-                self._classify_study(st, x, sg, sal_giv.get(i))
+                try:
+                    self._classify_study(st, x, sg, sal_giv.get(i))
+                except Exception as err:            # one bad study must not sink an hour-long run: listed, skipped
+                    log.exception("study %s failed", st.rec.study_id)
+                    self.failed.append({"study_id": st.rec.study_id, "error": f"{type(err).__name__}: {err}"})
+                    st.in_cls, st.out = False, {}
             if st.in_gen:
                 with self.timer("reconstruct"):
                     for keep in self.cfg.keeps:
@@ -666,6 +749,11 @@ class Evaluator:
         return [st for st, _ in loaded]
 
     def _classify_study(self, st: _Study, x: XRay, sg: SalienceResult, so: SalienceResult | None) -> None:
+        from .io import to_float
+        from .train.stage2 import Prepared, make_graph
+        from .transforms import resize_square
+        
+        t_study = time.perf_counter()
         b = self.bundle
         rec = st.rec
         p_gen = Prepared(rec, x.raw, x.meta.bit_depth, sg.token_map, sg.report)
@@ -733,7 +821,7 @@ class Evaluator:
         st.out = {"study_id": rec.study_id, "dataset": rec.dataset, "label": int(rec.pneumonia),
                   "report_source": rec.report_source, "width": x.meta.width, "height": x.meta.height,
                   "bit_depth": x.meta.bit_depth, "generated_report_words": len(sg.report.split()),
-                  "keeps": per_keep}
+                  "seconds": round(time.perf_counter() - t_study, 2), "keeps": per_keep}
 
 
 def _thresholds(bundle: ModelBundle) -> tuple[dict, str]:
@@ -825,14 +913,28 @@ def aggregate_reports(gen_texts: dict[str, dict], cfg: EvalConfig) -> dict:
 def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_dir: Path | None = None,
                    text_encoder=None, text_encoder_name: str | None = None) -> dict:
     """Run the whole evaluation; returns the results dict that :func:`write_outputs` writes."""
+    import torch
+    from tqdm import tqdm
+    
+    from .device import set_threads
+    from .pipeline import inference_threads
+    
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     set_threads()
+    if cfg.threads:
+        n_threads, threads_note = int(cfg.threads), "--threads"
+    else:
+        # measured here: on 2 cores shared with a training job, --quick took 835 s with 2 threads and 187 s with 1
+        n_threads = inference_threads()
+        threads_note = "NEURAL_THREADS, else the idle cores by load average (pipeline.inference_threads)"
+    torch.set_num_threads(max(1, n_threads))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if bundle is None:
-        bundle, model_dir = resolve_model(cfg)
-        split_path = resolve_split(cfg, model_dir)
+        model_dir = model_dir_for(cfg)
+        split_path = resolve_split(cfg, model_dir)          # refuse before loading anything
+        bundle = resolve_model(cfg, model_dir)
     else:
         split_path = resolve_split(cfg, model_dir)
     split = load_split(split_path)
@@ -878,10 +980,12 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
         "n_studies": {"classification": len(per_study), "report_generation": reports["n"],
                       "failed": len(ev.failed)},
         "seed": cfg.seed, "quick": cfg.quick, "limit": cfg.limit, "keeps": list(cfg.keeps),
-        "bootstrap": cfg.bootstrap, "bootstrap_method": "percentile, 95 %, studies resampled, paired across rows",
+        "bootstrap": cfg.bootstrap,
+        "bootstrap_method": "percentile, 95 %, studies resampled (the same resamples for rows over the same studies)",
         "context_side": cfg.context_side, "codecs": list(cfg.codecs),
         "thresholds": thresholds, "threshold_note": thr_note, "text_encoder": text_encoder_name,
-        "device": str(bundle.device), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "device": str(bundle.device), "torch_threads": torch.get_num_threads(),
+        "threads_note": threads_note, "python": platform.python_version(),
         "torch": torch.__version__, "git": _git_info(), "command": cfg.command,
         "timings_s": timings, "seconds_per_study": round(total / max(1, len(done)), 2),
         "saved_artifacts": ev.saved_artifacts,
@@ -1064,7 +1168,8 @@ def cmd_evaluate(a) -> int:
     cfg = EvalConfig(model=a.model, data=a.data, manifest=a.manifest, split=a.split, out=a.out, quick=a.quick,
                      limit=a.limit, keeps=parse_keeps(a.keeps), bootstrap=a.bootstrap, seed=a.seed, device=a.device,
                      batch=a.batch, codecs=tuple(c for c in a.codecs.split(",") if c) if a.codecs else CODECS,
-                     context_side=a.context, save_artifacts=a.save_artifacts, command=" ".join(sys.argv))
+                     context_side=a.context, save_artifacts=a.save_artifacts, threads=a.threads,
+                     command=" ".join(sys.argv))
     for c in cfg.codecs:
         if c not in CODECS:
             raise ValueError(f"--codecs: unknown codec {c!r}; expected some of {','.join(CODECS)}")
@@ -1107,6 +1212,9 @@ def add_cli(sub) -> None:
     p.add_argument("--context", type=int, default=CONTEXT_SIDE, help="artifact context layer side (0 = none)")
     p.add_argument("--save-artifacts", type=int, default=2,
                    help="also write the artifacts of the first N studies to OUT/artifacts (inspection)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: NEURAL_THREADS, else the cores other processes leave idle; "
+                        "on 2 cores shared with a training job 1 thread was 4x faster than 2)")
     p.add_argument("--text-encoder", choices=["default", "hash"], default="default",
                    help="'hash' = hashing bag-of-words stand-in (tests/offline; invalid with a trained bundle)")
     p.set_defaults(fn=cmd_evaluate)

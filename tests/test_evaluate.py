@@ -1,0 +1,240 @@
+"""`neural evaluate` and `neural validate-salience` on a tiny untrained bundle and synthetic radiographs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from neural_core.artifact import Artifact
+from neural_core.bundle import untrained_bundle
+from neural_core.cli import main as cli_main
+from neural_core.config import tiny_report_config
+from neural_core.eval_salience import (keep_count, lung_prior, mask_patch_counts, mask_recall, pointing_hit,
+                                       random_baseline, top_patch, validate)
+from neural_core.evaluate import (CODECS, CONDITIONS, EvalConfig, HashTextEncoder, _encode, bootstrap_auc_ci,
+                                  chexpert_f1,
+                                  classification_metrics, encode_to_budget, run_evaluation, stratified_subset,
+                                  write_outputs)
+from neural_core.prune import grid_for
+from neural_core.train.stage2 import roc_auc
+
+REPORTS = ["Right lower lobe consolidation, consistent with pneumonia.",
+           "The lungs are clear. No pleural effusion or pneumothorax.",
+           "Patchy bilateral opacities. Small left pleural effusion."]
+
+
+def _radiograph(h: int, w: int, seed: int, sick: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    img = 0.2 + 0.6 * (np.exp(-((x - 0.3) / 0.15) ** 2 - ((y - 0.5) / 0.3) ** 2)
+                       + np.exp(-((x - 0.7) / 0.15) ** 2 - ((y - 0.5) / 0.3) ** 2))
+    if sick:
+        img += 0.3 * np.exp(-((x - 0.3) / 0.07) ** 2 - ((y - 0.65) / 0.07) ** 2)
+    img += rng.normal(0, 0.03, (h, w))
+    return np.clip(img * 200, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two spinning OpenMP threads make these tiny models ~10x slower.
+    Restored afterwards (``set_threads`` in the code under test reads NEURAL_THREADS)."""
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEURAL_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    bundle = untrained_bundle(tiny_report_config())
+    bundle.save(root / "model", fp16=False)
+    rows, patients = [], {}
+    for i in range(12):
+        label = i % 2
+        h, w = (64, 80) if i % 3 else (96, 72)
+        cv2.imwrite(str(root / f"img{i}.png"), _radiograph(h, w, i, bool(label)))
+        report = REPORTS[i % 3] if i % 4 else ""
+        rows.append({"image": f"img{i}.png", "report": report, "label": label, "patient_id": f"p{i}"})
+        patients[f"p{i}"] = "test" if i < 10 else "train"       # two training patients must be left out
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=["image", "report", "label", "patient_id"])
+        wr.writeheader()
+        wr.writerows(rows)
+    (root / "split.json").write_text(json.dumps({"seed": 0, "patients": patients}))
+    return root, bundle
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny):
+    root, bundle = tiny
+    cfg = EvalConfig(manifest=str(root / "manifest.csv"), split=str(root / "split.json"), out=str(root / "out"),
+                     keeps=(1.0, 0.25, 0.1, 0.05), bootstrap=200, seed=3, batch=8, save_artifacts=1)
+    res = run_evaluation(cfg, bundle=bundle, model_dir=root / "model", text_encoder=HashTextEncoder())
+    paths = write_outputs(res, cfg.out)
+    return res, paths, cfg
+
+
+def test_results_have_every_section(evaluated):
+    res, paths, cfg = evaluated
+    data = json.loads(paths["json"].read_text())
+    for key in ("meta", "main", "codecs", "report_generation", "ablation", "per_study", "sources", "warnings"):
+        assert key in data, key
+    assert "UNTRAINED" in data["warning"]
+    m = data["meta"]
+    assert m["n_studies"]["classification"] == 10            # the two train patients are not evaluated
+    assert len(m["split_sha256"]) == 64 and m["seed"] == 3 and m["timings_s"]["total"] > 0
+    assert len(data["main"]) == len(cfg.keeps) * len(CONDITIONS)
+    assert len(data["codecs"]) == len(cfg.keeps) * len(CODECS)
+    assert [r["mode"] for r in data["ablation"]] == ["bridge", "multi", "none"]
+    for row in data["main"] + data["codecs"] + data["ablation"]:
+        for k in ("auc", "ci_low", "ci_high"):
+            assert row[k] is None or 0.0 <= row[k] <= 1.0
+        assert row["n"] == (7 if row.get("condition") == "oracle_given_report" else 10)
+    rg = data["report_generation"]
+    assert rg["n"] == 7                                       # test studies with a report (i % 4 != 0)
+    sources = {(r["source"], r["keep"]) for r in rg["rows"]}
+    assert ("full image", 1.0) in sources and ("artifact, context fill", 0.1) in sources
+    for r in rg["rows"]:
+        assert r["bleu1"] is None or 0.0 <= r["bleu1"] <= 1.0
+    # keep 1.0 blank fill reconstructs the image exactly, so the model writes the same text as from the image
+    full = next(r for r in rg["rows"] if r["source"] == "full image")
+    blank1 = next(r for r in rg["rows"] if r["source"] == "artifact, blank fill" and r["keep"] == 1.0)
+    assert full["bleu4"] == blank1["bleu4"] and full["rouge_l"] == blank1["rouge_l"]
+
+
+def test_bytes_are_measured_and_codecs_within_budget(evaluated):
+    res, paths, cfg = evaluated
+    out = Path(cfg.out)
+    saved = res["meta"]["saved_artifacts"]
+    assert saved
+    for s in saved:
+        p = out / s["path"]
+        assert p.stat().st_size == s["bytes_written"] == s["bytes_measured"]
+        Artifact.load(p)                                      # a valid artifact
+    per = {s["study_id"]: s for s in res["per_study"]}
+    s = saved[0]
+    assert per[s["study_id"]]["keeps"][f"{s['keep']:g}"]["artifact_bytes"] == s["bytes_measured"]
+    for st in res["per_study"]:
+        for kk, row in st["keeps"].items():
+            assert row["artifact_bytes"] > 0 and row["raw_pixel_bytes"] == st["width"] * st["height"]
+            assert row["original_file_bytes"] > 0
+            for codec, c in row["codecs"].items():
+                assert c["bytes"] <= c["budget"] or c["over_budget"], (codec, kk, c)
+                assert c["budget"] == row["artifact_bytes"]
+
+
+def test_markdown_and_html_written(evaluated):
+    res, paths, cfg = evaluated
+    md = paths["md"].read_text()
+    assert "WARNING" in md and "UNTRAINED" in md
+    for title in ("## Classification vs bytes", "## Codec baselines", "## Report generation", "## Fusion ablation",
+                  "## Data sources", "oracle (label comes from this report)"):
+        assert title in md
+    assert "Kermany" in md and "Cohen" in md
+    html = paths["html"].read_text()
+    assert "plotly" in html.lower() and "UNTRAINED" in html and "JPEG 2000" in html and '"dash"' in html
+
+
+def test_refuses_to_run_without_split(tiny, tmp_path, capsys):
+    root, _ = tiny
+    rc = cli_main(["evaluate", "--model", str(root / "model"), "--manifest", str(root / "manifest.csv"),
+                   "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "split" in err and "--split" in err
+
+
+def test_encode_to_budget_respects_budget():
+    img = _radiograph(120, 100, 0, True)
+    for codec in CODECS:
+        r = encode_to_budget(img, 8, codec, 2500)
+        assert r.nbytes <= 2500 and not r.over_budget and r.decoded.shape == img.shape
+        assert r.nbytes > 1000                                # uses the budget, not just anything below it
+    r = encode_to_budget(img, 8, "jpeg", 50)                  # impossible: flagged, smallest encoding returned
+    assert r.over_budget and 50 < r.nbytes <= len(_encode(img, "jpeg", 1)) and r.quality <= 2
+
+
+def test_bootstrap_ci_contains_point_estimate():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 30 + [1] * 30)
+    s = np.concatenate([rng.normal(0, 1, 30), rng.normal(1, 1, 30)])
+    auc = roc_auc(y, s)
+    lo, hi, n = bootstrap_auc_ci(y, s, 500, seed=1)
+    assert lo <= auc <= hi and 0 < lo < hi < 1 and n == 500
+    assert bootstrap_auc_ci(y, s, 500, seed=1) == (lo, hi, n)        # seeded
+    assert all(math.isnan(v) for v in bootstrap_auc_ci(np.ones(5), np.arange(5.0), 100)[:2])
+    m = classification_metrics(y, s, 0.5, 100, 0)
+    assert m["tp"] + m["fn"] == 30 and 0 <= m["sensitivity"] <= 1
+
+
+def test_chexpert_f1_and_stratified_subset():
+    h = [{"Pneumonia": 1.0, "Edema": 0.0}, {"Pneumonia": None}]
+    r = [{"Pneumonia": 1.0, "Edema": 1.0}, {"Pneumonia": 1.0}]
+    out = chexpert_f1(h, r)
+    assert out["chexpert_tp"] == 1 and out["chexpert_fn"] == 2 and out["chexpert_f1"] == pytest.approx(0.5)
+    from neural_core.data.studies import StudyRecord
+
+    recs = [StudyRecord(f"/x/{i}.png", None, "none", int(i < 20), f"p{i}", "k") for i in range(100)]
+    sub = stratified_subset(recs, 10, seed=0)
+    assert len(sub) == 10 and sum(r.pneumonia for r in sub) == 2
+    assert [r.patient_id for r in stratified_subset(recs, 10, seed=0)] == [r.patient_id for r in sub]
+
+
+def test_pointing_game_and_recall_helpers():
+    g = grid_for(64, 64, 16)                                  # 4 x 4 patches
+    mask = np.zeros((64, 64), bool)
+    mask[20:28, 40:44] = True                                 # inside patch (1, 2)
+    counts = mask_patch_counts(mask, g)
+    assert counts[1, 2] == mask.sum() and counts.sum() == mask.sum()
+    scores = np.zeros((4, 4))
+    scores[1, 2] = 1.0
+    assert top_patch(scores) == (1, 2) and pointing_hit(scores, counts)
+    scores2 = np.zeros((4, 4))
+    scores2[3, 3] = 1.0
+    assert not pointing_hit(scores2, counts)
+    kept = np.zeros((4, 4), bool)
+    kept[1, 2] = True
+    assert mask_recall(kept, counts) == 1.0 and mask_recall(~kept, counts) == 0.0
+    rec, hit = random_baseline(counts, 1, 10, np.random.default_rng(0))
+    assert rec < 1.0 and hit < 1.0                            # 1 of 16 patches: random can't always hit
+    prior = lung_prior(g)
+    assert prior[1:3, 1].max() > prior[0, 0] and keep_count(16, 0.1) == 2
+
+
+def test_validate_salience_end_to_end(tiny, tmp_path, capsys):
+    root, bundle = tiny
+    rows = []
+    for i in range(3):
+        img = _radiograph(64, 64, 100 + i, True)
+        cv2.imwrite(str(tmp_path / f"v{i}.png"), img)
+        m = np.zeros((32, 32), np.uint8)                       # half-size mask: resized (nearest) to 64 x 64
+        m[4 + 2 * i:8 + 2 * i, 6:10] = 255                     # a small blob, one or two patches
+        cv2.imwrite(str(tmp_path / f"m{i}.png"), m)
+        rows.append(f"v{i}.png,m{i}.png,1,{REPORTS[i] if i else ''}")
+    rows.append("missing.png,m0.png,0,")
+    (tmp_path / "sal.csv").write_text("image,mask,label,report\n" + "\n".join(rows) + "\n")
+    res = validate(tmp_path / "sal.csv", bundle=bundle, keeps=(1.0, 0.05), seed=0)
+    assert res["n_images"] == 3 and len(res["bad_rows"]) == 1 and "missing.png" in res["bad_rows"][0]["error"]
+    full = next(r for r in res["summary"] if r["keep"] == 1.0)
+    assert full["recall"] == 1.0 and full["random"] == 1.0 and full["lung_prior"] == 1.0
+    small = next(r for r in res["summary"] if r["keep"] == 0.05)
+    assert small["random"] < 1.0
+    for p in res["per_image"]:
+        assert p["keeps"]["0.05"]["kept"] == keep_count(64, 0.05)
+    # the CLI writes JSON + markdown and exits 3 (partial) because one row was bad
+    bdir = root / "model"
+    rc = cli_main(["validate-salience", str(tmp_path / "sal.csv"), "--model", str(bdir), "--out",
+                   str(tmp_path / "so"), "--keeps", "1.0,0.1"])
+    assert rc == 3
+    assert (tmp_path / "so" / "salience_results.json").exists()
+    assert "Pointing game" in (tmp_path / "so" / "salience_results.md").read_text()
+    assert "skipped line 5" in capsys.readouterr().out
