@@ -5,7 +5,9 @@ Directory layout (``assets/default_model`` is the shipped one)::
     model.json                 name, version, trained (bool), notes
     report/                    ReportModel.save_pretrained (swin/, t5/, projection.safetensors, report_model.json)
     report/tokenizer/          tokenizer files
-    classifier_report/         NeuralClassifier trained on image + report graphs
+    classifier_report/         NeuralClassifier trained on image + the model's *generated* report graphs
+    classifier_oracle/         NeuralClassifier trained on image + *given* report graphs (for real reports; on
+                               label-template training text it is an oracle: the label comes from the report)
     classifier_image/          NeuralClassifier trained on image-only graphs
 
 When no bundle exists, :func:`load_bundle` builds an *untrained* one from config, and every output says
@@ -43,6 +45,15 @@ class ModelBundle:
     classifier_image: NeuralClassifier | None
     info: dict = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
+    classifier_oracle: NeuralClassifier | None = None
+
+    def classifier_for(self, report_source: str | None) -> NeuralClassifier | None:
+        """Image-only (no report), generated-report or given-report classifier, falling back to what exists."""
+        if report_source is None:
+            return self.classifier_image or self.classifier_report
+        if report_source == "given" and self.classifier_oracle is not None:
+            return self.classifier_oracle
+        return self.classifier_report or self.classifier_image
 
     @property
     def trained(self) -> bool:
@@ -65,7 +76,8 @@ class ModelBundle:
         out.mkdir(parents=True, exist_ok=True)
         self.report_model.save_pretrained(out / "report", fp16=fp16)
         self.tokenizer.save_pretrained(str(out / "report" / "tokenizer"))
-        for name, clf in (("classifier_report", self.classifier_report), ("classifier_image", self.classifier_image)):
+        for name, clf in (("classifier_report", self.classifier_report), ("classifier_image", self.classifier_image),
+                          ("classifier_oracle", self.classifier_oracle)):
             if clf is not None:
                 clf.save_pretrained(out / name, fp16=fp16)
         (out / "model.json").write_text(json.dumps(self.info, indent=2))
@@ -94,7 +106,7 @@ def untrained_bundle(cfg: ReportModelConfig | None = None, device: torch.device 
 def _to(self: ModelBundle, device: torch.device) -> ModelBundle:
     self.device = torch.device(device)
     self.report_model.to(self.device)
-    for c in (self.classifier_report, self.classifier_image):
+    for c in (self.classifier_report, self.classifier_image, self.classifier_oracle):
         if c is not None:
             c.to(self.device)
     return self
@@ -127,9 +139,11 @@ def load_bundle(path: str | Path | None = None, device: torch.device | str | Non
                 if (p / "classifier_report").exists() else None
             clf_i = NeuralClassifier.from_pretrained(p / "classifier_image", map_location=dev) \
                 if (p / "classifier_image").exists() else None
-            for c in (clf_r, clf_i):
+            clf_o = NeuralClassifier.from_pretrained(p / "classifier_oracle", map_location=dev) \
+                if (p / "classifier_oracle").exists() else None
+            for c in (clf_r, clf_i, clf_o):
                 if c is not None:
                     c.eval()
-            bundle = ModelBundle(rm, tok, clf_r, clf_i, info, dev)
+            bundle = ModelBundle(rm, tok, clf_r, clf_i, info, dev, clf_o)
         _CACHE[key] = bundle
         return bundle

@@ -758,8 +758,8 @@ class Evaluator:
         rec = st.rec
         p_gen = Prepared(rec, x.raw, x.meta.bit_depth, sg.token_map, sg.report)
         p_giv = Prepared(rec, x.raw, x.meta.bit_depth, so.token_map, so.report) if so is not None else None
-        graphs: dict[str, list] = {"image": [], "report": []}
-        keys: dict[str, list] = {"image": [], "report": []}
+        graphs: dict[str, list] = {"image": [], "report": [], "oracle": []}
+        keys: dict[str, list] = {"image": [], "report": [], "oracle": []}
         per_keep: dict[str, dict] = {}
         codec_items: list[tuple[float, CodecResult]] = []
         for keep in self.cfg.keeps:
@@ -791,15 +791,17 @@ class Evaluator:
                 row["oracle_fraction_kept"] = sz_o.fraction_kept
                 if b.classifier_report is not None:
                     with self.timer("graphs"):
-                        graphs["report"].append(make_graph(p_giv, keep, self.ccfg_report, self.report_cache,
+                        graphs["oracle"].append(make_graph(p_giv, keep, self.ccfg_report, self.report_cache,
                                                            self.enc))
-                    keys["report"].append((kk, "oracle_given_report"))
+                    keys["oracle"].append((kk, "oracle_given_report"))
             with self.timer("codec_encode"):
                 for codec in self.cfg.codecs:
                     codec_items.append((keep, encode_to_budget(x.raw, x.meta.bit_depth, codec, sz.artifact_bytes)))
             per_keep[kk] = row
         with self.timer("classify"):
-            for name, clf in (("image", b.classifier_image), ("report", b.classifier_report)):
+            # the given-report condition uses the classifier trained on given reports when the bundle has one
+            for name, clf in (("image", b.classifier_image), ("report", b.classifier_report),
+                              ("oracle", b.classifier_oracle or b.classifier_report)):
                 for (kk, cond), p in zip(keys[name], self.predict(clf, graphs[name])):
                     per_keep[kk][cond] = float(p)
         del graphs
@@ -827,8 +829,8 @@ class Evaluator:
 def _thresholds(bundle: ModelBundle) -> tuple[dict, str]:
     th = bundle.info.get("thresholds") or {}
     out, missing = {}, []
-    for k in ("image", "report"):
-        v = th.get(k)
+    for k in ("image", "report", "oracle"):
+        v = th.get(k, th.get("report")) if k == "oracle" else th.get(k)
         if isinstance(v, (int, float)) and math.isfinite(v):
             out[k] = float(v)
         else:
@@ -857,7 +859,7 @@ def aggregate(studies: list[dict], cfg: EvalConfig, thresholds: dict) -> dict:
         kk = _fmt_keep(keep)
         art_b = col(kk, "artifact_bytes")
         for cond in CONDITIONS:
-            thr = thresholds["image" if cond == "image_only" else "report"]
+            thr = thresholds[{"image_only": "image", "oracle_given_report": "oracle"}.get(cond, "report")]
             m = classification_metrics(y, col(kk, cond), thr, cfg.bootstrap, cfg.seed)
             oracle = cond == "oracle_given_report"
             main.append({"keep": keep, "condition": cond, "label": CONDITION_LABELS[cond], **m,
