@@ -24,12 +24,27 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
+        """The defaults, overridden by the environment variables that are set (unset or empty: default).
+        A value that is not a positive number raises ValueError naming the variable."""
         d = cls()
+
+        def env(var: str, default, conv):
+            raw = os.environ.get(var, "").strip()
+            if not raw:
+                return default
+            try:
+                v = conv(raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r:.40} is not a number") from None
+            if not v > 0:
+                raise ValueError(f"{var} must be positive, got {raw!r:.40}")
+            return v
+
         return cls(
-            max_upload_bytes=int(float(os.environ.get("NEURAL_MAX_UPLOAD_MB", d.max_upload_bytes / 2**20)) * 2**20),
-            max_pixels=int(os.environ.get("NEURAL_MAX_PIXELS", d.max_pixels)),
+            max_upload_bytes=int(env("NEURAL_MAX_UPLOAD_MB", d.max_upload_bytes / 2**20, float) * 2**20),
+            max_pixels=env("NEURAL_MAX_PIXELS", d.max_pixels, int),
             min_side=d.min_side,
-            max_report_chars=int(os.environ.get("NEURAL_MAX_REPORT_CHARS", d.max_report_chars)),
+            max_report_chars=env("NEURAL_MAX_REPORT_CHARS", d.max_report_chars, int),
             max_artifact_bytes=d.max_artifact_bytes,
         )
 
@@ -134,4 +149,6 @@ class SalienceConfig:
     head_reduce: str = "mean"               # mean | max
 
 
-DEFAULT_LIMITS = Limits()
+#: The limits every loader uses unless given others: the defaults above, overridden by NEURAL_MAX_UPLOAD_MB,
+#: NEURAL_MAX_PIXELS and NEURAL_MAX_REPORT_CHARS when set (read once, at import).
+DEFAULT_LIMITS = Limits.from_env()

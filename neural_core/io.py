@@ -298,6 +298,8 @@ def _decode_pillow(data: bytes, fmt: str, label: str, limits: Limits):
         m = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
         raise ImageLoadError(f"{label}: image has {size}; the limit is {limits.max_pixels:,} pixels") from None
+    except Image.UnidentifiedImageError:  # its text names an in-memory object ("<_io.BytesIO object at 0x...>")
+        raise ImageLoadError(f"{label}: corrupt or unreadable {kind} header (not a valid {kind} stream)") from None
     except Exception as exc:
         raise ImageLoadError(f"{label}: corrupt or unreadable {kind} header ({_one_line(exc)})") from None
     with im:

@@ -571,6 +571,10 @@ def _check(report: Any, limits: Limits) -> str:
     if len(report) > limits.max_report_chars:
         raise ReportError(f"report is too long: {len(report)} characters, the limit is {limits.max_report_chars} "
                           "(NEURAL_MAX_REPORT_CHARS)")
+    try:
+        report.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (e.g. "\\ud800" sent in JSON): spaCy would fail on it
+        raise ReportError(f"report is not valid Unicode text (unpaired surrogate at character {exc.start})") from None
     return report
 
 
