@@ -5,12 +5,20 @@
     >>> a.probability, a.bytes.artifact_bytes, a.report_source
 
 The report model's output (salience, generated report) is cached per (study, report, model), so re-pruning the
-same study at another keep / tau / top-k — the app's slider — reruns only the cheap stages.
+same study at another keep / tau / top-k — the app's slider — reruns only the cheap stages; what those stages can
+reuse across slider moves (per-patch scores, the context layer, the report's knowledge graph and its tensors) is
+cached with that output or per report text.
+
+Threads: the models are small (per-op work of microseconds to a millisecond), so intra-op threads that wait on a
+core taken by another process cost far more than they bring: see :func:`inference_threads`.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -20,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import Artifact, ByteReport, build_artifact
+from .artifact import Artifact, ByteReport, build_artifact, make_context
 from .bundle import ModelBundle, load_bundle
 from .config import DEFAULT_LIMITS, Limits, PruneConfig
 from .device import autocast, set_threads
@@ -30,7 +38,7 @@ from .graphs.report_kg import ReportGraph, extract
 from .graphs.visual import build_visual_graph
 from .io import XRay, load_image
 from .prune import PatchGrid, grid_for, normalise, patch_scores, select
-from .salience import SalienceResult, compute_salience
+from .salience import SalienceResult, compute_salience, salience_batch
 from .transforms import resize_square
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,35 @@ class VLMOutput:
     xray: XRay
     salience: SalienceResult
     seconds: float
+    # what re-pruning derives from this output alone (patch scores per grid, context layer per side): reused
+    # across slider moves, never part of the result
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+#: Distinct report texts whose knowledge graph (and its tensors) a pipeline keeps.
+REPORT_CACHE_SIZE = 64
+
+
+def inference_threads() -> int:
+    """Intra-op threads for inference: ``$NEURAL_THREADS`` when set; else the cores of this process's CPU affinity
+    that other processes leave idle (by the 1-minute load average), at least 1.
+
+    Measured on 2 cores shared with a training job: ResNet-50 at 224^2 takes 0.35 s with 1 thread and 0.75-6 s
+    with 2 (OpenMP threads spin waiting on a sibling whose core is taken), the pipeline's small models 10x worse.
+    On an idle machine every core is used.
+    """
+    env = os.environ.get("NEURAL_THREADS")
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    if env:
+        return max(1, int(env))
+    try:
+        busy = int(math.floor(os.getloadavg()[0] + 0.5))
+    except (AttributeError, OSError):  # pragma: no cover - no load average
+        busy = 0
+    return max(1, min(n, n - busy))
 
 
 @dataclass
@@ -115,14 +152,19 @@ class Pipeline:
     """Holds a model bundle, a text encoder and the VLM cache. Thread-safe for the app's concurrent requests."""
 
     def __init__(self, bundle: ModelBundle | None = None, *, device: str | None = None, text_encoder=None,
-                 cache_size: int = 8, limits: Limits = DEFAULT_LIMITS):
+                 cache_size: int = 8, limits: Limits = DEFAULT_LIMITS, threads: int | None = None):
         set_threads()
+        n = inference_threads() if threads is None else max(1, int(threads))
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
         self.bundle = bundle or load_bundle(device=device)
         self._text_encoder = text_encoder
         self.limits = limits
         self._cache: OrderedDict[tuple, VLMOutput] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.RLock()
+        self._reports: OrderedDict[str, ReportGraph] = OrderedDict()       # report text -> knowledge graph
+        self._report_tensors: OrderedDict[tuple, object] = OrderedDict()   # (text, encoder) -> Data
 
     @property
     def text_encoder(self):
@@ -140,17 +182,31 @@ class Pipeline:
         if len(report) > self.limits.max_report_chars:
             raise ReportError(f"the report is {len(report):,} characters; the limit is "
                               f"{self.limits.max_report_chars:,} (NEURAL_MAX_REPORT_CHARS)")
+        try:
+            report.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: hashing and tokenising would fail on it
+            raise ReportError(f"the report is not valid Unicode text (unpaired surrogate at character "
+                              f"{exc.start})") from None
         return report if report.strip() else None
 
     def pixel_tensor(self, xray: XRay) -> torch.Tensor:
         size = self.bundle.report_model.image_size
         return torch.from_numpy(resize_square(xray.pixels, size))[None, None].to(self.bundle.device)
 
+    def _vlm_key(self, xray: XRay, report: str | None, num_beams: int) -> tuple:
+        rkey = hashlib.sha256(report.encode()).hexdigest() if report else f"<generated:{num_beams}>"
+        return xray.meta.study_key, rkey, self.bundle.identity["config_hash"], self.bundle.identity["version"]
+
+    def _remember(self, key: tuple, out: VLMOutput) -> None:
+        with self._lock:
+            self._cache[key] = out
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
     def vlm(self, xray: XRay, report: str | None, *, num_beams: int = 1) -> tuple[VLMOutput, bool]:
         """Salience (and the generated report when none is given) for one study; (output, was_cached)."""
         report = self._check_report(report)
-        rkey = hashlib.sha256(report.encode()).hexdigest() if report else f"<generated:{num_beams}>"
-        key = (xray.meta.study_key, rkey, self.bundle.identity["config_hash"], self.bundle.identity["version"])
+        key = self._vlm_key(xray, report, num_beams)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -160,11 +216,136 @@ class Pipeline:
         with torch.inference_mode(), autocast(self.bundle.device):
             sal = compute_salience(self.bundle.report_model, self.bundle.tokenizer, x, report, num_beams=num_beams)
         out = VLMOutput(xray, sal, time.perf_counter() - t0)
-        with self._lock:
-            self._cache[key] = out
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._remember(key, out)
         return out, False
+
+    def vlm_batch(self, xrays: list[XRay], reports: list[str | None], *,
+                  num_beams: int = 1) -> list[tuple[VLMOutput, bool]]:
+        """:meth:`vlm` for several studies with one batched report-model pass (one encoder batch, one batched
+        ``generate`` for the studies without a report): the throughput path of ``neural compress``. Cached studies
+        are not run again. Each output's ``seconds`` is its share of the batch's time."""
+        if len(xrays) != len(reports):
+            raise ValueError(f"{len(xrays)} images but {len(reports)} reports")
+        reports = [self._check_report(r) for r in reports]
+        keys = [self._vlm_key(x, r, num_beams) for x, r in zip(xrays, reports)]
+        res: list[tuple[VLMOutput, bool] | None] = [None] * len(xrays)
+        todo = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    res[i] = (self._cache[key], True)
+                elif key not in {keys[j] for j in todo}:
+                    todo.append(i)
+        if todo:
+            t0 = time.perf_counter()
+            x = torch.cat([self.pixel_tensor(xrays[i]) for i in todo])
+            with torch.inference_mode(), autocast(self.bundle.device):
+                sals = salience_batch(self.bundle.report_model, self.bundle.tokenizer, x,
+                                      [reports[i] for i in todo], num_beams=num_beams)
+            share = (time.perf_counter() - t0) / len(todo)
+            for i, sal in zip(todo, sals):
+                out = VLMOutput(xrays[i], sal, share)
+                self._remember(keys[i], out)
+                res[i] = (out, False)
+        for i, r in enumerate(res):           # duplicates within the batch: the first one's output
+            if r is None:
+                res[i] = (res[keys.index(keys[i])][0], True)
+        return res  # type: ignore[return-value]
+
+    # -- caches of the cheap stages (slider moves) --------------------------------------------------------------
+    def _patch_scores(self, out: VLMOutput, grid: PatchGrid) -> np.ndarray:
+        key = ("scores", grid)
+        scores = out._derived.get(key)
+        if scores is None:
+            scores = normalise(patch_scores(out.salience.token_map, grid)).astype(np.float32)
+            scores.setflags(write=False)
+            out._derived[key] = scores
+        return scores
+
+    def _context(self, out: VLMOutput, side: int) -> np.ndarray | None:
+        if not side:
+            return None
+        key = ("context", int(side))
+        ctx = out._derived.get(key)
+        if ctx is None:
+            ctx = make_context(out.xray.raw, out.xray.meta.bit_depth, int(side))
+            out._derived[key] = ctx
+        return ctx
+
+    def _patch_features(self, derived: dict, clf, data, artifact: Artifact) -> torch.Tensor:
+        """``clf.patch_encoder(data.patch)`` with each grid patch encoded once per study (the patch encoder sees
+        every patch on its own, so a slider move encodes only the newly kept patches)."""
+        key = ("patch_features", id(clf), artifact.patch, artifact.rows, artifact.cols)
+        flat = torch.from_numpy(artifact.coords[:, 0].astype(np.int64) * artifact.cols + artifact.coords[:, 1])
+        with self._lock:
+            entry = derived.get(key)
+            if entry is None:
+                entry = (torch.zeros((artifact.rows * artifact.cols, clf.cfg.patch_dim), device=self.bundle.device),
+                         torch.zeros(artifact.rows * artifact.cols, dtype=torch.bool))
+                derived[key] = entry
+            buf, have = entry
+            missing = (~have[flat]).nonzero(as_tuple=True)[0]
+            known = buf[flat.to(buf.device)]
+        if not missing.numel():
+            return known
+        new = clf.patch_encoder(data.patch[missing.to(data.patch.device)].float())   # outside the lock
+        known[missing.to(known.device)] = new.to(known.dtype)
+        with self._lock:                  # concurrent requests may both encode a patch: same values
+            buf[flat[missing].to(buf.device)] = new.to(buf.dtype)
+            have[flat[missing]] = True
+        return known
+
+    def report_graph(self, report: str) -> ReportGraph:
+        """:func:`~neural_core.graphs.report_kg.extract` of ``report``, cached per text (a fresh copy each call)."""
+        with self._lock:
+            rg = self._reports.get(report)
+            if rg is not None:
+                self._reports.move_to_end(report)
+        if rg is None:
+            rg = extract(report, limits=self.limits)
+            with self._lock:
+                self._reports[report] = rg
+                while len(self._reports) > REPORT_CACHE_SIZE:
+                    self._reports.popitem(last=False)
+        return copy.deepcopy(rg)
+
+    def _report_data(self, report_graph: ReportGraph, text: str | None):
+        """``report_graph_tensors`` of a report graph, cached per report text when the graph is that text's."""
+        if text is None:
+            return report_graph_tensors(report_graph, self.text_encoder)
+        key = (text, id(self.text_encoder))
+        with self._lock:
+            data = self._report_tensors.get(key)
+            if data is not None:
+                self._report_tensors.move_to_end(key)
+                return data
+        data = report_graph_tensors(report_graph, self.text_encoder)
+        with self._lock:
+            self._report_tensors[key] = data
+            while len(self._report_tensors) > REPORT_CACHE_SIZE:
+                self._report_tensors.popitem(last=False)
+        return data
+
+    def warmup(self) -> "Pipeline":
+        """Load everything a first request would otherwise wait for (the text encoder, the spaCy pipeline,
+        PyG's generated message-passing code, the models' first-call setup) by analysing a small synthetic image
+        once, with and without a report; the caches are left as they were. Returns ``self``."""
+        from .io import from_array
+
+        yy, xx = np.mgrid[:256, :256]
+        img = (60 + 120 * (((yy - 128) / 110.0) ** 2 + ((xx - 128) / 90.0) ** 2 < 1)).astype(np.uint8)
+        x = from_array(img, source_format="warmup")
+        text = "Patchy opacity in the right lower lobe. No pleural effusion."
+        with self._lock:
+            saved = (OrderedDict(self._cache), OrderedDict(self._reports), OrderedDict(self._report_tensors))
+        try:
+            self.analyze(x, text, keep=0.2, context_side=32)
+            self.analyze(x, text, keep=0.2, image_only=True)
+        finally:
+            with self._lock:
+                self._cache, self._reports, self._report_tensors = saved
+        return self
 
     # -- the rest -----------------------------------------------------------------------------------------------
     def analyze(self, image: str | Path | bytes | XRay, report: str | None = None, *, keep: float | None = 0.10,
@@ -188,9 +369,10 @@ class Pipeline:
         xray, sal = out.xray, out.salience
         t = time.perf_counter()
         grid = grid_for(xray.meta.height, xray.meta.width, cfg.patch_size)
-        scores = normalise(patch_scores(sal.token_map, grid)).astype(np.float32)
+        scores = self._patch_scores(out, grid)
         mask = select(scores, cfg)
         artifact = build_artifact(xray.raw, xray.meta.bit_depth, mask, grid, context_side=cfg.context_side,
+                                  context=self._context(out, cfg.context_side),
                                   scores=scores[mask], model=self.bundle.identity,
                                   meta={"source_format": xray.meta.source_format,
                                         "source_bytes": xray.meta.source_bytes, "study_key": xray.meta.study_key,
@@ -198,30 +380,46 @@ class Pipeline:
         nbytes = artifact.sizes()
         timings["prune"] = time.perf_counter() - t
         t = time.perf_counter()
-        rg = None if image_only else extract(sal.report, limits=self.limits)
+        rg = None if image_only else self.report_graph(sal.report)
         timings["report_graph"] = time.perf_counter() - t
-        prob, fused = self.classify(artifact, rg, fusion=fusion, image_only=image_only, timings=timings)
-        return Analysis(xray, sal, grid, scores, mask, artifact, nbytes, rg, fused, prob, image_only, cfg,
+        prob, fused = self._classify(artifact, rg, None if image_only else sal.report, fusion=fusion,
+                                     image_only=image_only, timings=timings, derived=out._derived,
+                                     report_source=sal.report_source)
+        return Analysis(xray, sal, grid, scores.copy(), mask, artifact, nbytes, rg, fused, prob, image_only, cfg,
                         self.bundle.version, self.bundle.trained, timings)
 
     def classify(self, artifact: Artifact, report_graph: ReportGraph | None, *, fusion: str = "bridge",
-                 image_only: bool = False, timings: dict | None = None) -> tuple[float | None, object]:
-        """Pneumonia probability from a stored artifact (+ optional report graph) alone."""
+                 image_only: bool = False, timings: dict | None = None,
+                 report_source: str = "given") -> tuple[float | None, object]:
+        """Pneumonia probability from a stored artifact (+ optional report graph) alone. ``report_source`` picks
+        the classifier: ``"given"`` (a real report) or ``"generated"`` (the model's own)."""
+        return self._classify(artifact, report_graph, None, fusion=fusion, image_only=image_only, timings=timings,
+                              report_source=report_source)
+
+    def _classify(self, artifact: Artifact, report_graph: ReportGraph | None, report_text: str | None, *,
+                  fusion: str = "bridge", image_only: bool = False, timings: dict | None = None,
+                  derived: dict | None = None, report_source: str = "given") -> tuple[float | None, object]:
+        """:meth:`classify`; ``report_text`` (the text ``report_graph`` was extracted from) keys the cache of the
+        report graph's tensors; ``derived`` (the study's ``VLMOutput._derived``, only when ``artifact`` was cut
+        from that study's image) caches the patch encoder's output per grid patch across re-prunings."""
         timings = {} if timings is None else timings
         t = time.perf_counter()
-        clf = self.bundle.classifier_image if image_only or report_graph is None else self.bundle.classifier_report
+        no_report = image_only or report_graph is None or not report_graph.entities
+        clf = self.bundle.classifier_for(None if no_report else report_source)
         ccfg = (clf or self.bundle.classifier_image or self.bundle.classifier_report).cfg
         visual = build_visual_graph(artifact, ccfg)
         rep = None
         if report_graph is not None and not image_only and report_graph.entities:
-            rep = report_graph_tensors(report_graph, self.text_encoder)
+            rep = self._report_data(report_graph, report_text)
         fused = fuse(visual, rep, mode=fusion if rep is not None else "none")
         timings["graphs"] = time.perf_counter() - t
         t = time.perf_counter()
         prob = None
         if clf is not None:
             with torch.inference_mode():
-                logit = clf(fused.to(self.bundle.device))
+                data = fused.to(self.bundle.device)
+                feats = None if derived is None else self._patch_features(derived, clf, data, artifact)
+                logit = clf.forward_from_node_features(clf.node_embeddings(data, patch_features=feats), data)
             prob = float(torch.sigmoid(logit.float()).reshape(-1)[0])
         timings["classify"] = time.perf_counter() - t
         return prob, fused

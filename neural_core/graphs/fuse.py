@@ -13,6 +13,8 @@ batch order. ``bridge_index`` holds the bridged pairs as global node indices (Py
 """
 from __future__ import annotations
 
+import math
+import random
 from typing import Any, Callable, Sequence
 
 import networkx as nx
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from neural_core.graphs.visual import visual_networkx
+from neural_core.graphs.visual import visual_networkx  # noqa: F401  (kept importable from here)
 
 #: Node types (see :class:`~neural_core.config.ClassifierConfig`).
 NODE_TYPES = {"anatomy": 1, "observation": 2}
@@ -114,13 +116,220 @@ def report_graph_tensors(report_graph: Any, text_encoder: Any, *, text_dim: int 
     )
 
 
+#: Sources per block of the vectorised betweenness (bounds its working memory to about 40 bytes x nodes x block).
+_BC_BLOCK_ELEMENTS = 1 << 20
+
+
+#: From this many nodes on, :func:`_brandes_block` works on each BFS level's own (node, source) pairs (cost
+#: ~ sources x edges) instead of dense (nodes x sources) level masks (cost ~ sources x nodes x depth).
+_BC_FRONTIER_MIN_NODES = 600
+
+
+def _brandes_block(adj, srcs: np.ndarray) -> np.ndarray:
+    """Sum over the sources ``srcs`` of Brandes' dependencies ``delta_s(v)`` in the graph ``adj`` (CSR, 0/1,
+    symmetric), for all sources at once: forward level by level (path counts ``sigma``), then backward
+    (``delta_s(v) = sum_{w: v pred of w} sigma_s(v) / sigma_s(w) * (1 + delta_s(w))``)."""
+    if adj.shape[0] >= _BC_FRONTIER_MIN_NODES:
+        return _brandes_block_frontier(adj, srcs)
+    n, b = adj.shape[0], srcs.size
+    cols_b = np.arange(b)
+    sigma = np.zeros((n, b))
+    dist = np.full((n, b), -1, dtype=np.int32)
+    sigma[srcs, cols_b] = 1.0
+    dist[srcs, cols_b] = 0
+    unseen = dist < 0
+    frontier = sigma.copy()
+    depth = 0
+    while True:                                     # BFS, all sources of the block in lock-step
+        reach = adj @ frontier                      # paths into each node from the current level
+        new = reach > 0
+        new &= unseen
+        if not new.any():
+            break
+        depth += 1
+        dist += new * np.int32(depth + 1)           # -1 -> depth on the new level
+        unseen ^= new
+        np.multiply(reach, new, out=frontier)
+        sigma += frontier
+    # masks and arithmetic by multiplication: np.where / where= are several times slower than plain ufuncs here
+    safe_sigma = sigma + unseen                     # 1 where unreachable (masked out below)
+    delta = np.zeros((n, b))
+    coeff = np.empty((n, b))
+    for d in range(depth, 0, -1):                   # dependencies, deepest level first
+        np.add(delta, 1.0, out=coeff)
+        coeff /= safe_sigma
+        coeff *= dist == d
+        up = adj @ coeff
+        up *= sigma
+        up *= dist == d - 1
+        delta += up
+    delta[srcs, cols_b] = 0.0                       # a source is not between itself and a target
+    return delta.sum(axis=1)
+
+
+def _brandes_block_frontier(adj, srcs: np.ndarray) -> np.ndarray:
+    """:func:`_brandes_block` for large graphs: BFS distances from every source at once (scipy's compiled
+    shortest paths), the (source, node) pairs sorted by distance, then per level only that level's pairs and their
+    edges (gathered from the CSR arrays; sums by ``bincount``). Work ~ sources x edges, not x nodes x depth."""
+    from scipy.sparse.csgraph import shortest_path
+
+    n, b = adj.shape[0], srcs.size
+    indptr, indices = adj.indptr.astype(np.int64), adj.indices.astype(np.int64)
+    deg = np.diff(indptr)
+    flat_d = shortest_path(adj, method="D", directed=False, unweighted=True, indices=srcs).ravel()   # (b * n)
+    order = np.argsort(flat_d, kind="stable")
+    sd = flat_d[order]
+    n_reach = int(np.searchsorted(sd, np.inf))
+    depth = int(sd[n_reach - 1]) if n_reach else 0
+    bounds = np.searchsorted(sd[:n_reach], np.arange(depth + 2))    # level d: order[bounds[d]: bounds[d + 1]]
+    pos = np.empty(b * n, dtype=np.int64)
+    pos[order] = np.arange(b * n)
+    level = np.where(np.isfinite(flat_d), flat_d, -1.0).astype(np.int32)
+    src_flat = np.arange(b, dtype=np.int64) * n + srcs
+    sigma = np.zeros(b * n)
+    sigma[src_flat] = 1.0
+    levels = []
+    for d in range(1, depth + 1):                    # forward: sigma of a level from its predecessors
+        ent = order[bounds[d]: bounds[d + 1]]
+        j, w = np.divmod(ent, n)
+        cnt = deg[w]
+        rep = np.repeat(np.arange(ent.size), cnt)
+        first = np.repeat(indptr[w] - (np.cumsum(cnt) - cnt), cnt)
+        cand = j[rep] * n + indices[first + np.arange(rep.size)]
+        pred = level[cand] == d - 1
+        rep, cand = rep[pred], cand[pred]
+        sigma[ent] = np.bincount(rep, weights=sigma[cand], minlength=ent.size)
+        levels.append((ent, rep, cand))
+    delta = np.zeros(b * n)
+    for d in range(depth, 0, -1):                    # backward: dependencies onto the previous level
+        ent, rep, cand = levels[d - 1]
+        coeff = (1.0 + delta[ent]) / sigma[ent]
+        lo, hi = bounds[d - 1], bounds[d]
+        prev = order[lo: hi]
+        delta[prev] += sigma[prev] * np.bincount(pos[cand] - lo, weights=coeff[rep], minlength=hi - lo)
+    delta[src_flat] = 0.0
+    return delta.reshape(b, n).sum(axis=0)
+
+
+def _betweenness_scores(n: int, src: np.ndarray, dst: np.ndarray, sources: np.ndarray | None) -> np.ndarray:
+    """Normalised betweenness centrality (unweighted, undirected, endpoints excluded) of the nodes ``0..n-1`` of the
+    graph with edges ``src[i] - dst[i]``, from all nodes (``sources=None``) or from the given pivot nodes.
+
+    The same numbers as :func:`networkx.betweenness_centrality` (``normalized=True``; with ``k`` pivots its sampled
+    rescaling), up to float round-off: Brandes' algorithm run for blocks of sources at once as sparse-dense matrix
+    products (:func:`_brandes_block`): the whole graph in one block when it is small enough, else one connected
+    component at a time. Sparse products, not dense BLAS ones: they never start BLAS threads (which stall on a
+    busy machine just as torch's do).
+    """
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    bc = np.zeros(n, dtype=np.float64)
+    if n < 3 or src.size == 0:
+        return bc
+    keep = src != dst                                   # self-loops never lie on a shortest path
+    rows = np.concatenate([src[keep], dst[keep]])
+    cols = np.concatenate([dst[keep], src[keep]])
+    all_sources = np.arange(n) if sources is None else np.asarray(sources, dtype=np.int64)
+    adj = sparse.csr_matrix((np.ones(rows.size, dtype=np.float64), (rows, cols)), shape=(n, n))
+    adj.sum_duplicates()
+    adj.data[:] = 1.0                                   # a simple graph: parallel edges count once
+    if n * all_sources.size <= _BC_BLOCK_ELEMENTS:      # one block for the whole graph
+        bc += _brandes_block(adj, all_sources)
+        return _rescale(bc, n, sources is not None, all_sources)
+    is_source = np.zeros(n, dtype=bool)
+    is_source[all_sources] = True
+    n_comp, label = connected_components(adj, directed=False)
+    order = np.argsort(label, kind="stable")
+    bounds = np.searchsorted(label[order], np.arange(n_comp + 1))
+    for c in range(n_comp):                             # paths never leave a component
+        nodes_c = order[bounds[c]: bounds[c + 1]]
+        if nodes_c.size < 3:
+            continue
+        local_src = np.flatnonzero(is_source[nodes_c])
+        if local_src.size == 0:
+            continue
+        sub = adj if n_comp == 1 else adj[nodes_c][:, nodes_c].tocsr()
+        block = max(1, min(local_src.size, _BC_BLOCK_ELEMENTS // nodes_c.size))
+        acc = np.zeros(nodes_c.size)
+        for b0 in range(0, local_src.size, block):
+            acc += _brandes_block(sub, local_src[b0: b0 + block])
+        bc[nodes_c] += acc
+    return _rescale(bc, n, sources is not None, all_sources)
+
+
+def _rescale(bc: np.ndarray, n: int, sampled: bool, all_sources: np.ndarray) -> np.ndarray:
+    """Rescale summed dependencies exactly as networkx 3.6 does (normalized, undirected, endpoints excluded)."""
+    N = n - 1
+    if not sampled:
+        return bc * (1.0 / (N * (N - 1)))
+    k = all_sources.size
+    scale = np.full(n, 1.0 / (k * (N - 1)))
+    scale[all_sources] = 1.0 / ((k - 1) * (N - 1)) if k > 1 else math.nan
+    return bc * scale
+
+
+def _ranking_from_scores(nodes: list, scores: np.ndarray) -> list:
+    """Nodes by decreasing score, ties (within :data:`TIE_TOLERANCE`) broken by the lowest node."""
+    order_nodes = sorted(range(len(nodes)), key=nodes.__getitem__)
+    nodes = [nodes[i] for i in order_nodes]
+    scores = np.asarray(scores, dtype=np.float64)[order_nodes]
+    # Quantise to the tie tolerance so that round-off does not break symmetry; a stable sort keeps lowest node first.
+    q = np.round(scores / TIE_TOLERANCE)
+    order = np.argsort(-q, kind="stable")
+    return [nodes[i] for i in order]
+
+
+def _pivots(nodes: list, n: int) -> list | None:
+    """The pivots networkx draws for ``k = min(n, BETWEENNESS_SAMPLES)`` with seed :data:`BETWEENNESS_SEED`
+    (``random.Random(seed).sample(list(G), k)``), or None for exact betweenness."""
+    if n <= EXACT_BETWEENNESS_MAX_NODES:
+        return None
+    k = min(n, BETWEENNESS_SAMPLES)
+    if k == n:
+        return None
+    return random.Random(BETWEENNESS_SEED).sample(list(nodes), k)
+
+
+def betweenness_ranking_from_edges(num_nodes: int, edge_index: Any) -> list[int]:
+    """:func:`betweenness_ranking` of the undirected graph on nodes ``0..num_nodes-1`` with the edges of a
+    ``(2, E)`` edge index (either direction, duplicates and self-loops allowed), without building a networkx graph:
+    equal to ``betweenness_ranking(visual_networkx(data))``."""
+    n = int(num_nodes)
+    if n == 0:
+        return []
+    ei = np.asarray(edge_index.cpu().numpy() if isinstance(edge_index, torch.Tensor) else edge_index,
+                    dtype=np.int64).reshape(2, -1)
+    nodes = list(range(n))
+    piv = _pivots(nodes, n)
+    scores = _betweenness_scores(n, ei[0], ei[1], None if piv is None else np.asarray(piv, dtype=np.int64))
+    return _ranking_from_scores(nodes, scores)
+
+
 def betweenness_ranking(G: nx.Graph) -> list:
     """Nodes of ``G`` by decreasing betweenness centrality, ties broken by the lowest node.
 
     Betweenness is normalised and exact for up to :data:`EXACT_BETWEENNESS_MAX_NODES` nodes; above, it is estimated
     from :data:`BETWEENNESS_SAMPLES` pivots drawn with the fixed seed :data:`BETWEENNESS_SEED`, so the result is
-    deterministic either way. Scores within :data:`TIE_TOLERANCE` of each other are ties.
+    deterministic either way. Scores within :data:`TIE_TOLERANCE` of each other are ties. The numbers are those of
+    :func:`networkx.betweenness_centrality` (same pivots), computed by a vectorised Brandes algorithm.
     """
+    n = G.number_of_nodes()
+    if n == 0:
+        return []
+    nodes = list(G)
+    index = {v: i for i, v in enumerate(nodes)}
+    if G.number_of_edges():
+        e = np.array([(index[u], index[v]) for u, v in G.edges()], dtype=np.int64)
+    else:
+        e = np.zeros((0, 2), dtype=np.int64)
+    piv = _pivots(nodes, n)
+    sources = None if piv is None else np.array([index[v] for v in piv], dtype=np.int64)
+    return _ranking_from_scores(nodes, _betweenness_scores(n, e[:, 0], e[:, 1], sources))
+
+
+def _networkx_betweenness_ranking(G: nx.Graph) -> list:
+    """Reference implementation of :func:`betweenness_ranking` with networkx (tests and benchmarks)."""
     n = G.number_of_nodes()
     if n == 0:
         return []
@@ -192,8 +401,8 @@ def fuse(visual: Data, report: Data | None, *, mode: str = "bridge", multi_k: in
         rep_node_type = report.node_type.long()
         rep_edges = report.edge_index.long() + k
         rep_types = report.edge_type.long()
-        vis_rank = betweenness_ranking(visual_networkx(visual))
-        rep_rank = betweenness_ranking(visual_networkx(report))
+        vis_rank = betweenness_ranking_from_edges(k, visual.edge_index)
+        rep_rank = betweenness_ranking_from_edges(m, report.edge_index)
         n_bridges = 1 if mode == "bridge" else max(0, min(int(multi_k), k, m))
         pairs = [(vis_rank[r], k + rep_rank[r]) for r in range(n_bridges)]
     else:
