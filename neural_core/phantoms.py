@@ -51,6 +51,16 @@ class Phantom:
         """1 when a consolidation blob was drawn, else 0."""
         return int(self.consolidation is not None)
 
+    @property
+    def caption(self) -> str:
+        """A short, distinct label for a thumbnail: ``"Phantom #0: normal"``, ``"Phantom #1: RLL opacity"``. (The
+        pixels carry the word SYNTHETIC and :attr:`name` starts with it; a gallery caption has no room for both.)"""
+        if self.consolidation is None:
+            return f"Phantom #{self.seed}: normal"
+        side, zone = self.consolidation
+        where = "lingula" if (side, zone) == ("left", "middle") else f"{side[0]}{zone[0]}l".upper()
+        return f"Phantom #{self.seed}: {where} opacity"
+
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
     """Smooth-edged filled ellipse in [0, 1] (edge width ~ 2 % of the radius)."""

@@ -10,6 +10,7 @@ be a scaled copy of the source, and ``scale = display_width / source_width``.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Iterable
 
 import cv2
@@ -388,31 +389,73 @@ _ENTITY_STYLE = {  # (type, certainty) -> (legend name, colour, symbol)
 }
 
 
-def _report_layout(n: int, edges: list[tuple[int, int]]) -> np.ndarray:
-    """Deterministic 2-D positions in [0, 1]^2 for ``n`` report nodes."""
-    if n == 0:
-        return np.zeros((0, 2))
-    if n == 1:
-        return np.array([[0.5, 0.5]])
+#: Report-node labels longer than this are cut (the full text is in the hover).
+LABEL_CHARS = 24
+
+
+def _label(text: str, limit: int = LABEL_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _report_slots(n: int, edges: list[tuple[int, int]], max_rows: int, max_cols: int
+                  ) -> tuple[dict[int, tuple[int, int]], int, int]:
+    """Grid slots ``{node: (column, row)}`` for ``n`` report nodes, and the grid's ``(columns, rows)``.
+
+    Deterministic and overlap-free by construction (one node per slot). The relation graph's connected components
+    come in report order (by their first entity), each one a run of consecutive rows of one column (depth-first
+    from its first entity, so a chain of relations joins neighbouring rows) with a blank row between components
+    where there is room; the smallest number of rows that fits in ``max_cols`` columns without splitting a
+    component is used, so the nodes spread over the box. Only a component taller than ``max_rows`` is split."""
     import networkx as nx
 
     g = nx.Graph()
     g.add_nodes_from(range(n))
     g.add_edges_from(edges)
-    pos = nx.spring_layout(g, seed=0, k=1.6 / np.sqrt(n), iterations=200)
-    xy = np.array([pos[i] for i in range(n)], dtype=np.float64)
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    return (xy - lo) / np.where(hi - lo > 1e-9, hi - lo, 1.0)
+    comps = []
+    for c in sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: c[0]):
+        order = list(nx.dfs_preorder_nodes(g.subgraph(c), source=c[0], sort_neighbors=sorted))
+        comps.append(order)
+
+    def pack(rows: int, gaps: bool):
+        slots, col, row, split = {}, 0, 0, False
+        for comp in comps:
+            start = row + (1 if (gaps and row) else 0)
+            if start + len(comp) > rows:
+                if len(comp) <= rows:
+                    col, start = col + (1 if row else 0), 0
+                else:
+                    split = True
+            for j in comp:
+                if start >= rows:
+                    col, start = col + 1, 0
+                slots[j] = (col, start)
+                start += 1
+            row = start
+        return slots, max(c for c, _ in slots.values()) + 1, split
+
+    biggest = max(len(c) for c in comps)
+    for gaps in (True, False):
+        lo = max(1, math.ceil((n + (len(comps) - 1 if gaps else 0)) / max_cols), min(biggest, max_rows))
+        for rows in range(lo, max_rows + 1):
+            slots, cols, split = pack(rows, gaps)
+            if cols <= max_cols and (not split or biggest > max_rows):
+                return slots, cols, rows
+    # more nodes than max_cols columns hold at the minimum spacing: more columns (the figure gets wider)
+    slots, cols, _ = pack(max_rows, False)
+    return slots, cols, max_rows
 
 
 def graph_figure(analysis, *, height: int = 600, thumbnail_side: int = 384, colormap: str = "Jet"):
     """The fused graph as a plotly figure (explicit ``height``).
 
     Image nodes sit at their patch centres over a thumbnail of the radiograph (a layout image), coloured by
-    salience; 8-neighbour spatial edges are thin grey lines. Report-graph nodes are laid out beside the image,
-    coloured by type and certainty (anatomy blue squares; observations red present, orange uncertain, grey absent),
-    with their relations; the bridge edge(s) between the two graphs are drawn thick in magenta. Hovering shows the
-    patch coordinates and salience or the entity text, type and certainty.
+    salience; 8-neighbour spatial edges are thin grey lines. Report-graph nodes are laid out on a grid of slots in
+    a box to the right of the thumbnail (:func:`_report_slots`: one node per slot, at least ~26 px apart at this
+    ``height``, related entities in neighbouring rows of one column), labelled on their right with at most
+    :data:`LABEL_CHARS` characters, coloured by type and certainty (anatomy blue squares; observations red present,
+    orange uncertain, grey absent), with their relations; the bridge edge(s) between the two graphs are drawn thick
+    in magenta. Hovering shows the patch coordinates and salience or the full entity text, type and certainty.
     """
     import plotly.graph_objects as go
 
@@ -433,9 +476,26 @@ def graph_figure(analysis, *, height: int = 600, thumbnail_side: int = 384, colo
     rep_edges = [(int(s) - k, int(d) - k) for s, d, t in zip(ei[0], ei[1], et) if 1 <= t <= 3 and s < d]
     x_off, box_w = 1.08 * W, 0.85 * W
     if m:
-        lay = _report_layout(m, rep_edges)
-        pos[k:, 0] = x_off + 0.06 * box_w + lay[:, 0] * 0.88 * box_w
-        pos[k:, 1] = 0.08 * H + lay[:, 1] * 0.84 * H
+        # screen pixels per data unit: the axes are 1:1 and the plot is height-bound in the full-width layout
+        ppu = max(200.0, height - 110.0) / (1.04 * H)
+        row_px, col_px, marker_px = 26.0, 190.0, 16.0          # row pitch; marker + gap + 24-character label
+        box_top, box_h = 0.04 * H, 0.92 * H
+        max_rows = max(1, int(box_h * ppu // row_px))
+        max_cols = max(1, int((950.0 - x_off * ppu) // col_px))
+        slots, ncols, nrows = _report_slots(m, rep_edges, max_rows, max_cols)
+        col_w = col_px / ppu
+        pitch = min(box_h / nrows, max(0.14 * H, row_px / ppu))      # few nodes: not spread over the whole box
+        y0 = box_top + (box_h - pitch * nrows) / 2 + pitch / 2
+        box_w = max(ncols * col_w, 0.3 * W)
+        # a relation between non-neighbouring rows of a column would run through the markers between them
+        shifted: set[int] = set()
+        for s_, d_ in rep_edges:
+            (cs, rs), (cd, rd) = slots[s_], slots[d_]
+            if cs == cd and abs(rs - rd) > 1:
+                shifted |= {j for j, (c, r) in slots.items() if c == cs and min(rs, rd) < r < max(rs, rd)}
+        x0 = x_off + 0.5 * marker_px / ppu
+        for j, (c, r) in slots.items():
+            pos[k + j] = (x0 + c * col_w + (marker_px / ppu if j in shifted else 0.0), y0 + r * pitch)
 
     fig = go.Figure()
     thumb, _ = fit(original(analysis.xray), thumbnail_side)
@@ -492,7 +552,7 @@ def graph_figure(analysis, *, height: int = 600, thumbnail_side: int = 384, colo
             hover = [f"<b>{t}</b><br>{key[0]}, {key[1]}" for t in texts]
             fig.add_trace(go.Scatter(
                 x=pos[[k + j for j in idx], 0], y=pos[[k + j for j in idx], 1], mode="markers+text", name=name,
-                text=[t if len(t) <= 22 else t[:21] + "…" for t in texts], textposition="top center",
+                text=[_label(t) for t in texts], textposition="middle right", cliponaxis=False,
                 textfont={"size": 11}, hovertext=hover, hoverinfo="text",
                 marker={"size": 16, "color": colour, "symbol": symbol, "line": {"color": "#333", "width": 1}}))
     else:

@@ -16,11 +16,13 @@ from sqlalchemy import func, select
 
 import app
 import db
+import review.gallery as review_gallery
 import neural_core.pipeline as pipeline_mod
 from neural_core.bundle import untrained_bundle
 from neural_core.config import tiny_report_config
 from neural_core.phantoms import phantom
 from neural_core.pipeline import Pipeline
+from review.controller import LOCAL_READER, ReviewController, ReviewState
 
 ADMIN_PW = "correct horse battery"
 READER_PW = "another long password"
@@ -100,7 +102,8 @@ def test_build_app_structure_and_element_ids(open_app):
     assert not ctrl.auth_enabled
     assert "UNTRAINED" in ctrl.model_banner()
     assert [g.synthetic for g in ctrl.gallery] == [True, True]
-    assert all(g.caption.startswith("SYNTHETIC") for g in ctrl.gallery)
+    assert all(g.name.startswith("SYNTHETIC") for g in ctrl.gallery)           # banner / database name
+    assert [g.caption for g in ctrl.gallery] == ["Phantom #0: normal", "Phantom #1: lingula opacity"]
     kw = app.launch_kwargs(ctrl)
     assert "auth" not in kw and kw["css"] and kw["theme"] is not None
 
@@ -123,7 +126,7 @@ def test_analyze_phantom_then_slider_reprunes_without_the_report_model(open_app,
     assert out["attr_plot"].layout.height
     assert "UNTRAINED" in out["pred_md"] and "P(pneumonia)" in out["pred_md"]
     assert "given" in out["report_view"]["label"]
-    assert "SYNTHETIC" in out["banner"]
+    assert out["banner"].count("SYNTHETIC") == 1 and "not a patient image" in out["banner"]   # said once
     assert len(out["tokens_hl"]) == len(a.salience.tokens)
     bytes_before = a.bytes.artifact_bytes
 
@@ -278,7 +281,7 @@ def test_submit_stores_study_analysis_annotation(open_app):
     with db.session_scope(engine) as s:
         ann = s.scalars(select(db.Annotation)).one()
         an, study, reader = ann.analysis, ann.analysis.study, ann.reader
-        assert reader.username == app.LOCAL_READER and reader.role == "reader"
+        assert reader.username == LOCAL_READER and reader.role == "reader"
         assert (ann.verdict, ann.confidence, ann.comment) == ("partly", 4, "left base too")
         assert ann.missed_patches == [list(free)] and ann.irrelevant_patches == [list(kept)]
         assert ann.time_spent_s is not None and ann.time_spent_s > 0
@@ -339,7 +342,7 @@ def test_auth_backed_by_the_database(make_app):
     assert ctrl.auth_enabled
     assert ctrl.authenticate("alice", ADMIN_PW) and ctrl.authenticate("BOB", READER_PW)
     assert not ctrl.authenticate("alice", "wrong password") and not ctrl.authenticate("nobody", ADMIN_PW)
-    assert not ctrl.authenticate(app.LOCAL_READER, "")
+    assert not ctrl.authenticate(LOCAL_READER, "")
     kw = app.launch_kwargs(ctrl)
     assert kw["auth"] == ctrl.authenticate
     assert ctrl.is_admin("alice") and not ctrl.is_admin("bob") and not ctrl.is_admin(None)
@@ -406,7 +409,7 @@ def test_campaign_from_csv(tmp_path):
         w.writerow(["imgs", "b.png", "", "X-ray"])
         w.writerow(["imgs", "ct.png", "", "CT"])
         w.writerow(["imgs", "missing.png", "", "X-ray"])
-    items, missing = app.ReviewController.campaign_items_from(manifest)
+    items, missing = ReviewController.campaign_items_from(manifest)
     assert [Path(i["image_path"]).name for i in items] == ["a.png", "b.png"] and missing == 1
     assert Path(items[0]["report_path"]).name == "a.txt" and "report_path" not in items[1]
 
@@ -426,17 +429,22 @@ def test_gallery_from_csv_manifest_and_absence(tmp_path, monkeypatch):
         w.writerow(["18", "CT", "images", "x1.png", "a CT"])
         w.writerow(["19", "X-ray", "images", "broken.png", ""])
         w.writerow(["20", "X-ray", "images", "gone.png", ""])
-    entries, note = app.load_gallery(manifest, n_phantoms=1, cache_dir=tmp_path / "cache")
+    entries, note = review_gallery.load_gallery(manifest, n_phantoms=1, cache_dir=tmp_path / "cache")
     assert [e.synthetic for e in entries] == [True, False]
     assert entries[1].report.startswith("Patchy opacity") and entries[1].caption.endswith("x1.png")
     assert "17" not in entries[1].caption                                  # no patient id shown
-    assert "1 from" in note and "1 unreadable" in note
-    monkeypatch.delenv(app.GALLERY_ENV, raising=False)
-    monkeypatch.setattr(app, "DEV_GALLERY", tmp_path / "absent.csv")
-    entries, note = app.load_gallery(None, n_phantoms=2, cache_dir=tmp_path / "cache")
+    assert note == "Real examples: 1 (1 unreadable skipped)."
+    assert str(tmp_path) not in note and "metadata" not in note             # no server paths shown
+    monkeypatch.delenv(review_gallery.GALLERY_ENV, raising=False)
+    monkeypatch.setattr(review_gallery, "DEV_GALLERY", tmp_path / "absent.csv")
+    entries, note = review_gallery.load_gallery(None, n_phantoms=2, cache_dir=tmp_path / "cache")
     assert len(entries) == 2 and "none configured" in note
-    entries, note = app.load_gallery(tmp_path / "nope.csv", n_phantoms=1, cache_dir=tmp_path / "cache")
-    assert len(entries) == 1 and "could not be read" in note
+    entries, note = review_gallery.load_gallery(tmp_path / "nope.csv", n_phantoms=1, cache_dir=tmp_path / "cache")
+    assert len(entries) == 1 and "could not be read" in note and str(tmp_path) not in note
+    empty = tmp_path / "empty-gallery"
+    empty.mkdir()
+    entries, note = review_gallery.load_gallery(empty, n_phantoms=1, cache_dir=tmp_path / "cache")
+    assert len(entries) == 1 and note == "Real examples: none configured."
 
 
 # ------------------------------------------------------------------------------------------------ exports
@@ -555,7 +563,7 @@ def test_ui_event_wrappers(make_app, tmp_path):
 
     out = fns["on_gallery"](False, "keep", 0.1, 0.5, None, sel(1))
     by_label = {getattr(c, "elem_id", None): v for c, v in out.items()}
-    st = next(v for v in out.values() if isinstance(v, app.ReviewState))
+    st = next(v for v in out.values() if isinstance(v, ReviewState))
     assert by_label["heatmap-image"].shape[0] == st.analysis.xray.meta.height
     assert by_label["graph-plot"].layout.height == 600
     assert fns["on_reprune"]("keep", 0.3, 0.5, False, st)                              # re-pruned views

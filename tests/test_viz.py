@@ -24,8 +24,9 @@ class ZeroEncoder:
         return np.zeros((len(texts), 16), dtype=np.float32)
 
 
-def _analysis(with_report: bool = True, h: int = 200, w: int = 176, context: int = 16):
-    """An Analysis-like object built from the real pieces (no report model needed)."""
+def _analysis(with_report: bool = True, h: int = 200, w: int = 176, context: int = 16, report: str | None = None):
+    """An Analysis-like object built from the real pieces (no report model needed); ``report`` replaces the
+    phantom's own."""
     p = phantom(1, height=h, width=w)
     grid = grid_for(h, w)
     token_map = np.zeros((7, 7), dtype=np.float32)
@@ -35,7 +36,7 @@ def _analysis(with_report: bool = True, h: int = 200, w: int = 176, context: int
     art = build_artifact(p.xray.raw, 8, mask, grid, context_side=context, scores=scores[mask],
                          model={"name": "t", "version": "0", "config_hash": "x"}, meta={})
     visual = build_visual_graph(art, CCFG)
-    rg = extract(p.report) if with_report else None
+    rg = extract(report or p.report) if with_report else None
     rep = report_graph_tensors(rg, ZeroEncoder(), text_dim=16) if rg is not None else None
     per_token = np.stack([token_map / token_map.sum(), np.full((7, 7), 1 / 49, dtype=np.float32)])
     sal = SimpleNamespace(token_map=token_map, per_token=per_token, tokens=["consolidation", "##s"])
@@ -230,6 +231,58 @@ def test_graph_figure(analysis):
     assert max(img_trace.x) <= W
     rep_x = [x for t in fig.data if t.name in ("anatomy", "observation: present") for x in t.x]
     assert min(rep_x) > W
+
+
+LONG_REPORT = ("FINDINGS: Focal airspace consolidation in the right lower lobe with a small right pleural effusion. "
+               "Patchy opacity in the left upper lobe. Mild cardiomegaly. Bibasilar atelectasis. Diffuse "
+               "interstitial thickening of the bronchovascular markings bilaterally. No pneumothorax. Degenerative "
+               "changes of the thoracic spine. IMPRESSION: Right lower lobe consolidation, suggestive of pneumonia. "
+               "Possible left upper lobe infection. No acute cardiopulmonary abnormality otherwise.")
+ENTITY_TRACES = ("anatomy", "observation: present", "observation: uncertain", "observation: absent")
+
+
+def _report_nodes(fig):
+    return [(x, y, label, hover, t.textposition) for t in fig.data if t.name in ENTITY_TRACES
+            for x, y, label, hover in zip(t.x, t.y, t.text, t.hovertext)]
+
+
+@pytest.mark.parametrize("report", [None, LONG_REPORT], ids=["phantom-report", "25-entities"])
+def test_graph_figure_report_nodes_do_not_overlap(report):
+    """Report entities on a grid right of the thumbnail: no two markers on top of each other (a modifier and its
+    observation, "focal" + "consolidation", used to be), short labels to the right of the markers (never over
+    the thumbnail), the full text on hover, and the same picture every time."""
+    a = _analysis(report=report)
+    H, W = a.xray.meta.height, a.xray.meta.width
+    nodes = _report_nodes(viz.graph_figure(a, height=600))
+    assert len(nodes) == len(a.report_graph.entities) >= 9
+    xy = np.array([(x, y) for x, y, *_ in nodes])
+    for i in range(len(xy)):
+        for j in range(i + 1, len(xy)):
+            dx, dy = np.abs(xy[i] - xy[j])
+            # one row apart (>= ~24 px at height 600) or one label-wide column apart
+            assert dy >= 0.05 * H or dx >= 0.3 * W, (nodes[i][2], nodes[j][2], dx, dy)
+    assert xy[:, 0].min() > W and xy[:, 1].min() > 0 and xy[:, 1].max() < H
+    assert all(pos == "middle right" for *_, pos in nodes)
+    assert all(len(label) <= viz.LABEL_CHARS for _, _, label, _, _ in nodes)
+    for _, _, label, hover, _ in nodes:
+        full = hover.split("</b>")[0].removeprefix("<b>")
+        assert label == full or (label.endswith("…") and full.startswith(label[:-1]))
+    if report:
+        assert any("acute cardiopulmonary abnormality" in h for *_, h, _ in nodes)
+        assert any(label.endswith("…") for _, _, label, _, _ in nodes)
+    again = _report_nodes(viz.graph_figure(a, height=600))
+    assert again == nodes
+
+
+def test_report_slots_keep_relations_together():
+    slots, cols, rows = viz._report_slots(10, [(1, 2), (0, 1), (6, 5), (8, 7), (9, 7), (8, 9)], 18, 2)
+    assert len(set(slots.values())) == 10 and cols <= 2 and rows <= 18
+    for comp in ([0, 1, 2], [5, 6], [7, 8, 9]):                # each relation cluster: one column, adjacent rows
+        cs = {slots[j][0] for j in comp}
+        rs = sorted(slots[j][1] for j in comp)
+        assert len(cs) == 1 and rs == list(range(rs[0], rs[0] + len(comp)))
+    slots, cols, rows = viz._report_slots(60, [], 18, 2)        # more than fits: more columns, never stacked
+    assert len(set(slots.values())) == 60 and rows == 18 and cols == 4
 
 
 def test_graph_figure_image_only():

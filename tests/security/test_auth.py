@@ -20,6 +20,7 @@ from sqlalchemy.exc import DatabaseError
 
 import app
 import db
+from review.controller import LOCAL_READER, ReviewController
 
 from .conftest import InProcessApp, RawGradio, fn_index
 
@@ -34,7 +35,7 @@ def open_ctrl(sec_pipeline, tmp_path_factory):
     """The app's controller in open mode (no accounts), on its own database, not launched."""
     engine = db.make_engine(f"sqlite:///{tmp_path_factory.mktemp('open') / 'open.db'}")
     db.init_db(engine)
-    yield app.ReviewController(sec_pipeline, engine)
+    yield ReviewController(sec_pipeline, engine)
     engine.dispose()
 
 
@@ -139,15 +140,15 @@ def test_wrong_or_missing_credentials_are_refused(auth_app, sec_pipeline):
     with pytest.raises(Exception):
         Client(auth_app.url, verbose=False)
     for user, pw in (("alice", "wrong-password"), ("alice", PW["bob"]), ("nobody", "whatever-password"),
-                     ("ALICE ", "alice-password-1x"), ("", ""), (app.LOCAL_READER, "x" * 12)):
+                     ("ALICE ", "alice-password-1x"), ("", ""), (LOCAL_READER, "x" * 12)):
         raw = RawGradio(auth_app.url)
         assert raw.login(user, pw) != 200, user
         assert raw.http.get("/config").status_code == 401
         raw.close()
     # the built-in open-mode reader can never sign in, even if it exists with a known password
     with db.session_scope(auth_app.engine) as s:
-        db.add_reader(s, app.LOCAL_READER, "known-password-123")
-    assert not auth_app.ctrl.authenticate(app.LOCAL_READER, "known-password-123")
+        db.add_reader(s, LOCAL_READER, "known-password-123")
+    assert not auth_app.ctrl.authenticate(LOCAL_READER, "known-password-123")
     assert auth_app.ctrl.authenticate("Alice", PW["alice"])      # usernames are case-insensitive
 
 
@@ -159,7 +160,7 @@ def test_api_calls_without_a_login_are_refused_by_the_controller_too(auth_app):
         auth_app.ctrl._reader(None, None)
     with pytest.raises(gr.Error, match="unknown reader"):
         with db.session_scope(auth_app.engine) as s:
-            auth_app.ctrl._reader(s, app.LOCAL_READER)
+            auth_app.ctrl._reader(s, LOCAL_READER)
 
 
 # ------------------------------------------------------------------------------------------------ readers' rows
