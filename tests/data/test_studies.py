@@ -61,3 +61,21 @@ def test_real_sources(shared_data):
     assert len(covid) == 208 and all(r.report_source == "clinical-notes" for r in covid)
     assert all(Path(r.image).exists() for r in covid[:20])
     assert {r.pneumonia for r in covid} == {0, 1, None}
+
+
+def test_mimic_cxr_jpg_layout_and_uncertain_labels(tmp_path):
+    from neural_core.data.studies import load_mimic_cxr_jpg
+
+    for sid, lab in (("s50000001", "1.0"), ("s50000002", "-1.0"), ("s50000003", "")):
+        d = tmp_path / "files" / "p10" / "p10000032" / sid
+        d.mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(d / "view1.jpg")
+        (d.parent / f"{sid}.txt").write_text(f"FINDINGS: report {sid}.")
+    rows = ["subject_id,study_id,Pneumonia", "10000032,50000001,1.0", "10000032,50000002,-1.0",
+            "10000032,50000003,"]
+    (tmp_path / "mimic-cxr-2.0.0-chexpert.csv").write_text("\n".join(rows) + "\n")
+    recs = load_mimic_cxr_jpg(tmp_path)
+    assert [r.pneumonia for r in recs] == [1, None, None]           # uncertain excluded by default
+    assert all(r.patient_id == "mimic-p10000032" and r.report_source == "given" for r in recs)
+    assert [r.pneumonia for r in load_mimic_cxr_jpg(tmp_path, uncertain="positive")] == [1, 1, None]
+    assert [r.pneumonia for r in load_mimic_cxr_jpg(tmp_path, uncertain="negative")] == [1, 0, None]

@@ -57,3 +57,35 @@ def test_fp16_save_is_smaller_and_loads(tmp_path):
     x = torch.randn(1, 1, m.cfg.image_size, m.cfg.image_size)
     y = torch.tensor([[5, 6, 7, 1]])
     torch.testing.assert_close(m(x, y).logits, m2(x, y).logits, atol=5e-2, rtol=5e-2)
+
+
+def test_loads_real_local_hf_checkpoints(tmp_path):
+    """A user's local Swin and T5 checkpoint directories (HF format) are used instead of the config sizes."""
+    from transformers import SwinConfig, SwinModel, T5Config, T5ForConditionalGeneration
+
+    from neural_core.config import ReportModelConfig
+
+    sc = SwinConfig(image_size=56, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                    window_size=7)
+    SwinModel(sc, add_pooling_layer=False).save_pretrained(tmp_path / "swin")
+    tc = T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5ForConditionalGeneration(tc).save_pretrained(tmp_path / "t5")
+    cfg = ReportModelConfig(swin_checkpoint=str(tmp_path / "swin"), t5_checkpoint=str(tmp_path / "t5"))
+    m = ReportModel(cfg).eval()
+    assert m.in_channels == 3 and m.token_grid == (7, 7) and m.t5.config.vocab_size == 120
+    x = torch.randn(1, 1, 56, 56) * 500          # grey input is expanded and ImageNet-normalised for RGB Swins
+    out = m(x, torch.tensor([[5, 6, 1]]), output_attentions=True)
+    assert out.cross_attentions[0].shape == (1, 2, 3, 49)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    import pytest
+
+    from neural_core.config import ReportModelConfig
+    from neural_core.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="Swin checkpoint"):
+        ReportModel(ReportModelConfig(swin_checkpoint=str(tmp_path / "nope")))
+    with pytest.raises(ModelLoadError, match="not a report model directory"):
+        ReportModel.from_pretrained(tmp_path)
