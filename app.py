@@ -227,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not bundle.trained:
         log.warning("UNTRAINED model: outputs are not meaningful")
-    demo = build_app(Pipeline(bundle, text_encoder=default_text_encoder()), args.db, gallery=args.gallery)
+    pipeline = Pipeline(bundle, text_encoder=default_text_encoder())
+    try:  # load spaCy, MiniLM and the models' first-call setup now, not in the first reader's request
+        pipeline.warmup()
+    except Exception:  # noqa: BLE001 - a failed warm-up only costs the first request its speed
+        log.warning("warm-up failed; the first analysis will be slower", exc_info=True)
+    demo = build_app(pipeline, args.db, gallery=args.gallery)
     ctrl: ReviewController = demo.neural  # type: ignore[attr-defined]
     if not ctrl.auth_enabled:
         if args.share:

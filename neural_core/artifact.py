@@ -469,6 +469,16 @@ class Artifact:
         self._cache = (key, sections)
         return sections
 
+    def info(self) -> dict:
+        """A readable summary (``neural info``): the header without the per-patch lists, plus the byte figures."""
+        h = self.header()
+        for k in ("kept", "scores", "sections"):
+            h.pop(k, None)
+        h["patches_kept"] = self.n_kept
+        h["encodings"] = {name: enc for name, enc, *_ in self._sections()}
+        h["bytes"] = self.sizes().to_dict()
+        return h
+
     def header(self) -> dict:
         """The JSON header ``to_bytes`` writes."""
         self._check_state()
