@@ -70,6 +70,11 @@ def _finish(pipe, out, cached: bool, path: Path, out_dir: Path, row: dict, cfg: 
     """Prune, classify and write one image whose report-model output is ``out``."""
     res = pipe.prune_and_classify(out, cfg, **extra)
     res.vlm_cached = cached
+    return _save(res, path, out_dir, row)
+
+
+def _save(res, path: Path, out_dir: Path, row: dict) -> dict:
+    """Write ``res``'s artifact and fill ``row`` with its measured byte figures."""
     dest = out_dir / artifact_name(path)
     res.artifact.save(dest)
     b = res.bytes
@@ -94,17 +99,9 @@ def compress_one(pipe, path: Path, out_dir: Path, *, report_dir: Path | None = N
     row = _empty_row(path)
     try:
         report = _read_report(path, report_dir)
-        res = pipe.analyze(path, report, **prune)
-        dest = out_dir / artifact_name(path)
-        res.artifact.save(dest)
-        b = res.bytes
-        row.update(artifact=str(dest), artifact_bytes=b.artifact_bytes, original_file_bytes=b.original_file_bytes,
-                   raw_pixel_bytes=b.raw_pixel_bytes, fraction_kept=b.fraction_kept,
-                   probability=res.probability, report_source=res.report_source)
-    except NeuralError as err:
-        row["error"] = str(err)
-    except OSError as err:
-        row["error"] = f"{path.name}: {err.strerror or err}"
+        _save(pipe.analyze(path, report, **prune), path, out_dir, row)
+    except (NeuralError, OSError) as err:
+        row["error"] = _error_text(path, err)
     return row
 
 
