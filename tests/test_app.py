@@ -583,3 +583,40 @@ def test_ui_event_wrappers(make_app, tmp_path):
     txt = tmp_path / "r.txt"
     txt.write_text("FINDINGS: clear.")
     assert fns["on_report_upload"](str(txt)) == "FINDINGS: clear."
+
+
+def test_issue_done_when_new_reader_end_to_end(make_app, tmp_path, monkeypatch):
+    """The review issue's acceptance path: a new reader (added with the db CLI) signs in, analyses a gallery study,
+    moves the slider, corrects two patches, submits, and finds the row in the analytics tab and in every export."""
+    import io
+    import sys
+
+    from db.cli import main as db_cli
+
+    demo, ctrl, engine = make_app(readers=[("admin1", ADMIN_PW, "admin")])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a new readers password\n"))
+    assert db_cli(["--db", str(engine.url), "add-reader", "carol", "--password-stdin"]) == 0
+    assert ctrl.authenticate("carol", "a new readers password") and not ctrl.authenticate("carol", "wrong pass")
+    st = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, "carol")["state"]
+    before = st.analysis.bytes.artifact_bytes
+    out = ctrl.reprune("keep", 0.3, 0.5, False, st)                                 # the slider
+    assert st.analysis.bytes.artifact_bytes > before and "bytes_md" in out
+    a = st.analysis
+    free = tuple(int(v) for v in np.argwhere(~a.mask)[0])
+    kept = tuple(int(v) for v in np.argwhere(a.mask)[0])
+    ctrl.set_mode("missed", st)
+    ctrl.toggle_patch(*free, st)
+    ctrl.set_mode("irrelevant", st)
+    ctrl.toggle_patch(*kept, st)                                                    # two corrections
+    saved = ctrl.submit("disagree", 2, "misses the left base", st, "carol")
+    assert "Saved annotation" in saved["submit_md"]
+    an = ctrl.analytics()
+    row = an["an_counts"][an["an_counts"].username == "carol"]
+    assert len(row) == 1 and int(row.n_submissions.iloc[0]) == 1
+    rows = list(csv.DictReader(open(ctrl.export("csv", "admin1"), newline="")))
+    assert [(r["reader_username"], r["verdict"]) for r in rows] == [("carol", "disagree")]
+    tasks = json.loads(Path(ctrl.export("label_studio", "admin1")).read_text())
+    assert any(ann["result"][0]["value"]["choices"] == ["disagree"] for t in tasks for ann in t["annotations"])
+    coco = json.loads(Path(ctrl.export("coco", "admin1")).read_text())
+    assert {c["name"] for c in coco["categories"]} >= {"missed_salient", "irrelevant_kept"}
+    assert len(coco["annotations"]) == 2                                            # one mask per correction kind
