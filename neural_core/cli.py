@@ -109,12 +109,21 @@ def cmd_compress(a) -> int:
     return EXIT_PARTIAL if bad else 0
 
 
+def _expected_model(a) -> dict | None:
+    """With ``--model DIR``: the identity an artifact must carry (made by that model), else None (any model)."""
+    if not getattr(a, "model", None):
+        return None
+    from .bundle import load_bundle
+
+    return load_bundle(a.model, device="cpu").identity
+
+
 def cmd_decompress(a) -> int:
     import cv2
 
     from .artifact import Artifact
 
-    art = Artifact.load(a.artifact)
+    art = Artifact.load(a.artifact, expected_model=_expected_model(a))
     img = art.reconstruct(fill=a.fill)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +136,8 @@ def cmd_decompress(a) -> int:
 def cmd_info(a) -> int:
     from .artifact import Artifact
 
-    art = Artifact.load(a.artifact)
-    info = art.info() if hasattr(art, "info") else {}
-    info.setdefault("bytes", art.sizes().to_dict())
-    print(json.dumps(info, indent=2, default=str))
+    art = Artifact.load(a.artifact, expected_model=_expected_model(a))
+    print(json.dumps(art.info(), indent=2, default=str))
     return 0
 
 
@@ -162,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--out", required=True)
     p.add_argument("--fill", choices=["blank", "context"], default="blank")
+    p.add_argument("--model", help="refuse artifacts not made by this model bundle")
     p.set_defaults(fn=cmd_decompress)
 
     p = sub.add_parser("info", help="describe an artifact")
     p.add_argument("artifact")
+    p.add_argument("--model", help="refuse artifacts not made by this model bundle")
     p.set_defaults(fn=cmd_info)
 
     try:  # evaluation / training sub-commands live with their modules

@@ -75,3 +75,23 @@ def test_bad_keep_is_refused(dicom_dir, tiny_bundle_dir, capsys):
     rc = main(["analyze", str(dicom_dir / "cr_chest_pa_monochrome2.dcm"), "--keep", "1.5",
                "--model", str(tiny_bundle_dir)])
     assert rc == 2 and "keep" in capsys.readouterr().err
+
+
+def test_artifact_from_another_model_is_refused_when_a_model_is_named(tmp_path, dicom_dir, tiny_bundle_dir, capsys):
+    out = tmp_path / "o"
+    assert main(["compress", str(dicom_dir / "cr_chest_pa_monochrome2.dcm"), "--out", str(out), "--keep", "0.05",
+                 "--model", str(tiny_bundle_dir)]) == 0
+    art = out / "cr_chest_pa_monochrome2.nrla"
+    assert main(["info", str(art), "--model", str(tiny_bundle_dir)]) == 0
+    assert '"patches_kept"' in capsys.readouterr().out
+    other = tmp_path / "other"
+    from neural_core.bundle import untrained_bundle
+    from neural_core.config import ReportModelConfig, tiny_report_config
+
+    cfg = ReportModelConfig.from_dict({**tiny_report_config().to_dict(), "d_ff": 48})   # another configuration
+    untrained_bundle(cfg).save(other, fp16=False)
+    capsys.readouterr()
+    assert main(["info", str(art), "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "made by model" in err and len(err.strip().splitlines()) == 1
+    assert main(["decompress", str(art), "--out", str(tmp_path / "x.png"), "--model", str(other)]) == 2
