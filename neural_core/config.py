@@ -51,9 +51,15 @@ class Limits:
 
 @dataclass
 class ReportModelConfig:
-    """Swin encoder -> linear projection -> T5 decoder. ``num_layers == num_decoder_layers`` always (transformers 5
-    breaks ``generate(encoder_outputs=...)`` otherwise)."""
+    """Image encoder -> linear projection -> T5 decoder. ``num_layers == num_decoder_layers`` always (transformers 5
+    breaks ``generate(encoder_outputs=...)`` otherwise).
 
+    ``encoder`` picks the image encoder: ``"swin"`` (a ``transformers.SwinModel`` built from the sizes below, or a
+    real local checkpoint in ``swin_checkpoint``: the paper's configuration) or a registered pretrained CNN backbone
+    (``neural_core.models.backbones``, e.g. ``"efficientnet_lite0"``: its stride-16 map is the token grid)."""
+
+    encoder: str = "swin"
+    freeze_encoder: bool = False
     image_size: int = 224
     swin_embed_dim: int = 32
     swin_depths: tuple[int, ...] = (2, 2, 2)
@@ -75,6 +81,8 @@ class ReportModelConfig:
     @property
     def token_grid(self) -> int:
         """Side of the encoder token grid the decoder attends to."""
+        if self.encoder != "swin":
+            return self.image_size // 16
         return self.image_size // self.swin_patch // 2 ** (len(self.swin_depths) - 1)
 
     def to_dict(self) -> dict:
@@ -100,8 +108,15 @@ def tiny_report_config() -> ReportModelConfig:
 
 
 def small_report_config() -> ReportModelConfig:
-    """The shipped default: 14x14 token grid at 224^2, sized to train on 2 CPU cores."""
+    """The from-scratch Swin of the first release: 14x14 token grid at 224^2, sized to train on 2 CPU cores."""
     return ReportModelConfig()
+
+
+def pretrained_report_config() -> ReportModelConfig:
+    """The shipped default: a frozen ImageNet EfficientNet-Lite0 (stride-16 map: 24x24 tokens at 384^2) feeding a
+    small T5 decoder; only the projection and the decoder learn."""
+    return ReportModelConfig(encoder="efficientnet_lite0", freeze_encoder=True, image_size=384, d_model=192,
+                             d_ff=384, num_layers=2, num_heads=4, d_kv=48, dropout=0.1)
 
 
 @dataclass
@@ -124,8 +139,16 @@ class PruneConfig:
 
 @dataclass
 class ClassifierConfig:
-    """Patch encoder + message-passing network."""
+    """Patch encoder + message-passing network.
 
+    ``patch_encoder``: ``"cnn"`` (a small CNN on each kept patch resized to ``patch_pixels``; the first release) or
+    ``"backbone"`` (features of the frozen pretrained backbone over the artifact canvas, ``feature_dim`` wide, see
+    :mod:`neural_core.models.patch_features`; the node input is then those features, not pixels)."""
+
+    patch_encoder: str = "cnn"
+    backbone: str = "efficientnet_lite0"   # patch_encoder="backbone": which registered backbone
+    feature_dim: int = 0            # backbone features per node (patch_encoder="backbone")
+    canvas: int = 224               # side of the artifact canvas the backbone sees
     patch_pixels: int = 16          # every retained patch is resized to this side before encoding
     patch_dim: int = 64
     text_dim: int = 384             # MiniLM sentence embedding size

@@ -83,11 +83,13 @@ def upsample_map(token_map: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @torch.inference_mode()
 def salience_batch(model, tokenizer, pixel_values: torch.Tensor, reports: list[str | None], *,
-                   cfg: SalienceConfig = SalienceConfig(), num_beams: int = 1) -> list[SalienceResult]:
+                   cfg: SalienceConfig = SalienceConfig(), num_beams: int = 1,
+                   encoder_outputs=None) -> list[SalienceResult]:
     """:func:`compute_salience` for a batch (training/evaluation throughput); reports that are None are generated
-    in one batched ``generate`` call."""
+    in one batched ``generate`` call. ``encoder_outputs`` (the projected tokens, ``model.encode_tokens``) skips
+    the image encoder: training with a frozen encoder caches its tokens once."""
     model.eval()
-    enc = model.encode(pixel_values)
+    enc = encoder_outputs if encoder_outputs is not None else model.encode(pixel_values)
     reports = list(reports)
     sources = ["given" if (r and r.strip()) else "generated" for r in reports]
     gen_idx = [i for i, s in enumerate(sources) if s == "generated"]
@@ -95,12 +97,13 @@ def salience_batch(model, tokenizer, pixel_values: torch.Tensor, reports: list[s
         from transformers.modeling_outputs import BaseModelOutput
 
         sub = BaseModelOutput(last_hidden_state=enc.last_hidden_state[gen_idx])
-        ids = model.generate(pixel_values[gen_idx], num_beams=num_beams, encoder_outputs=sub)
+        ids = model.generate(None if pixel_values is None else pixel_values[gen_idx], num_beams=num_beams,
+                             encoder_outputs=sub)
         for i, row in zip(gen_idx, ids):
             reports[i] = decode_clean(tokenizer, row)
     batch = tokenizer(reports, truncation=True, max_length=model.cfg.max_report_tokens, padding=True,
                       return_tensors="pt")
-    labels = batch["input_ids"].to(pixel_values.device)
+    labels = batch["input_ids"].to(enc.last_hidden_state.device)
     out = model(pixel_values, labels, output_attentions=True, encoder_outputs=enc)
     mask = real_token_mask(labels, tokenizer.pad_token_id, tokenizer.eos_token_id)
     empty = mask.sum(1) == 0

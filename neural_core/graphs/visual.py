@@ -89,7 +89,7 @@ def spatial_edges(coords: np.ndarray, cols: int) -> np.ndarray:
     return np.stack([src[perm], dst[perm]]).astype(np.int64)
 
 
-def build_visual_graph(artifact: Any, cfg: ClassifierConfig) -> Data:
+def build_visual_graph(artifact: Any, cfg: ClassifierConfig, features: torch.Tensor | None = None) -> Data:
     r"""Build the visual graph of one pruned radiograph from its artifact.
 
     Node :math:`i` is the :math:`i`-th kept patch. Two nodes are joined (both directions, edge type 0 "spatial")
@@ -106,13 +106,16 @@ def build_visual_graph(artifact: Any, cfg: ClassifierConfig) -> Data:
         artifact: an :class:`~neural_core.artifact.Artifact` (or any object with ``height, width, patch, rows, cols,
             bit_depth, patches, coords, scores``).
         cfg: the classifier configuration (``patch_pixels`` is used).
+        features: for ``cfg.patch_encoder == "backbone"``: the kept patches' backbone features
+            (:class:`~neural_core.models.patch_features.BackboneFeaturizer` of this artifact), stored as ``patch``.
 
     Returns:
         :class:`torch_geometric.data.Data` with ``patch``, ``pos``, ``score``, ``coords``, ``node_type``,
         ``edge_index``, ``edge_type`` and ``num_nodes``.
 
     *Shapes*:
-        - ``patch``: :math:`(K, 1, p, p)` float32 in [-1, 1], :math:`p` = ``cfg.patch_pixels``
+        - ``patch``: :math:`(K, 1, p, p)` float32 in [-1, 1], :math:`p` = ``cfg.patch_pixels``; or
+          :math:`(K, D)` backbone features (``cfg.patch_encoder == "backbone"``)
         - ``pos``: :math:`(K, 4)` float32: centre y / H, centre x / W, :math:`h_i/H`, :math:`w_i/W`, all in [0, 1]
         - ``score``: :math:`(K, 1)` float32 salience in [0, 1] (zeros when the artifact has none)
         - ``coords``: :math:`(K, 2)` int64 (row, col) in the patch grid
@@ -142,7 +145,13 @@ def build_visual_graph(artifact: Any, cfg: ClassifierConfig) -> Data:
 
     hs = np.minimum(P, H - coords[:, 0] * P)
     ws = np.minimum(P, W - coords[:, 1] * P)
-    patch = _patch_tensor(artifact, np.stack([hs, ws], axis=1), int(cfg.patch_pixels))
+    if getattr(cfg, "patch_encoder", "cnn") == "backbone":
+        if features is None or tuple(features.shape) != (k, cfg.feature_dim):
+            got = None if features is None else tuple(features.shape)
+            raise ArtifactError(f"backbone features for {k} patches of width {cfg.feature_dim} needed, got {got}")
+        patch = features.float().numpy()
+    else:
+        patch = _patch_tensor(artifact, np.stack([hs, ws], axis=1), int(cfg.patch_pixels))
 
     pos = np.stack([(coords[:, 0] * P + hs / 2.0) / H, (coords[:, 1] * P + ws / 2.0) / W, hs / H, ws / W],
                    axis=1).astype(np.float32)

@@ -149,8 +149,17 @@ class NeuralClassifier(nn.Module):
             raise ValueError(f"invalid classifier configuration: {cfg}")
         self.cfg = cfg
         h = cfg.hidden
-        self.patch_encoder = PatchEncoder(cfg)
-        _use_fast_pooling(self.patch_encoder)
+        if cfg.patch_encoder == "backbone":
+            if cfg.feature_dim <= 0:
+                raise ValueError("patch_encoder='backbone' needs feature_dim > 0")
+            # the backbone is frozen and shared (the bundle's); what learns here is its projection to a node
+            self.patch_encoder = nn.Sequential(nn.LayerNorm(cfg.feature_dim), nn.Dropout(cfg.dropout),
+                                               nn.Linear(cfg.feature_dim, cfg.patch_dim))
+        elif cfg.patch_encoder == "cnn":
+            self.patch_encoder = PatchEncoder(cfg)
+            _use_fast_pooling(self.patch_encoder)
+        else:
+            raise ValueError(f"unknown patch_encoder {cfg.patch_encoder!r} (cnn | backbone)")
         self.geo = nn.Sequential(nn.Linear(POS_DIM, GEO_DIM), nn.GELU(), nn.Linear(GEO_DIM, GEO_DIM))
         self.img_proj = nn.Linear(cfg.patch_dim + GEO_DIM, h)
         self.txt_proj = nn.Linear(cfg.text_dim + CERTAINTY_DIM, h)

@@ -29,8 +29,33 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class BackboneTokens(nn.Module):
+    """A CNN backbone as a token encoder: its stride-16 feature map, flattened row-major into ``G*G`` tokens.
+
+    *Shapes*: (B, 1, S, S) in [-1024, 1024] -> ``last_hidden_state`` (B, (S/16)^2, C16)"""
+
+    def __init__(self, name: str, *, pretrained: bool, frozen: bool, image_size: int):
+        super().__init__()
+        from .backbones import create_backbone
+
+        self.name, self.frozen, self.image_size = name, frozen, int(image_size)
+        self.backbone = create_backbone(name, pretrained=pretrained)
+        self.hidden_size = int(self.backbone.channels["s16"])
+        if frozen:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            self.backbone.eval()   # frozen means BatchNorm statistics too
+            with torch.no_grad():
+                h = self.backbone(pixel_values, stop_at="s16")["s16"]
+        else:
+            h = self.backbone(pixel_values, stop_at="s16")["s16"]
+        return h.flatten(2).transpose(1, 2)
+
+
 class ReportModel(nn.Module):
-    """Swin encoder -> projection -> T5 decoder.
+    """Image encoder (Swin, or a pretrained CNN backbone) -> projection -> T5 decoder.
 
     Shapes:
         pixel_values: (B, 1, S, S) float in [-1024, 1024] (the torchxrayvision convention), S = ``cfg.image_size``
@@ -40,14 +65,24 @@ class ReportModel(nn.Module):
     """
 
     def __init__(self, cfg: ReportModelConfig, *, pad_token_id: int = 0, eos_token_id: int = 1,
-                 swin: SwinModel | None = None, t5: T5ForConditionalGeneration | None = None):
+                 swin: SwinModel | None = None, t5: T5ForConditionalGeneration | None = None,
+                 pretrained_encoder: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.swin = swin if swin is not None else self._build_swin(cfg)
         self.t5 = t5 if t5 is not None else self._build_t5(cfg, pad_token_id, eos_token_id)
-        swin_dim = self.swin.config.hidden_size if hasattr(self.swin.config, "hidden_size") else self.swin.num_features
-        self.proj = nn.Sequential(nn.Linear(swin_dim, self.t5.config.d_model), nn.LayerNorm(self.t5.config.d_model))
-        self.in_channels = self.swin.config.num_channels
+        if cfg.encoder == "swin":
+            self.swin = swin if swin is not None else self._build_swin(cfg)
+            self.cnn = None
+            enc_dim = self.swin.config.hidden_size if hasattr(self.swin.config, "hidden_size") \
+                else self.swin.num_features
+            self.in_channels = self.swin.config.num_channels
+        else:
+            self.swin = None
+            self.cnn = BackboneTokens(cfg.encoder, pretrained=pretrained_encoder, frozen=cfg.freeze_encoder,
+                                      image_size=cfg.image_size)
+            enc_dim = self.cnn.hidden_size
+            self.in_channels = 1
+        self.proj = nn.Sequential(nn.Linear(enc_dim, self.t5.config.d_model), nn.LayerNorm(self.t5.config.d_model))
         # The T5 text encoder is never run (the decoder reads the Swin tokens), so its blocks get no gradient;
         # freezing them keeps DDP from waiting for gradients that never come and AdamW from storing their state.
         for p in list(self.t5.encoder.block.parameters()) + list(self.t5.encoder.final_layer_norm.parameters()):
@@ -95,9 +130,19 @@ class ReportModel(nn.Module):
             x = (x.expand(-1, 3, -1, -1) - mean) / std
         return x
 
+    def encoder_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image encoder's tokens before the projection, (B, G*G, C): what a frozen encoder lets training
+        cache once (:mod:`neural_core.train.features`)."""
+        if self.cnn is not None:
+            return self.cnn(pixel_values)
+        return self.swin(pixel_values=self.prepare_pixels(pixel_values)).last_hidden_state
+
     def encode(self, pixel_values: torch.Tensor) -> BaseModelOutput:
-        h = self.swin(pixel_values=self.prepare_pixels(pixel_values)).last_hidden_state
-        return BaseModelOutput(last_hidden_state=self.proj(h))
+        return self.encode_tokens(self.encoder_tokens(pixel_values))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> BaseModelOutput:
+        """Projection of encoder tokens (B, G*G, C) into the decoder width (B, G*G, d_model)."""
+        return BaseModelOutput(last_hidden_state=self.proj(tokens.to(self.proj[0].weight.dtype)))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor, *, output_attentions: bool = False,
                 encoder_outputs: BaseModelOutput | None = None) -> Seq2SeqLMOutput:
@@ -120,6 +165,8 @@ class ReportModel(nn.Module):
         mask = torch.ones(enc.last_hidden_state.shape[:2], dtype=torch.long, device=enc.last_hidden_state.device)
         return self.t5.generate(encoder_outputs=enc, attention_mask=mask, num_beams=num_beams,
                                 max_new_tokens=max_new_tokens or self.cfg.max_report_tokens, do_sample=False,
+                                # a small decoder loops on one phrase without these (seen: "opacity opacity ...")
+                                repetition_penalty=1.2, no_repeat_ngram_size=3,
                                 decoder_start_token_id=self.t5.config.decoder_start_token_id,
                                 pad_token_id=self.t5.config.pad_token_id,
                                 eos_token_id=self.t5.config.eos_token_id)[:n]
@@ -127,23 +174,33 @@ class ReportModel(nn.Module):
     @property
     def token_grid(self) -> tuple[int, int]:
         """(rows, cols) of the encoder token grid, read off the Swin config (works for real checkpoints too)."""
+        if self.cnn is not None:
+            return self.cnn.image_size // 16, self.cnn.image_size // 16
         sc = self.swin.config
         side = sc.image_size // sc.patch_size // 2 ** (len(sc.depths) - 1)
         return side, side
 
     @property
     def image_size(self) -> int:
-        return int(self.swin.config.image_size)
+        return self.cnn.image_size if self.cnn is not None else int(self.swin.config.image_size)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def save_pretrained(self, out: str | Path, *, fp16: bool = False) -> None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         dtype = torch.float16 if fp16 else None
-        self.swin.save_pretrained(out / "swin", safe_serialization=True)
+        subs = ["t5"]
+        if self.swin is not None:
+            self.swin.save_pretrained(out / "swin", safe_serialization=True)
+            subs.append("swin")
+        else:
+            (out / "encoder").mkdir(exist_ok=True)
+            sd = {k: v.detach().cpu().contiguous() for k, v in self.cnn.backbone.state_dict().items()}
+            save_file(sd, str(out / "encoder" / "model.safetensors"), metadata={"format": "pt"})
+            subs.append("encoder")
         self.t5.save_pretrained(out / "t5", safe_serialization=True)
         if dtype is not None:  # rewrite the weights in half precision to fit the asset budget
-            for sub, name in (("swin", "model.safetensors"), ("t5", "model.safetensors")):
+            for sub, name in ((s_, "model.safetensors") for s_ in subs):
                 p = out / sub / name
                 sd = load_file(str(p))
                 save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, str(p),
@@ -155,17 +212,27 @@ class ReportModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "ReportModel":
         path = Path(path)
-        need = [path / "report_model.json", path / "swin" / "config.json", path / "t5" / "config.json",
-                path / "projection.safetensors"]
+        cfg = None
+        if (path / "report_model.json").exists():
+            cfg = ReportModelConfig.from_dict(json.loads((path / "report_model.json").read_text()))
+        enc = path / ("swin/config.json" if cfg is None or cfg.encoder == "swin" else "encoder/model.safetensors")
+        need = [path / "report_model.json", enc, path / "t5" / "config.json", path / "projection.safetensors"]
         missing = [str(p.relative_to(path)) for p in need if not p.exists()]
         if missing:
             raise ModelLoadError(f"{path} is not a report model directory (missing {', '.join(missing)})")
-        cfg = ReportModelConfig.from_dict(json.loads((path / "report_model.json").read_text()))
-        swin = SwinModel.from_pretrained(path / "swin", attn_implementation="eager", add_pooling_layer=False,
-                                         local_files_only=True, dtype=torch.float32)
         t5 = T5ForConditionalGeneration.from_pretrained(path / "t5", attn_implementation="eager",
                                                         local_files_only=True, dtype=torch.float32)
-        model = cls(cfg, swin=swin, t5=t5)
+        if cfg.encoder == "swin":
+            swin = SwinModel.from_pretrained(path / "swin", attn_implementation="eager", add_pooling_layer=False,
+                                             local_files_only=True, dtype=torch.float32)
+            model = cls(cfg, swin=swin, t5=t5)
+        else:
+            model = cls(cfg, t5=t5, pretrained_encoder=False)
+            sd = {k: v.float() for k, v in load_file(str(enc)).items()}
+            try:
+                model.cnn.backbone.load_state_dict(sd, strict=True)
+            except RuntimeError as err:
+                raise ModelLoadError(f"{enc} does not fit the {cfg.encoder} encoder: {err}") from None
         proj = {k: v.float() for k, v in load_file(str(path / "projection.safetensors")).items()}
         model.proj.load_state_dict(proj)
         return model.to(map_location).eval()

@@ -89,3 +89,47 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         ReportModel(ReportModelConfig(swin_checkpoint=str(tmp_path / "nope")))
     with pytest.raises(ModelLoadError, match="not a report model directory"):
         ReportModel.from_pretrained(tmp_path)
+
+
+# -- the pretrained CNN encoder (encoder registry) -------------------------------------------------------------
+def _cnn_model():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = replace(tiny_report_config(), encoder="efficientnet_lite0", freeze_encoder=True, image_size=64)
+    return ReportModel(cfg).eval()
+
+
+def test_cnn_encoder_token_grid_and_cross_attention():
+    m = _cnn_model()
+    assert m.token_grid == (4, 4) and m.image_size == 64
+    x = torch.randn(2, 1, 64, 64) * 500
+    labels = torch.randint(3, m.cfg.vocab_size, (2, 5))
+    out = m(x, labels, output_attentions=True)
+    for att in out.cross_attentions:
+        assert att.shape == (2, m.cfg.num_heads, 5, 16)
+    # frozen: only the projection and the decoder learn
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"t5", "proj"}
+    out.loss.backward()
+    assert m.cnn.backbone.stem[0].weight.grad is None
+
+
+def test_cnn_encoder_tokens_feed_the_same_decoder_as_pixels():
+    m = _cnn_model()
+    x = torch.randn(1, 1, 64, 64) * 500
+    y = torch.tensor([[5, 6, 7, 1]])
+    via_tokens = m(None, y, encoder_outputs=m.encode_tokens(m.encoder_tokens(x))).logits
+    torch.testing.assert_close(m(x, y).logits, via_tokens)
+
+
+def test_cnn_encoder_roundtrip(tmp_path):
+    m = _cnn_model()
+    m.save_pretrained(tmp_path / "rm", fp16=True)
+    assert (tmp_path / "rm" / "encoder" / "model.safetensors").exists()
+    assert not (tmp_path / "rm" / "swin").exists()
+    m2 = ReportModel.from_pretrained(tmp_path / "rm")
+    x = torch.randn(1, 1, 64, 64) * 500
+    y = torch.tensor([[5, 6, 7, 1]])
+    torch.testing.assert_close(m(x, y).logits, m2(x, y).logits, atol=5e-2, rtol=5e-2)
+    assert m2.generate(x, max_new_tokens=4).shape[0] == 1

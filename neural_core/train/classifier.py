@@ -1,0 +1,269 @@
+"""Stage 2 with the pretrained backbone: classifiers on backbone features of real pruned artifacts.
+
+    python -m neural_core.train.classifier --features runs/pre --decoder runs/decoder/best --out runs/clf
+
+For every training study the stage-1 model writes its report and reads it back (salience from the cached encoder
+tokens), the study is pruned at a random keep in {1.0, 0.25, 0.10, 0.05, 0.023} into a real artifact, and the
+frozen backbone looks at the artifact canvas with shortcut-breaking augmentation
+(:mod:`neural_core.models.patch_features`); ``--views`` such views per study are cached once, and the
+classifiers (``image``: visual graph only; ``report``: + the generated report's knowledge graph; ``oracle``: + the
+given report's graph, which for Kermany's label templates leaks the label) train on them for many epochs.
+Validation: the patient-level validation split at keep 0.10, no augmentation; early stopping on its ROC-AUC and
+the decision threshold (Youden) are chosen there. Also fits the transfer-learning baseline (frozen backbone,
+mean+max pooled, logistic regression with C=0.01 and balanced classes) on the same training studies.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.loader import DataLoader
+
+from ..artifact import build_artifact
+from ..config import ClassifierConfig, PruneConfig
+from ..graphs.fuse import fuse, report_graph_tensors
+from ..graphs.report_kg import extract
+from ..graphs.visual import build_visual_graph
+from ..io import load_image
+from ..models.classifier import NeuralClassifier
+from ..models.patch_features import BackboneFeaturizer
+from ..models.report_model import ReportModel
+from ..models.tokenizer import load_tokenizer
+from ..prune import grid_for, normalise, patch_scores, select
+from ..salience import salience_batch
+from .decoder import load_features
+
+log = logging.getLogger("neural.classifier")
+KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
+KEEP_P = (0.2, 0.2, 0.2, 0.2, 0.2)
+TRAIN_MAX_SIDE = 1024
+
+
+def _downscale(raw: np.ndarray, max_side: int) -> np.ndarray:
+    import cv2
+
+    h, w = raw.shape
+    if max(h, w) <= max_side:
+        return raw
+    f = max_side / max(h, w)
+    return cv2.resize(raw, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+
+
+@torch.inference_mode()
+def generated_salience(model: ReportModel, tok, tokens: np.ndarray, *, batch: int = 64) -> tuple[list, list]:
+    """Token maps and texts of the model's own reports, from cached encoder tokens."""
+    maps, texts = [], []
+    for i in range(0, len(tokens), batch):
+        enc = model.encode_tokens(torch.from_numpy(tokens[i:i + batch].astype(np.float32)))
+        res = salience_batch(model, tok, None, [None] * enc.last_hidden_state.shape[0], encoder_outputs=enc)
+        maps += [r.token_map for r in res]
+        texts += [r.report for r in res]
+    return maps, texts
+
+
+def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
+               views: int, keeps: tuple | None, rng: np.random.Generator | None, batch: int = 16, desc: str,
+               logline) -> list:
+    """Visual graphs (with backbone features) of real artifacts: ``views`` per study at random keeps (``keeps``
+    None) or one per keep given."""
+    todo = []
+    for i in range(len(recs)):
+        ks = keeps if keeps is not None else tuple(rng.choice(KEEPS, size=views, p=KEEP_P))
+        todo += [(i, float(k)) for k in ks]
+    out = [None] * len(todo)
+    t0 = time.time()
+    cache_raw: dict[int, tuple] = {}
+    for s in range(0, len(todo), batch):
+        arts, where = [], []
+        for j in range(s, min(len(todo), s + batch)):
+            i, k = todo[j]
+            if i not in cache_raw:
+                cache_raw.clear() if len(cache_raw) > 64 else None
+                x = load_image(recs[i]["image"])
+                cache_raw[i] = (_downscale(x.raw, TRAIN_MAX_SIDE), x.meta.bit_depth)
+            raw, bd = cache_raw[i]
+            grid = grid_for(*raw.shape)
+            scores = normalise(patch_scores(maps[i], grid)).astype(np.float32)
+            mask = select(scores, PruneConfig(keep=k))
+            arts.append(build_artifact(raw, bd, mask, grid, scores=scores[mask],
+                                       model={"name": "train", "version": "0", "config_hash": "0"}, meta={}))
+            where.append(j)
+        feats = featurizer(arts, rng=rng)
+        for j, art, f in zip(where, arts, feats):
+            g = build_visual_graph(art, cfg, features=f.half())
+            g.patch = g.patch.half()
+            out[j] = (todo[j][0], todo[j][1], g)
+        if (s // batch) % 20 == 0:
+            logline(event="views", desc=desc, done=s + len(where), of=len(todo), seconds=time.time() - t0)
+    return out
+
+
+def _graphs(views: list, recs: list[dict], texts: list[str] | None, cache: dict, enc) -> list:
+    out = []
+    for i, _, g in views:
+        rep = None
+        if texts is not None:
+            t = texts[i]
+            if t and t not in cache:
+                rg = extract(t)
+                cache[t] = report_graph_tensors(rg, enc) if rg.entities else None
+            rep = cache.get(t) if t else None
+        y = float(recs[i]["pneumonia"])
+        out.append(fuse(g, rep, mode="bridge" if rep is not None else "none", y=y))
+    return out
+
+
+@torch.no_grad()
+def predict(model: NeuralClassifier, graphs: list, batch: int = 128) -> np.ndarray:
+    model.eval()
+    return np.concatenate([torch.sigmoid(model(b)).numpy() for b in DataLoader(graphs, batch_size=batch)])
+
+
+def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: int, patience: int, lr: float,
+              seed: int, logline) -> tuple[NeuralClassifier, dict]:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    torch.manual_seed(seed)
+    model = NeuralClassifier(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    y = np.array([float(g.y) for g in tr])
+    pos_weight = torch.tensor([(1 - y).sum() / max(1.0, y.sum())], dtype=torch.float32)
+    yv = np.array([float(g.y) for g in va])
+    best, best_state, bad = -1.0, None, 0
+    for ep in range(epochs):
+        model.train()
+        t0, tot = time.time(), 0.0
+        for b in DataLoader(tr, batch_size=64, shuffle=True):
+            b.patch = b.patch.float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b.y.view(-1), pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            tot += loss.item() * b.num_graphs
+        auc = float(roc_auc_score(yv, predict(model, va)))
+        logline(event="epoch", classifier=name, epoch=ep, loss=tot / len(tr), val_auc=auc, seconds=time.time() - t0)
+        log.info("%s epoch %d loss %.4f val AUC %.4f", name, ep, tot / len(tr), auc)
+        if auc > best + 1e-4:
+            best, bad, best_state = auc, 0, copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    model.load_state_dict(best_state)
+    fpr, tpr, thr = roc_curve(yv, predict(model, va))
+    threshold = float(min(1.0, thr[int(np.argmax(tpr - fpr))]))
+    return model.eval(), {"val_auc": best, "threshold": threshold, "epochs_run": ep + 1}
+
+
+def fit_baseline(pooled: np.ndarray, y: np.ndarray):
+    """The transfer-learning baseline: logistic regression (C=0.01, balanced) on frozen pooled features."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=0.01, class_weight="balanced", max_iter=2000).fit(pooled.astype(np.float32), y)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", default="runs/pre")
+    ap.add_argument("--decoder", default="runs/decoder/best")
+    ap.add_argument("--out", default="runs/clf")
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--patience", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--classifiers", default="baseline,image,report,oracle",
+                    help="what to train (views are cached in OUT, so several processes can train one each)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from ..device import set_threads
+    from ..graphs.text_encoder import get_text_encoder
+
+    set_threads()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+
+    def logline(**kw):
+        with (out / "log.jsonl").open("a") as fh:
+            fh.write(json.dumps({"time": time.time(), **kw}) + "\n")
+
+    model = ReportModel.from_pretrained(args.decoder)
+    tok = load_tokenizer(Path(args.decoder) / "tokenizer")
+    featurizer = BackboneFeaturizer(copy.deepcopy(model.cnn.backbone).fuse_for_inference())
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=featurizer.dim, canvas=featurizer.canvas,
+                           dropout=0.3)
+    data = {}
+    for which in ("train", "val"):
+        tokens, pooled, recs = load_features(Path(args.features), which)
+        keep = [i for i, r in enumerate(recs) if r["pneumonia"] is not None]
+        tokens, pooled, recs = tokens[keep], pooled[keep], [recs[i] for i in keep]
+        vf = out / f"views_{which}.pt"
+        if vf.exists():
+            maps, texts, views = torch.load(vf, weights_only=False)
+        else:
+            t0 = time.time()
+            maps, texts = generated_salience(model, tok, tokens)
+            logline(event="salience", split=which, n=len(recs), seconds=time.time() - t0)
+            if which == "train":
+                views = make_views(recs, maps, featurizer, cfg, views=args.views, keeps=None, rng=rng,
+                                   desc=which, logline=logline)
+            else:
+                views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
+                                   logline=logline)
+            torch.save((maps, texts, views), vf)
+        data[which] = (recs, pooled, maps, texts, views)
+        logline(event="views_ready", split=which, n=len(views),
+                distinct_reports=len(set(texts)))
+
+    (tr_recs, tr_pooled, _, tr_texts, tr_views), (va_recs, va_pooled, _, va_texts, va_views) = data["train"], data["val"]
+    from sklearn.metrics import roc_auc_score
+
+    ytr = np.array([r["pneumonia"] for r in tr_recs])
+    yva = np.array([r["pneumonia"] for r in va_recs])
+    names = [c.strip() for c in args.classifiers.split(",") if c.strip()]
+    if "baseline" in names:
+        from sklearn.metrics import roc_curve
+
+        from ..models.baseline import TransferBaseline
+
+        base = fit_baseline(tr_pooled, ytr)
+        pv = base.predict_proba(va_pooled.astype(np.float32))[:, 1]
+        fpr, tpr, thr = roc_curve(yva, pv)
+        tb = TransferBaseline(base.coef_.reshape(-1).astype(np.float32), float(base.intercept_[0]),
+                              threshold=float(min(1.0, thr[int(np.argmax(tpr - fpr))])))
+        tb.save(out / "baseline")
+        info = {"val_auc": float(roc_auc_score(yva, pv)), "threshold": tb.threshold}
+        (out / "results_baseline.json").write_text(json.dumps(info, indent=2))
+        logline(event="baseline", **info)
+    enc = get_text_encoder()
+    cache: dict = {}
+    for name in names:
+        if name == "baseline":
+            continue
+        if name == "image":
+            tr, va = _graphs(tr_views, tr_recs, None, cache, enc), _graphs(va_views, va_recs, None, cache, enc)
+        elif name == "report":
+            tr, va = _graphs(tr_views, tr_recs, tr_texts, cache, enc), _graphs(va_views, va_recs, va_texts, cache, enc)
+        else:
+            tr = _graphs(tr_views, tr_recs, [r["report"] for r in tr_recs], cache, enc)
+            va = _graphs(va_views, va_recs, [r["report"] for r in va_recs], cache, enc)
+        t0 = time.time()
+        clf, info = train_one(name, tr, va, cfg, epochs=args.epochs, patience=args.patience, lr=args.lr,
+                              seed=args.seed, logline=logline)
+        info["seconds"] = time.time() - t0
+        clf.save_pretrained(out / f"classifier_{name}")
+        (out / f"results_{name}.json").write_text(json.dumps(info, indent=2))
+        logline(event="done", classifier=name, **info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
