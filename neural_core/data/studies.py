@@ -111,6 +111,21 @@ def load_covid_cxr(root: str | Path) -> list[StudyRecord]:
     return out
 
 
+def load_jsrt(root: str | Path, *, nodules: str = "all") -> list[StudyRecord]:
+    """JSRT ``metadata.csv``: adult PA films, none with pneumonia (label 0); one film per patient. ``nodules``:
+    ``"all"``, ``"with"`` (the 154 nodule films) or ``"without"`` (the 93 nodule-free films). No reports."""
+    root = Path(root)
+    out = []
+    with (root / "metadata.csv").open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            has = r["nodule"] != "none"
+            if (nodules == "with" and not has) or (nodules == "without" and has):
+                continue
+            out.append(StudyRecord(str((root / r["image"]).resolve()), None, "none", 0,
+                                   f"jsrt-{Path(r['image']).stem}", "jsrt", "PA", r["nodule"]))
+    return out
+
+
 def load_iu_reports(path: str | Path) -> list[StudyRecord]:
     """IU ``annotation.json`` (text only, no images here) with labels from ``id2tag.csv`` beside it when present."""
     path = Path(path)

@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--classifiers", default="baseline,image,report,oracle",
                     help="what to train (views are cached in OUT, so several processes can train one each)")
+    ap.add_argument("--extra", default="", help="extra feature sets from neural_core.train.features (e.g. jsrt: the "
+                    "JSRT nodule films as adult negatives), each with _train/_val parts")
+    ap.add_argument("--extra-views", type=int, default=4, help="views per study of the extra training sets")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -201,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=featurizer.dim, canvas=featurizer.canvas,
                            dropout=0.3)
     data = {}
-    for which in ("train", "val"):
+    extra = [e for e in args.extra.split(",") if e]
+    splits = ["train", "val"] + [f"{e}_{w}" for e in extra for w in ("train", "val")]
+    for which in splits:
         tokens, pooled, recs = load_features(Path(args.features), which)
         keep = [i for i, r in enumerate(recs) if r["pneumonia"] is not None]
         tokens, pooled, recs = tokens[keep], pooled[keep], [recs[i] for i in keep]
@@ -212,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             maps, texts = generated_salience(model, tok, tokens)
             logline(event="salience", split=which, n=len(recs), seconds=time.time() - t0)
-            if which == "train":
-                views = make_views(recs, maps, featurizer, cfg, views=args.views, keeps=None, rng=rng,
-                                   desc=which, logline=logline)
+            if which.endswith("train"):
+                views = make_views(recs, maps, featurizer, cfg, rng=rng, desc=which, logline=logline, keeps=None,
+                                   views=args.views if which == "train" else args.extra_views)
             else:
                 views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
                                    logline=logline)
@@ -223,7 +228,19 @@ def main(argv: list[str] | None = None) -> int:
         logline(event="views_ready", split=which, n=len(views),
                 distinct_reports=len(set(texts)))
 
-    (tr_recs, tr_pooled, _, tr_texts, tr_views), (va_recs, va_pooled, _, va_texts, va_views) = data["train"], data["val"]
+    def joined(part: str):
+        recs, pooled, texts, views = [], [], [], []
+        for which in [w for w in splits if w.endswith(part)]:
+            r, p, _, t, v = data[which]
+            views += [(i + len(recs), k, g) for i, k, g in v]
+            recs, texts = recs + r, texts + t
+            pooled.append(p)
+        return recs, np.concatenate(pooled), texts, views
+
+    tr_recs, tr_pooled, tr_texts, tr_views = joined("train")
+    va_recs, va_pooled, va_texts, va_views = joined("val")
+    logline(event="data", train_studies=len(tr_recs), train_views=len(tr_views), val_studies=len(va_recs),
+            datasets=sorted({r["dataset"] for r in tr_recs}))
     from sklearn.metrics import roc_auc_score
 
     ytr = np.array([r["pneumonia"] for r in tr_recs])

@@ -22,16 +22,10 @@ import torch
 from ..data.studies import StudyRecord, default_records, load_split
 from ..io import load_image
 from ..models.backbones import create_backbone
+from ..models.baseline import pooled_features
 from ..transforms import resize_square
 
 log = logging.getLogger("neural.features")
-
-
-def pooled_features(s32: torch.Tensor) -> torch.Tensor:
-    """Mean and max over space of a stride-32 map: the frozen-backbone baseline's image descriptor.
-
-    *Shapes*: (B, C, h, w) -> (B, 2 C)"""
-    return torch.cat([s32.mean(dim=(2, 3)), s32.amax(dim=(2, 3))], dim=1)
 
 
 @torch.inference_mode()
@@ -71,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-per-class", type=int, default=1300)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jsrt-nodule-films", action="store_true",
+                    help="instead: the 154 JSRT films with a nodule (adult, no pneumonia), split 85/15 seeded into "
+                         "jsrt_train / jsrt_val; the 93 nodule-free films stay out for the external check")
     ap.add_argument("--reverse", action="store_true", help="fill chunks from the end (a second process on a "
                     "second core; finished chunks are skipped by both)")
     args = ap.parse_args(argv)
@@ -83,8 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     bb = create_backbone(args.backbone, pretrained=True).fuse_for_inference()
     split = load_split(args.split)
     records = default_records(args.data)
+    jsrt: dict[str, list] = {}
+    if args.jsrt_nodule_films:
+        from ..data.studies import load_jsrt
+
+        films = load_jsrt(Path(args.data) / "jsrt", nodules="with")
+        order = np.random.default_rng(args.seed).permutation(len(films))
+        n_val = round(0.15 * len(films))
+        jsrt = {"jsrt_val": [films[i] for i in sorted(order[:n_val])],
+                "jsrt_train": [films[i] for i in sorted(order[n_val:])]}
+        args.splits = "jsrt_train,jsrt_val"
     for which in args.splits.split(","):
-        recs = select_records(records, split, which, max_per_class=args.max_per_class, seed=args.seed)
+        recs = jsrt[which] if which in jsrt else select_records(records, split, which,
+                                                                  max_per_class=args.max_per_class, seed=args.seed)
         (out / f"features_{which}.json").write_text(json.dumps([r.to_dict() for r in recs]))
         toks, pools = [], []
         t0 = time.time()
