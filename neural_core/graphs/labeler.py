@@ -15,7 +15,7 @@ __all__ = ["labels_from_graph"]
 # CheXpert labels
 # --------------------------------------------------------------------------------------------------------------------
 
-#: Observation concept -> labels it names directly.
+#: Observation concept -> labels it names directly, with the observation's certainty.
 DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("Cardiomegaly",),
     "opacity": ("Lung Opacity",),
@@ -24,6 +24,8 @@ DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "consolidation": ("Consolidation",),
     "pneumonia": ("Pneumonia",),
     "edema": ("Edema",),
+    "congestion": ("Edema",),
+    "heart_failure": ("Edema", "Cardiomegaly"),
     "atelectasis": ("Atelectasis",),
     "lesion": ("Lung Lesion",),
     "pneumothorax": ("Pneumothorax",),
@@ -32,22 +34,56 @@ DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "fracture": ("Fracture",),
     "device": ("Support Devices",),
 }
-#: Anatomy concept -> the label a size statement about it makes.
+#: (concept, label) pairs whose positive mention is only uncertain evidence for the label (CheXpert's rules:
+#: "vascular congestion" / "vascular prominence" are uncertain edema; "CHF" / "heart failure" uncertain cardiomegaly).
+CAPPED: frozenset[tuple[str, str]] = frozenset({
+    ("congestion", "Edema"), ("heart_failure", "Cardiomegaly"),
+})
+#: Anatomy concept -> the label a size statement about it makes. Only the anatomy texts of :data:`SIZE_MENTIONS`
+#: count (the size of "the heart" makes Cardiomegaly; that of "the left ventricle" does not).
 SIZE_LABELS: dict[str, str] = {"heart": "Cardiomegaly", "mediastinum": "Enlarged Cardiomediastinum"}
+#: Label -> anatomy words that mention it (CheXpert's mention phrases; any "contour" mentions the mediastinum).
+SIZE_MENTIONS: dict[str, tuple[str, ...]] = {
+    "Cardiomegaly": ("heart", "cardiac silhouette", "cardiac size", "cardiac shadow", "cardiac contour",
+                     "heart shadow", "cardiopericardial silhouette"),
+    "Enlarged Cardiomediastinum": ("mediastinum", "mediastinal contour", "mediastinal silhouette", "contour",
+                                   "mediastinal configuration", "pericardial silhouette"),
+}
 #: (observation concept, anatomy concept) -> label it makes, with the observation's certainty.
 LOCATED_LABELS: dict[tuple[str, str], str] = {
     ("lesion", "mediastinum"): "Enlarged Cardiomediastinum",
     ("adenopathy", "mediastinum"): "Enlarged Cardiomediastinum",
 }
 #: Context observation concept -> value it gives the SIZE_LABELS of its anatomy when it is present
-#: (None: the entity's own certainty value).
-CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "stable": -1.0, "borderline": -1.0}
+#: (None: the entity's own certainty value). "Upper limits of normal" is positive, as CheXpert labels it; "at
+#: the upper limits of normal" and "top normal" are in the vocabulary as "normal".
+CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "stable": -1.0, "borderline": -1.0,
+                                           "upper_normal": 1.0}
+#: Vocabulary concepts the labeler reads as another one.
+CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
-NON_FINDINGS = {"normal", "stable", "borderline", "device"}
+NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device"}
 _VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 
 
+def _size_labels(text: str, concept: str) -> tuple[str, ...]:
+    """Labels whose mention the anatomy ``text`` (of ``concept``) is: a heart-size phrase exactly ("heart", not
+    "left heart"), a mediastinum phrase or any "contour" anywhere in it."""
+    t = " ".join(text.lower().split())
+    out = []
+    if SIZE_LABELS.get(concept) == "Cardiomegaly" and t in _HEART_SIZE_TEXTS:
+        out.append("Cardiomegaly")
+    if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"]):
+        out.append("Enlarged Cardiomediastinum")
+    return tuple(out)
+
+
+_HEART_SIZE_TEXTS = frozenset(SIZE_MENTIONS["Cardiomegaly"]) | {w + "s" for w in SIZE_MENTIONS["Cardiomegaly"]} | {
+    "heart size", "cardiac silhouettes"}
+
+
 def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
+    """The 14 CheXpert labels of a report graph (see :meth:`ReportGraph.chexpert_labels`)."""
     votes: dict[str, list[float]] = {k: [] for k in CHEXPERT_LABELS}
     other_abnormal = False
     info: dict[int, tuple[str, str] | None] = {e.id: concept_of(e.text) for e in g.entities}
@@ -70,20 +106,23 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                 continue
             lab, concept = c
             if lab == _LABEL_MOD:
-                # "the heart is large": a size word that modifies nothing states a size.
-                if concept == "size" and e.id not in modifies and e.text.lower() in ("large", "big"):
+                # "the heart is large": a size word that modifies nothing states a size; so does "borderline"
+                # ("borderline heart size"; "borderline enlarged" modifies "enlarged").
+                if e.id not in modifies and e.text.lower() in ("large", "big"):
                     core.append((e, "enlarged"))
+                elif e.id not in modifies and e.text.lower() == "borderline":
+                    core.append((e, "borderline"))
                 continue
-            core.append((e, concept))
+            core.append((e, CONCEPT_ALIASES.get(concept, concept)))
         # Each anatomy belongs to its nearest observation ("heart and mediastinum normal": both to "normal";
         # "heart size within normal limits with prominent atrial convexity": the heart to "normal" only).
-        scope: dict[int, set[str]] = {e.id: set() for e, _ in core}
+        scope: dict[int, list[Entity]] = {e.id: [] for e, _ in core}
+        owner: dict[int, str | None] = {}
         if core:
             for a in anat:
-                o = min(core, key=lambda x: (gap(a, x[0]), x[0].start))[0]
-                ac = info.get(a.id)
-                if ac:
-                    scope[o.id].add(ac[1])
+                o, oc = min(core, key=lambda x: (gap(a, x[0]), x[0].start))
+                scope[o.id].append(a)
+                owner[a.id] = oc
             # A size/normal word left without anatomy shares that of the nearest such word ("heart size is upper
             # limits normal or mildly enlarged").
             ctx = [(o, c) for o, c in core if c in CONTEXT_VALUES]
@@ -92,28 +131,45 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                     others = [x for x, _ in ctx if x.id != o.id and scope[x.id]]
                     if others:
                         near = min(others, key=lambda x: (gap(o, x), x.start))
-                        scope[o.id] = set(scope[near.id])
+                        scope[o.id] = list(scope[near.id])
+                        for a in scope[o.id]:
+                            owner[a.id] = c
         size_votes: dict[str, dict[str, list[float]]] = {}
         for o, concept in core:
             val = _VALUE[o.certainty]
             for label in DIRECT_LABELS.get(concept, ()):
-                votes[label].append(val)
+                votes[label].append(-1.0 if val == 1.0 and (concept, label) in CAPPED else val)
+            anat_concepts = {info[a.id][1] for a in scope[o.id] if info.get(a.id)}
             if concept in CONTEXT_VALUES:
                 cv = CONTEXT_VALUES[concept]
                 v = val if cv is None else (cv if o.certainty != "absent" else None)
                 if v is not None:
-                    for ac in scope[o.id]:
-                        if ac in SIZE_LABELS:
-                            size_votes.setdefault(SIZE_LABELS[ac], {}).setdefault(concept, []).append(v)
-            for ac in scope[o.id]:
+                    for a in scope[o.id]:
+                        ac = info.get(a.id)
+                        for label in _size_labels(a.text, ac[1]) if ac else ():
+                            size_votes.setdefault(label, {}).setdefault(concept, []).append(v)
+            for ac in anat_concepts:
                 if (concept, ac) in LOCATED_LABELS:
                     votes[LOCATED_LABELS[(concept, ac)]].append(val)
             if concept not in DIRECT_LABELS and concept not in NON_FINDINGS and o.certainty != "absent":
                 other_abnormal = True
+        # CheXpert: a mention of the heart / mediastinum with nothing said about its size is a positive mention
+        # ("the heart and lungs have [changed] in the interval", "surgical clips in the mediastinum").
+        stated = any(c in CONTEXT_VALUES for _, c in core)
+        for a in anat:
+            ac = info.get(a.id)
+            if ac is None or stated:
+                continue
+            for label in _size_labels(a.text, ac[1]):
+                size_votes.setdefault(label, {}).setdefault("bare", []).append(1.0)
         for label, d in size_votes.items():
-            # "normal and unchanged" is normal: "stable" alone (size not stated) is what makes a size uncertain.
+            # "normal and unchanged" is normal: "stable" alone (size not stated) is what makes a size uncertain;
+            # "enlarged but stable" is uncertain too (CheXpert).
             if "normal" in d:
                 d.pop("stable", None)
+            elif "stable" in d:
+                d.pop("enlarged", None)
+                d.pop("upper_normal", None)
             for vs in d.values():
                 votes[label].extend(vs)
     out: dict[str, float | None] = {}
@@ -128,5 +184,3 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
         positive = any(out[l] in (1.0, -1.0) for l in pathology) or other_abnormal
         out["No Finding"] = 0.0 if positive else 1.0
     return out
-
-
