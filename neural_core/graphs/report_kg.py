@@ -213,8 +213,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "consolidation": ("consolidation", "consolidative", "consolidated", "airspace consolidation", "air bronchogram",
                       "air-bronchogram",
                       "air space consolidation", "consolidative opacity"),
-    "pneumonia": ("pneumonia", "bronchopneumonia", "infection", "infectious", "infectious process", "pneumonitis",
-                  "aspiration"),
+    # CheXpert: every mention of infection is a Pneumonia mention ("sequelae of prior granulomatous infection"
+    # included); aspiration and pneumonitis are not.
+    "pneumonia": ("pneumonia", "bronchopneumonia", "infection", "infectious", "infectious process",
+                  "infectious etiology"),
     "edema": ("edema", "pulmonary edema", "interstitial edema", "alveolar edema", "interstitial pulmonary edema",
               "alveolar pulmonary edema"),
     # CheXpert's uncertain edema: congestion and vascular prominence suggest edema without stating it.
@@ -254,7 +256,8 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "granuloma": ("granuloma", "granulomata", "granulomatous", "granulomatous disease", "calcified granuloma",
                   "granulomatous process", "granulomatous change",
                   "old granulomatous disease", "healed granulomatous disease", "prior granulomatous disease",
-                  "granulomatous infection", "calcified lymph node"),
+                  "calcified lymph node"),
+    "aspiration": ("aspiration", "pneumonitis"),
     "calcification": ("calcification", "calcified", "vascular calcification", "aortic calcification",
                       "atherosclerotic calcification", "atherosclerosis", "atherosclerotic", "atheromatous"),
     "degenerative": ("degenerative change", "degenerative", "degenerative disease", "degenerative disc disease",
@@ -356,7 +359,7 @@ NEGATION_REMOVE: dict[str, list[str]] = {
 UNCERTAINTY_TERMS: dict[str, list[str]] = {
     "preceding_negations": [
         "may", "may be", "may represent", "might", "could", "could be", "could represent", "possible", "possibly",
-        "probable", "suggestion of", "suspicious for", "suspicious of", "suspect", "suspected", "suspicion of",
+        "probable", "suggestion of", "alternatively", "suspicious for", "suspicious of", "suspect", "suspected", "suspicion of",
         "concerning for", "concern for", "worrisome for", "questionable", "question of", "questioned",
         "equivocal", "versus", "vs", "differential diagnosis", "differential includes", "cannot exclude",
         "can not exclude", "cannot rule out", "can not rule out", "not excluded", "uncertain", "indeterminate",
@@ -371,7 +374,8 @@ UNCERTAINTY_TERMS: dict[str, list[str]] = {
         "are questionable", "is probable", "versus", "vs", "vs.", "?", "not entirely excluded",
         "is favored", "is not entirely excluded", "may be present",
         "may be seen", "could be present", "might be present", "is equivocal", "is uncertain",
-        "difficult to exclude",
+        "difficult to exclude", "cannot be entirely excluded", "can not be entirely excluded",
+        "not be entirely excluded", "cannot be completely excluded", "not be completely excluded",
     ],
     "pseudo_negations": ["to suggest", "not likely", "no further", "either or", "with or without", "or without"],
     # Uncertainty is clause-local ("small effusions, possibly atelectasis"): commas end its scope too.
