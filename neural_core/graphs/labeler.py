@@ -63,6 +63,11 @@ CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "sta
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
 NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device"}
+#: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes) and words the
+#: CheXpert No Finding list does not hold ("spondylosis", vascular "engorgement"); every other present or uncertain
+#: finding (a hernia, a granuloma, degenerative change, scoliosis ...) makes "No Finding" 0.
+NO_FINDING_NEUTRAL_CONCEPTS = frozenset({"low_volume"})
+NO_FINDING_NEUTRAL_WORDS: tuple[str, ...] = ("spondylosis", "engorge")
 _VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 
 
@@ -151,7 +156,9 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
             for ac in anat_concepts:
                 if (concept, ac) in LOCATED_LABELS:
                     votes[LOCATED_LABELS[(concept, ac)]].append(val)
-            if concept not in DIRECT_LABELS and concept not in NON_FINDINGS and o.certainty != "absent":
+            if (concept not in DIRECT_LABELS and concept not in NON_FINDINGS and o.certainty != "absent"
+                    and concept not in NO_FINDING_NEUTRAL_CONCEPTS
+                    and not any(w in o.text.lower() for w in NO_FINDING_NEUTRAL_WORDS)):
                 other_abnormal = True
         # CheXpert: a mention of the heart / mediastinum with nothing said about its size is a positive mention
         # ("the heart and lungs have [changed] in the interval", "surgical clips in the mediastinum").
