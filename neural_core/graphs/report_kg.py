@@ -366,7 +366,7 @@ NEGATION_REMOVE: dict[str, list[str]] = {
 UNCERTAINTY_TERMS: dict[str, list[str]] = {
     "preceding_negations": [
         "may", "may be", "may represent", "might", "could", "could be", "could represent", "possible", "possibly",
-        "probable", "suggestion of", "alternatively", "suspicious for", "suspicious of", "suspect", "suspected", "suspicion of",
+        "probable", "suggestion of", "alternatively", "secondary to", "suspicious for", "suspicious of", "suspect", "suspected", "suspicion of",
         "concerning for", "concern for", "worrisome for", "questionable", "question of", "questioned",
         "equivocal", "versus", "vs", "differential diagnosis", "differential includes", "cannot exclude",
         "can not exclude", "cannot rule out", "can not rule out", "not excluded", "uncertain",
