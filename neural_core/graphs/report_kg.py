@@ -233,7 +233,8 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                     "discoid atelectasis", "volume loss", "atelectatic change"),
     "lesion": ("nodule", "nodular", "nodular opacity", "nodular density", "mass", "lesion", "tumor", "neoplasm",
                "carcinoma", "cancer", "malignancy", "metastasis", "metastases", "metastatic disease",
-               "cavitary lesion", "cavitation", "pulmonary nodule", "lung nodule", "lung mass"),
+               "cavitary lesion", "cavitation", "cavity", "pulmonary nodule", "lung nodule", "lung mass", "masslike",
+               "mass-like"),
     "pneumothorax": ("pneumothorax", "pneumothoraces", "hydropneumothorax", "pneumothoraxes"),
     "effusion": ("effusion", "pleural effusion", "pleural fluid", "hydrothorax", "fluid in the pleural space"),
     "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "fibrothorax",
@@ -262,7 +263,9 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "granuloma": ("granuloma", "granulomata", "granulomatous", "granulomatous disease", "calcified granuloma",
                   "granulomatous process", "granulomatous change",
                   "old granulomatous disease", "healed granulomatous disease", "prior granulomatous disease",
-                  "calcified lymph node"),
+                  "calcified lymph node",
+                  # CheXpert's "unmention": a calcified nodule is a granuloma, not a lung lesion.
+                  "calcified nodule", "calcified pulmonary nodule", "calcified lung nodule"),
     "aspiration": ("aspiration", "pneumonitis"),
     "calcification": ("calcification", "calcified", "vascular calcification", "aortic calcification",
                       "atherosclerotic calcification", "atherosclerosis", "atherosclerotic", "atheromatous"),
@@ -353,6 +356,9 @@ NEGATION_ADD: dict[str, list[str]] = {
         "not be excluded", "cannot rule out", "can not rule out", "cannot be ruled out", "not be ruled out",
         "without change", "without interval change", "not significantly changed", "no significant interval change",
         "not well", "not well seen", "not well visualized", "not only",
+        # "a new nodule, not seen on prior exams": new, not absent
+        "not seen on prior", "not seen on the prior", "not seen on previous", "not seen on the previous",
+        "not seen previously", "not previously seen", "not present on prior", "not present on the prior",
     ],
     "termination": ["there is", "there are", "otherwise", "however", "with the exception of", "except for", ";"],
 }
