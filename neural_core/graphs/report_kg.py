@@ -193,7 +193,7 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                    "at upper limit of normal", "near the upper limits of normal", "on the upper limits of normal",
                    "upper normal", "top normal", "top-normal", "high normal", "high-normal", "upper-normal",
                    "upper limits normal", "upper limit normal", "top limits of normal", "top normal limits"),
-    "stable": ("stable", "unchanged", "grossly unchanged", "grossly stable", "similar", "not changed"),
+    "stable": ("stable", "unchanged", "grossly unchanged", "grossly stable", "not changed"),
     "enlarged": ("enlarged", "enlargement", "prominent", "prominence", "widened", "widening", "increased in size",
                  "enlarging"),
     # Pathology.
