@@ -1,7 +1,26 @@
 """CheXpert-style labels of a report, read from its knowledge graph (:func:`neural_core.graphs.report_kg.extract`).
 
 The labeler and the knowledge graph are one extraction: the labels are a function of the graph's entities (their
-vocabulary concept and negspacy certainty) and of which anatomy each observation speaks about.
+vocabulary concept and their negspacy certainty: present 1, uncertain -1, absent 0) and of which anatomy each
+observation speaks about. Per label, positive beats uncertain beats negative; a label nothing mentions is ``None``.
+
+The reference is the CheXpert labeler (Irvin et al., AAAI 2019): its mention / unmention phrase lists and its
+uncertainty rules. Where the IU labels (made by it) follow a rule, so does this module:
+
+- a finding "suggestive of", "consistent with", "likely" or "probably" X is positive; "possible", "may", "versus",
+  "cannot be excluded", "secondary to" make it uncertain (the cue lists are negspacy termsets in ``report_kg``);
+- "vascular congestion" / "vascular prominence" are uncertain Edema, "CHF" / "heart failure" Edema and uncertain
+  Cardiomegaly; every "infection" is a Pneumonia mention; a calcified nodule is no Lung Lesion;
+- a mention of the heart size or of the mediastinum / any contour takes its value from what the sentence says of
+  it: normal (also "at the upper limits of normal", "top normal") 0, "stable" / "unchanged" -1 (also "enlarged but
+  stable"), enlarged or "upper limits of normal" 1; when the sentence says nothing of its size, the mention is
+  positive ("the heart and lungs have [changed] in the interval", "clips in the mediastinum");
+- "No Finding" is 1 unless a label other than Support Devices is positive or uncertain, or another abnormal finding
+  (hernia, granuloma, degenerative change, ...) is present or uncertain.
+
+CheXpert rules deliberately *not* copied, because they contradict the report: "no displaced rib fractures" stays a
+negated fracture and an "endplate" is no support device ("plate"), although the IU labels often say otherwise.
+Agreement with the IU labels: ``python -m neural_core.graphs.labeler_eval`` (see that module for the scoring rule).
 """
 from __future__ import annotations
 
@@ -122,12 +141,10 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
         # Each anatomy belongs to its nearest observation ("heart and mediastinum normal": both to "normal";
         # "heart size within normal limits with prominent atrial convexity": the heart to "normal" only).
         scope: dict[int, list[Entity]] = {e.id: [] for e, _ in core}
-        owner: dict[int, str | None] = {}
         if core:
             for a in anat:
-                o, oc = min(core, key=lambda x: (gap(a, x[0]), x[0].start))
+                o = min(core, key=lambda x: (gap(a, x[0]), x[0].start))[0]
                 scope[o.id].append(a)
-                owner[a.id] = oc
             # A size/normal word left without anatomy shares that of the nearest such word ("heart size is upper
             # limits normal or mildly enlarged").
             ctx = [(o, c) for o, c in core if c in CONTEXT_VALUES]
@@ -137,8 +154,6 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                     if others:
                         near = min(others, key=lambda x: (gap(o, x), x.start))
                         scope[o.id] = list(scope[near.id])
-                        for a in scope[o.id]:
-                            owner[a.id] = c
         size_votes: dict[str, dict[str, list[float]]] = {}
         for o, concept in core:
             val = _VALUE[o.certainty]

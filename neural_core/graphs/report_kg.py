@@ -585,7 +585,8 @@ class ReportGraph:
 
         Per label, positive beats uncertain beats negative. "No Finding" follows CheXpert: 1.0 when no pathology
         (any label but Support Devices, or any other abnormal finding such as a hernia or granuloma) is positive or
-        uncertain, else 0.0; ``None`` when the report has no findings/impression text at all.
+        uncertain, else 0.0; ``None`` when the report has no findings/impression text at all. The rules are in
+        :mod:`neural_core.graphs.labeler`.
         """
         from neural_core.graphs.labeler import labels_from_graph
 
