@@ -39,7 +39,8 @@ from torch import nn
 from neural_core.errors import ModelLoadError
 
 __all__ = ["CHANNELS", "ZONES", "LungConfig", "LungModel", "LungFields", "lung_fields", "zone_map",
-           "patch_lung_fraction", "lung_baseline_scores", "dice"]
+           "patch_lung_fraction", "patch_zone_fractions", "lung_baseline_scores", "lung_gate", "peak_zone",
+           "zone_agreement", "dice"]
 
 WEIGHTS_NAME = "lung.safetensors"
 CONFIG_NAME = "lung_config.json"
@@ -186,6 +187,33 @@ class LungModel(nn.Module):
         y = self.up2(self.up4(self.up8(s16, s8), s4), s2)
         return F.interpolate(self.head(y), size=size, mode="bilinear", align_corners=False)
 
+    # ------------------------------------------------------------------ inference
+    def for_inference(self) -> "LungModel":
+        """An eval-mode copy with every BatchNorm folded into the convolution before it (same outputs up to float
+        rounding, ~15 % faster on a CPU). The copy cannot be saved; keep the original for that."""
+        import copy
+
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        m = copy.deepcopy(self).eval()
+
+        def fold(owner: nn.Module, conv: str, bn: str) -> None:
+            if isinstance(getattr(owner, bn), nn.BatchNorm2d):
+                setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+                setattr(owner, bn, nn.Identity())
+
+        fold(m, "_conv_stem", "_bn0")
+        for blk in m._blocks:
+            if blk.expand:
+                fold(blk, "_expand_conv", "_bn0")
+            fold(blk, "_depthwise_conv", "_bn1")
+            fold(blk, "_project_conv", "_bn2")
+        for up in (m.up8, m.up4, m.up2):
+            fold(up.block, "0", "1")
+            fold(up.block, "3", "4")
+        m._fused = True
+        return m
+
     # ------------------------------------------------------------------ ImageNet initialisation
     def load_imagenet_encoder(self, checkpoint: str | os.PathLike) -> int:
         """Copy the matching EfficientNet-Lite0 ImageNet weights (a ``.pth`` state dict, e.g. from the
@@ -208,6 +236,8 @@ class LungModel(nn.Module):
         ``directory`` (created if needed; each file written atomically). Returns the directory."""
         from safetensors.torch import save_file
 
+        if getattr(self, "_fused", False):
+            raise ValueError("this is a for_inference() copy with folded BatchNorm; save the original model")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         dtype = torch.float16 if fp16 else torch.float32
@@ -443,6 +473,53 @@ def lung_baseline_scores(masks, grid) -> np.ndarray:
     # a fraction changes in steps of at least 1 / patch_pixels; keep the tie-break strictly below that
     step = 1.0 / float(grid.patch * grid.patch)
     return frac + 0.5 * step * depth_per_patch / max(float(depth_per_patch.max()), 1e-12)
+
+
+def patch_zone_fractions(masks, grid) -> np.ndarray:
+    """Share of each patch's pixels in each of the six :data:`ZONES` (a node feature for the visual graph).
+
+    Shapes:
+        - output: :math:`(rows, cols, 6)` float64; each patch's row sums to its lung fraction.
+    """
+    z = zone_map(masks)
+    if z.shape != (grid.height, grid.width):
+        raise ValueError(f"mask is {z.shape}, the grid is for {grid.height}x{grid.width}")
+    return np.stack([_patch_mean(z == i + 1, grid) for i in range(len(ZONES))], axis=-1)
+
+
+def lung_gate(scores: np.ndarray, masks, grid) -> np.ndarray:
+    """The optional lung gate: per-patch salience multiplied by the patch's lung fraction, so patches outside the
+    lungs rank last. Report it as *gated*: a gate can hide a model that looks at markers, so the ungated map must
+    be validated on its own.
+
+    Shapes:
+        - scores: :math:`(rows, cols)`; output: the same, float64.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != (grid.rows, grid.cols):
+        raise ValueError(f"scores are {s.shape}, the grid is {grid.rows}x{grid.cols}")
+    return s * patch_lung_fraction(masks, grid)
+
+
+def peak_zone(scores: np.ndarray, masks, grid) -> tuple[str, str] | None:
+    """The zone holding most of the top-scoring patch (ties: row-major first, as ``select`` ranks), or ``None``
+    when that patch has no lung in it."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != (grid.rows, grid.cols):
+        raise ValueError(f"scores are {s.shape}, the grid is {grid.rows}x{grid.cols}")
+    r, c = divmod(int(np.argsort(-s.ravel(), kind="stable")[0]), grid.cols)
+    y0, x0, y1, x1 = grid.box(r, c)
+    z = zone_map(masks)[y0:y1, x0:x1]
+    counts = np.bincount(z.ravel(), minlength=len(ZONES) + 1)[1:]
+    return ZONES[int(np.argmax(counts))] if counts.any() else None
+
+
+def zone_agreement(scores: np.ndarray, masks, grid, named: set[tuple[str, str]]) -> bool | None:
+    """Does the salience peak fall in a zone the text names (e.g. from
+    :func:`neural_core.graphs.zones.zones_from_text`)? ``None`` when the text names no zone."""
+    if not named:
+        return None
+    return peak_zone(scores, masks, grid) in set(named)
 
 
 def _patch_mean(values: np.ndarray, grid) -> np.ndarray:

@@ -27,7 +27,7 @@ Running
     checkpoint (``OUT/last.pt``, written atomically) and one line in ``OUT/log.jsonl``; ``--resume`` continues
     from the checkpoint. At the end the test part is scored at each image's own resolution through the inference
     path (:func:`neural_core.models.lung.lung_fields`), written to ``OUT/test_metrics.json``, and the fp16 model is
-    saved to ``--ship`` with those numbers in its config.
+    saved to ``--ship`` with those numbers in its config and the split beside it (``lung_split.json``).
 """
 from __future__ import annotations
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         te = ~tr
         mon = lowres_dice(model, images[te], targets[te], valid[te])
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1),
@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     shipped.save_pretrained(out / "model")
     if args.ship:
         shipped.save_pretrained(args.ship)
+        # the held-out ids travel with the model, so its Dice can be re-checked on images it never saw
+        (Path(args.ship) / "lung_split.json").write_text(split_path.read_text())
         log.info("shipped fp16 model to %s", args.ship)
     return 0
 

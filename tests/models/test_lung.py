@@ -11,7 +11,8 @@ import torch
 
 from neural_core.errors import ModelLoadError
 from neural_core.models.lung import (CHANNELS, CONFIG_NAME, WEIGHTS_NAME, ZONES, LungConfig, LungFields, LungModel,
-                                     dice, lung_baseline_scores, lung_fields, patch_lung_fraction, zone_map)
+                                     dice, lung_baseline_scores, lung_fields, lung_gate, patch_lung_fraction,
+                                     patch_zone_fractions, peak_zone, zone_agreement, zone_map)
 from neural_core.prune import PruneConfig, grid_for, select
 from neural_core.train.lung import augment_pair, make_split, seg_loss, split_left_right
 
@@ -42,6 +43,22 @@ def test_standardisation_makes_window_irrelevant():
     with torch.no_grad():
         a, b = m(x), m(x * 1.7 + 100)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_for_inference_folds_batchnorm_same_outputs(tmp_path):
+    m = tiny()
+    g = torch.Generator().manual_seed(1)
+    for mod in m.modules():          # non-trivial running statistics, so folding really does something
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5, generator=g)
+            mod.running_var.uniform_(0.5, 2.0, generator=g)
+    f = m.for_inference()
+    assert not any(isinstance(q, torch.nn.BatchNorm2d) for q in f.modules())
+    x = torch.rand(2, 1, 64, 64) * 2048 - 1024
+    with torch.no_grad():
+        assert torch.allclose(m(x), f(x), atol=1e-4)
+    with pytest.raises(ValueError, match="folded BatchNorm"):
+        f.save_pretrained(tmp_path)
 
 
 def test_imagenet_encoder_loads_when_installed():
@@ -160,6 +177,25 @@ def test_lung_baseline_ranks_lung_first_deep_before_shallow():
     top = np.unravel_index(np.argmax(s), s.shape)
     assert frac[top] == 1.0 and 3 <= top[0] <= 6
     assert np.array_equal(lung_baseline_scores(np.zeros((60, 40), bool), grid), np.zeros((12, 8)))
+
+
+def test_zone_fractions_gate_and_peak_zone():
+    right, left = hand_masks()
+    grid = grid_for(60, 40, patch=5)
+    zf = patch_zone_fractions((right, left), grid)
+    assert zf.shape == (12, 8, 6)
+    assert np.allclose(zf.sum(-1), patch_lung_fraction((right, left), grid))
+    scores = np.zeros((12, 8))
+    scores[0, 0] = 5.0                      # a corner "marker" outside the lungs
+    scores[8, 6] = 1.0                      # rows 40..44, cols 30..34: left lung, lower third
+    assert peak_zone(scores, (right, left), grid) is None
+    gated = lung_gate(scores, (right, left), grid)
+    assert gated[0, 0] == 0.0 and peak_zone(gated, (right, left), grid) == ("left", "lower")
+    assert zone_agreement(gated, (right, left), grid, {("left", "lower"), ("right", "upper")}) is True
+    assert zone_agreement(gated, (right, left), grid, {("right", "lower")}) is False
+    assert zone_agreement(gated, (right, left), grid, set()) is None
+    with pytest.raises(ValueError, match="grid is"):
+        lung_gate(scores[:3], (right, left), grid)
 
 
 def test_dice():
