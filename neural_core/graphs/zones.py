@@ -45,7 +45,8 @@ _SELF = {"base": ("lower", None), "bases": ("lower", None), "basal": ("lower", N
          "basally": ("lower", None), "costophrenic": ("lower", None), "bibasal": ("lower", "both"),
          "bibasilar": ("lower", "both"), "apex": ("upper", None), "apices": ("upper", None),
          "apical": ("upper", None), "biapical": ("upper", "both"), "perihilar": ("middle", None),
-         "parahilar": ("middle", None), "lingula": ("middle", "left"), "lingular": ("middle", "left")}
+         "parahilar": ("middle", None), "midlung": ("middle", None), "lingula": ("middle", "left"),
+         "lingular": ("middle", "left")}
 # unsided, these name both sides ("perihilar haziness": both hila)
 _BOTH_BY_DEFAULT = {"bases", "apices", "bibasal", "bibasilar", "biapical", "perihilar", "parahilar"}
 _ABBREV = {"rul": ("right", "upper"), "rml": ("right", "middle"), "rll": ("right", "lower"),

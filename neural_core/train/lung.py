@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-frac", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--jsrt-fraction", type=float, default=1.0,
+                    help="share of the JSRT training images drawn each epoch (all covid-cxr images always are): "
+                         "the clean JSRT heads learn fast, the covid-cxr heads need the steps")
     ap.add_argument("--no-pretrained", action="store_true", help="random encoder instead of ImageNet Lite0")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
@@ -332,13 +335,21 @@ def main(argv: list[str] | None = None) -> int:
                              "(or pass --no-pretrained)")
         log.info("loaded %d ImageNet tensors into the encoder", model.load_imagenet_encoder(src))
 
-    tri = np.flatnonzero(tr)
-    steps_per_epoch = math.ceil(len(tri) / args.batch)
+    is_jsrt = np.array([k.startswith("jsrt:") for k in keys])
+    tr_covid, tr_jsrt = np.flatnonzero(tr & ~is_jsrt), np.flatnonzero(tr & is_jsrt)
+    n_jsrt = int(round(min(1.0, max(0.0, args.jsrt_fraction)) * len(tr_jsrt)))
+    n_epoch = len(tr_covid) + n_jsrt
+    steps_per_epoch = math.ceil(n_epoch / args.batch)
     total = args.epochs * steps_per_epoch
+    with (out / "log.jsonl").open("a") as fh:   # every start (and resume) is recorded with its arguments
+        fh.write(json.dumps({"event": "start", "start_epoch": start_epoch, "steps_per_epoch": steps_per_epoch,
+                             "args": vars(args)}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.time()
-        perm = tri[torch.randperm(len(tri), generator=g).numpy()]
+        drawn = tr_jsrt[torch.randperm(len(tr_jsrt), generator=g).numpy()[:n_jsrt]]
+        pool = np.concatenate([tr_covid, drawn])
+        perm = pool[torch.randperm(len(pool), generator=g).numpy()]
         losses = []
         for s in range(steps_per_epoch):
             idx = np.sort(perm[s * args.batch:(s + 1) * args.batch])

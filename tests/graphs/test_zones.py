@@ -36,6 +36,11 @@ U, M, D = "upper", "middle", "lower"
     ("Right perihilar consolidation.", {(R, M)}),
     ("There is mild left peri-hilar and upper lobe interstitial opacity.", {(L, M), (L, U)}),
     ("Bibasal atelectasis.", {(R, D), (L, D)}),
+    # IU report phrasing
+    ("There is stable scarring of left mid lung.", {(L, M)}),
+    ("There is a rounded dense opacity in the lateral left midlung zone.", {(L, M)}),
+    ("Ill-defined opacity is again noted in the region of the lingula.", {(L, M)}),
+    ("There is mild bibasilar focal atelectasis.", {(R, D), (L, D)}),
     # abbreviations
     ("Presence of two areas of parenchymal consolidations in the apical segment of the LUL and in the RLL.",
      {(L, U), (R, D)}),
