@@ -25,9 +25,11 @@ Augmentation
 Running
     Images are decoded once, squashed to the model input and cached (``OUT/cache_S.npz``). Every epoch ends with a
     checkpoint (``OUT/last.pt``, written atomically) and one line in ``OUT/log.jsonl``; ``--resume`` continues
-    from the checkpoint. At the end the test part is scored at each image's own resolution through the inference
-    path (:func:`neural_core.models.lung.lung_fields`), written to ``OUT/test_metrics.json``, and the fp16 model is
-    saved to ``--ship`` with those numbers in its config and the split beside it (``lung_split.json``).
+    from the checkpoint (with all epochs done, it only finishes: the steps below). At the end the BatchNorm
+    statistics are recomputed on the training images (:func:`recalibrate_bn`), the test part is scored at each
+    image's own resolution through the inference path (:func:`neural_core.models.lung.lung_fields`) and written to
+    ``OUT/test_metrics.json``, and the fp16 model is saved to ``--ship`` with those numbers in its config and the
+    split beside it (``lung_split.json``).
 """
 from __future__ import annotations
 
@@ -232,6 +234,30 @@ def lowres_dice(model: LungModel, images: np.ndarray, targets: np.ndarray, valid
     return {k: float(np.mean(v)) for k, v in out.items() if v}
 
 
+@torch.no_grad()
+def recalibrate_bn(model: LungModel, images: np.ndarray, batch: int = 16) -> None:
+    """Replace every BatchNorm's running statistics by their exact average over ``images`` (no augmentation).
+
+    The encoder's BatchNorm keeps EfficientNet's slow momentum (0.01), so after a few hundred steps its running
+    statistics still carry the ImageNet ones and lag the weights; evaluation and the shipped model need the
+    statistics of the weights as they are.
+
+    Shapes:
+        - images: :math:`(N, S, S)` uint8 (the training cache).
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the batches below
+    model.train()
+    for i in range(0, len(images), batch):
+        model(torch.from_numpy(from_uint8(images[i:i + batch]))[:, None])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -374,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": g.get_state(),
                             "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
 
+    t0 = time.time()
+    recalibrate_bn(model, images[tr])
+    mon = lowres_dice(model, images[~tr], targets[~tr], valid[~tr])
+    with (out / "log.jsonl").open("a") as fh:
+        fh.write(json.dumps({"event": "bn_recalibrated", "seconds": round(time.time() - t0, 1),
+                             "test_dice_lowres": {k: round(v, 4) for k, v in mon.items()}}) + "\n")
     # score what is shipped: the fp16 weights as from_pretrained loads them
     model.save_pretrained(out / "model")
     shipped = LungModel.from_pretrained(out / "model")

@@ -14,7 +14,7 @@ from neural_core.models.lung import (CHANNELS, CONFIG_NAME, WEIGHTS_NAME, ZONES,
                                      dice, lung_baseline_scores, lung_fields, lung_gate, patch_lung_fraction,
                                      patch_zone_fractions, peak_zone, zone_agreement, zone_map)
 from neural_core.prune import PruneConfig, grid_for, select
-from neural_core.train.lung import augment_pair, make_split, seg_loss, split_left_right
+from neural_core.train.lung import augment_pair, make_split, recalibrate_bn, seg_loss, split_left_right
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "assets" / "lung_model"
@@ -243,6 +243,20 @@ def test_seg_loss_ignores_invalid_channels():
     tgt3 = tgt.clone()
     tgt3[:, 0] = 1.0                                  # a missed structure on a valid channel costs
     assert seg_loss(logits, tgt3, valid) > base + 0.5
+
+
+def test_recalibrate_bn_sets_population_statistics():
+    m = tiny()
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 64, 64), dtype=np.uint8)
+    recalibrate_bn(m, imgs, batch=3)
+    assert not m.training
+    # the stem's BN now holds the mean of its input over the images (two batches of 3, averaged)
+    from neural_core.transforms import from_uint8
+    with torch.no_grad():
+        x = m.standardise(torch.from_numpy(from_uint8(imgs))[:, None])
+        stem = m._conv_stem(x)
+    assert torch.allclose(m._bn0.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert m._bn0.momentum == 0.01 and m._bn0.num_batches_tracked == 2
 
 
 def test_augmentation_never_mirrors():
