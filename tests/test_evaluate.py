@@ -300,3 +300,21 @@ def test_validate_salience_end_to_end(tiny, tmp_path, capsys):
     assert (tmp_path / "so" / "salience_results.json").exists()
     assert "Pointing game" in (tmp_path / "so" / "salience_results.md").read_text()
     assert "skipped line 5" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_validate_salience_on_the_covid_lung_masks(tiny, covid_dir, tmp_path):
+    """The shared data's lung_masks.csv is a validate-salience manifest as it stands (paths relative to it)."""
+    table = covid_dir / "lung_masks.csv"
+    if not table.exists():
+        pytest.skip(f"{table} is absent (older copy of the shared data)")
+    lines = table.read_text().splitlines()
+    sub = tmp_path / "masks.csv"                    # the header and two rows, paths made absolute
+    sub.write_text("image,mask\n" + "\n".join(",".join(str(covid_dir / p) for p in ln.split(","))
+                                              for ln in lines[1:3]) + "\n")
+    res = validate(sub, bundle=tiny[1], keeps=(1.0, 0.1), seed=0)
+    assert res["n_images"] == 2 and not res["bad_rows"]
+    full = next(r for r in res["summary"] if r["keep"] == 1.0)
+    assert full["recall"] == pytest.approx(1.0)
+    for p in res["per_image"]:
+        assert 0.0 < p["mask_fraction"] < 1.0        # a lung field: part of the image, not all of it
