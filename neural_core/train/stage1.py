@@ -29,7 +29,8 @@ from ..data.studies import (StudyRecord, default_records, load_iu_reports, load_
                             patient_split, records_in, save_split)
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer, train_tokenizer
-from ..transforms import augment, from_uint8, resize_square, to_uint8
+from ..stages import model_input
+from ..transforms import augment, from_uint8, to_uint8
 from ..utils import atomic_write_text
 
 log = logging.getLogger("neural.stage1")
@@ -46,7 +47,7 @@ def build_cache(records: list[StudyRecord], size: int, path: Path) -> np.ndarray
         return np.load(path, mmap_mode="r")
     arr = np.zeros((len(records), size, size), np.uint8)
     for i, r in enumerate(tqdm(records, desc=f"cache {size}px", mininterval=5)):
-        arr[i] = to_uint8(resize_square(load_image(r.image).pixels, size))
+        arr[i] = to_uint8(model_input(load_image(r.image).pixels, size))   # the report model's input
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
     key.write_text(json.dumps(want))
