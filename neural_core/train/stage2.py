@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
