@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "analyze": "pipeline", "Analysis": "pipeline", "Pipeline": "pipeline",
+    "analyze": "pipeline", "StudyAnalysis": "pipeline", "Analysis": "pipeline", "Pipeline": "pipeline",
     "load_image": "io", "XRay": "io", "ImageMeta": "io",
     "Artifact": "artifact", "ByteReport": "artifact",
     "PruneConfig": "config", "Limits": "config",
@@ -17,7 +17,7 @@ _LAZY = {
     "load_bundle": "bundle",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(k for k in _LAZY if k != "Analysis")   # Analysis: the old name of StudyAnalysis
 
 
 def __getattr__(name: str):

@@ -1,17 +1,18 @@
-"""A model bundle: the report model, its tokenizer and the two classifiers, with one identity.
+"""A model bundle: the report model, its tokenizer and a registry of classifiers by name, with one identity.
 
 Directory layout (``assets/default_model`` is the shipped one)::
 
     model.json                 name, version, trained (bool), notes
     report/                    ReportModel.save_pretrained (swin/, t5/, projection.safetensors, report_model.json)
     report/tokenizer/          tokenizer files
-    classifier_report/         NeuralClassifier trained on image + the model's *generated* report graphs
-    classifier_oracle/         NeuralClassifier trained on image + *given* report graphs (for real reports; on
-                               label-template training text it is an oracle: the label comes from the report)
-    classifier_image/          NeuralClassifier trained on image-only graphs
+    classifier_<name>/         one NeuralClassifier per registry name (see neural_core.stages.CLASSIFIER_NAMES):
+      classifier_image/          trained on image-only graphs
+      classifier_report/         trained on image + the model's *generated* report graphs
+      classifier_oracle/         trained on image + *given* report graphs (for real reports; on label-template
+                                 training text it is an oracle: the label comes from the report)
 
-When no bundle exists, :func:`load_bundle` builds an *untrained* one from config, and every output says
-``UNTRAINED``.
+Which classifier scores a study is :func:`neural_core.stages.choose_classifier`'s answer, nobody else's. When no
+bundle exists, :func:`load_bundle` builds an *untrained* one from config, and every output says ``UNTRAINED``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from .errors import ModelLoadError
 from .models.classifier import NeuralClassifier
 from .models.report_model import ReportModel
 from .models.tokenizer import load_tokenizer, train_tokenizer
+from .stages import CLASSIFIER_NAMES
+from .utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +40,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = Path(os.environ.get("NEURAL_MODEL_DIR", ROOT / "assets" / "default_model"))
 
 
+CLASSIFIER_DIR = "classifier_{}"
+
+
 @dataclass
 class ModelBundle:
+    """``classifiers``: the registry, name -> classifier (``image``, ``report``, ``oracle``; any subset)."""
+
     report_model: ReportModel
     tokenizer: object
-    classifier_report: NeuralClassifier | None
-    classifier_image: NeuralClassifier | None
+    classifiers: dict[str, NeuralClassifier] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
-    classifier_oracle: NeuralClassifier | None = None
 
-    def classifier_for(self, report_source: str | None) -> NeuralClassifier | None:
-        """Image-only (no report), generated-report or given-report classifier, falling back to what exists."""
-        if report_source is None:
-            return self.classifier_image or self.classifier_report
-        if report_source == "given" and self.classifier_oracle is not None:
-            return self.classifier_oracle
-        return self.classifier_report or self.classifier_image
+    def __post_init__(self):
+        unknown = set(self.classifiers) - set(CLASSIFIER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown classifier name(s) {sorted(unknown)}; the registry holds {CLASSIFIER_NAMES}")
+        self.classifiers = {k: v for k, v in dict(self.classifiers).items() if v is not None}
 
     @property
     def trained(self) -> bool:
@@ -76,11 +80,9 @@ class ModelBundle:
         out.mkdir(parents=True, exist_ok=True)
         self.report_model.save_pretrained(out / "report", fp16=fp16)
         self.tokenizer.save_pretrained(str(out / "report" / "tokenizer"))
-        for name, clf in (("classifier_report", self.classifier_report), ("classifier_image", self.classifier_image),
-                          ("classifier_oracle", self.classifier_oracle)):
-            if clf is not None:
-                clf.save_pretrained(out / name, fp16=fp16)
-        (out / "model.json").write_text(json.dumps(self.info, indent=2))
+        for name, clf in self.classifiers.items():
+            clf.save_pretrained(out / CLASSIFIER_DIR.format(name), fp16=fp16)
+        atomic_write_text(out / "model.json", json.dumps(self.info, indent=2))
 
 
 _LOCK = threading.Lock()
@@ -99,16 +101,15 @@ def untrained_bundle(cfg: ReportModelConfig | None = None, device: torch.device 
     rm = ReportModel(cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).eval()
     ccfg = ClassifierConfig()
     info = {"name": "neural-untrained", "version": "0", "trained": False}
-    return ModelBundle(rm, tok, NeuralClassifier(ccfg).eval(), NeuralClassifier(ccfg).eval(), info,
-                       device or torch.device("cpu")).to(device or torch.device("cpu"))
+    clfs = {"report": NeuralClassifier(ccfg).eval(), "image": NeuralClassifier(ccfg).eval()}
+    return ModelBundle(rm, tok, clfs, info, device or torch.device("cpu")).to(device or torch.device("cpu"))
 
 
 def _to(self: ModelBundle, device: torch.device) -> ModelBundle:
     self.device = torch.device(device)
     self.report_model.to(self.device)
-    for c in (self.classifier_report, self.classifier_image, self.classifier_oracle):
-        if c is not None:
-            c.to(self.device)
+    for c in self.classifiers.values():
+        c.to(self.device)
     return self
 
 
@@ -135,15 +136,8 @@ def load_bundle(path: str | Path | None = None, device: torch.device | str | Non
             info = json.loads((p / "model.json").read_text())
             rm = ReportModel.from_pretrained(p / "report", map_location=dev)
             tok = load_tokenizer(p / "report" / "tokenizer")
-            clf_r = NeuralClassifier.from_pretrained(p / "classifier_report", map_location=dev) \
-                if (p / "classifier_report").exists() else None
-            clf_i = NeuralClassifier.from_pretrained(p / "classifier_image", map_location=dev) \
-                if (p / "classifier_image").exists() else None
-            clf_o = NeuralClassifier.from_pretrained(p / "classifier_oracle", map_location=dev) \
-                if (p / "classifier_oracle").exists() else None
-            for c in (clf_r, clf_i, clf_o):
-                if c is not None:
-                    c.eval()
-            bundle = ModelBundle(rm, tok, clf_r, clf_i, info, dev, clf_o)
+            clfs = {name: NeuralClassifier.from_pretrained(p / CLASSIFIER_DIR.format(name), map_location=dev).eval()
+                    for name in CLASSIFIER_NAMES if (p / CLASSIFIER_DIR.format(name)).is_dir()}
+            bundle = ModelBundle(rm, tok, clfs, info, dev)
         _CACHE[key] = bundle
         return bundle

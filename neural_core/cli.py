@@ -4,7 +4,10 @@
     neural compress INPUTS... --out DIR [--keep F] [--engine local|ray]
     neural decompress ARTIFACT --out PNG [--fill blank|context]
     neural info ARTIFACT
-    neural evaluate ... / neural validate-salience MANIFEST.csv / neural train-stage1 / neural train-stage2
+    neural evaluate [--quick] [--model DIR] [--out DIR] ...
+    neural validate-salience MANIFEST.csv [--model DIR] [--out DIR]
+
+Training is not a sub-command: ``python -m neural_core.train.stage1`` / ``python -m neural_core.train.stage2``.
 
 Bad input prints one clear line on stderr and exits non-zero; a batch carries on past bad files and lists them.
 """
@@ -177,11 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="refuse artifacts not made by this model bundle")
     p.set_defaults(fn=cmd_info)
 
-    try:  # evaluation / training sub-commands live with their modules
-        from .evaluate import add_cli as add_eval
-        add_eval(sub)
-    except ImportError:
-        pass
+    from .eval import run as eval_run, salience as eval_salience   # cheap: heavy imports happen when they run
+
+    p = sub.add_parser("evaluate", help="held-out evaluation: AUC vs bytes, codecs, report generation, ablation",
+                       description=eval_run.__doc__.split("\n\n")[0])
+    eval_run.add_arguments(p)
+    p.set_defaults(fn=eval_run.cmd_evaluate)
+
+    p = sub.add_parser("validate-salience", help="salience vs hand-drawn masks: recall of kept patches, pointing "
+                       "game, random and lung-field baselines")
+    eval_salience.add_arguments(p)
+    p.set_defaults(fn=eval_salience.cmd_validate_salience)
     return ap
 
 

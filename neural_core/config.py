@@ -119,6 +119,10 @@ def pretrained_report_config() -> ReportModelConfig:
                              d_ff=384, num_layers=2, num_heads=4, d_kv=48, dropout=0.1)
 
 
+#: Side (px) of the low-resolution context layer every artifact carries by default (CLI, app, evaluation).
+DEFAULT_CONTEXT_SIDE = 32
+
+
 @dataclass
 class PruneConfig:
     """How patches are chosen. Exactly one of keep / tau / top_k drives the selection (keep by default)."""
@@ -127,7 +131,7 @@ class PruneConfig:
     tau: float | None = None        # threshold on the per-image normalised score in [0, 1]
     top_k: int | None = None
     patch_size: int | None = None   # in original pixels; None = auto (see prune.auto_patch_size)
-    context_side: int = 0           # side of the optional low-res context layer; 0 = none
+    context_side: int = DEFAULT_CONTEXT_SIDE   # side of the low-res context layer; 0 = none
 
     def mode(self) -> str:
         if self.top_k is not None:

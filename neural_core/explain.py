@@ -173,16 +173,15 @@ def explain(classifier, data, *, entities=None, n_steps: int = 32, top: int = 5,
 
 
 def classifier_for(bundle, analysis):
-    """The classifier :meth:`~neural_core.pipeline.Pipeline.classify` used for ``analysis`` (None if none)."""
-    if analysis.image_only or analysis.report_graph is None:
-        clf = bundle.classifier_image
-    else:
-        clf = bundle.classifier_report
-    return clf
+    """The classifier that produced ``analysis.probability``: :func:`~neural_core.stages.choose_classifier` on the
+    analysis's report source and report graph, the same call the pipeline made (None if the bundle has none)."""
+    from .stages import choose_classifier
+
+    return choose_classifier(bundle, analysis.report_source, analysis.report_graph).classifier
 
 
 def explain_analysis(pipeline, analysis, *, n_steps: int = 32, top: int = 5) -> Explanation | None:
-    """:func:`explain` for a :class:`~neural_core.pipeline.Analysis` with the classifier that produced its
+    """:func:`explain` for a :class:`~neural_core.pipeline.StudyAnalysis` with the classifier that produced its
     probability; ``None`` when the bundle has no such classifier."""
     clf = classifier_for(pipeline.bundle, analysis)
     if clf is None:

@@ -21,25 +21,25 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .artifact import Artifact, ByteReport, build_artifact, make_context
+from . import stages
+from .artifact import Artifact, ByteReport, make_context
 from .bundle import ModelBundle, load_bundle
-from .config import DEFAULT_LIMITS, Limits, PruneConfig
-from .device import autocast, set_threads
+from .config import DEFAULT_CONTEXT_SIDE, DEFAULT_LIMITS, ClassifierConfig, Limits, PruneConfig
+from .device import set_threads
 from .errors import ReportError
-from .graphs.fuse import fuse, report_graph_tensors
+from .graphs.fuse import report_graph_tensors
 from .graphs.report_kg import ReportGraph, extract
-from .graphs.visual import build_visual_graph
 from .io import XRay, load_image
-from .prune import PatchGrid, grid_for, normalise, patch_scores, select
-from .salience import SalienceResult, compute_salience, salience_batch
-from .transforms import resize_square
+from .prune import PatchGrid, grid_for
+from .salience import SalienceResult
+from .utils import LRUCache
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ def inference_threads() -> int:
 
 
 @dataclass
-class Analysis:
-    """Everything one study produced. ``patch_scores`` and ``mask`` are (rows, cols) on ``grid``."""
+class StudyAnalysis:
+    """Everything one study produced. ``patch_scores`` and ``mask`` are (rows, cols) on ``grid``; ``classifier``
+    names the registry entry that gave ``probability`` (:func:`~neural_core.stages.choose_classifier`), None when
+    the bundle has none. (The database's record of an analysis is :class:`db.models.Analysis`.)"""
 
     xray: XRay
     salience: SalienceResult
@@ -100,6 +102,7 @@ class Analysis:
     trained: bool
     timings: dict[str, float] = field(default_factory=dict)
     vlm_cached: bool = False
+    classifier: str | None = None
 
     @property
     def report(self) -> str:
@@ -140,6 +143,7 @@ class Analysis:
             "total_patches": int(self.mask.size),
             "bytes": self.bytes.to_dict(),
             "probability": self.probability,
+            "classifier": self.classifier,
             "image_only": self.image_only,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
@@ -160,11 +164,10 @@ class Pipeline:
         self.bundle = bundle or load_bundle(device=device)
         self._text_encoder = text_encoder
         self.limits = limits
-        self._cache: OrderedDict[tuple, VLMOutput] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: LRUCache[tuple, VLMOutput] = LRUCache(cache_size)
         self._lock = threading.RLock()
-        self._reports: OrderedDict[str, ReportGraph] = OrderedDict()       # report text -> knowledge graph
-        self._report_tensors: OrderedDict[tuple, object] = OrderedDict()   # (text, encoder) -> Data
+        self._reports: LRUCache[str, ReportGraph] = LRUCache(REPORT_CACHE_SIZE)        # text -> knowledge graph
+        self._report_tensors: LRUCache[tuple, object] = LRUCache(REPORT_CACHE_SIZE)   # (text, encoder) -> Data
 
     @property
     def text_encoder(self):
@@ -189,35 +192,13 @@ class Pipeline:
                               f"{exc.start})") from None
         return report if report.strip() else None
 
-    def pixel_tensor(self, xray: XRay) -> torch.Tensor:
-        size = self.bundle.report_model.image_size
-        return torch.from_numpy(resize_square(xray.pixels, size))[None, None].to(self.bundle.device)
-
     def _vlm_key(self, xray: XRay, report: str | None, num_beams: int) -> tuple:
         rkey = hashlib.sha256(report.encode()).hexdigest() if report else f"<generated:{num_beams}>"
         return xray.meta.study_key, rkey, self.bundle.identity["config_hash"], self.bundle.identity["version"]
 
-    def _remember(self, key: tuple, out: VLMOutput) -> None:
-        with self._lock:
-            self._cache[key] = out
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-
     def vlm(self, xray: XRay, report: str | None, *, num_beams: int = 1) -> tuple[VLMOutput, bool]:
         """Salience (and the generated report when none is given) for one study; (output, was_cached)."""
-        report = self._check_report(report)
-        key = self._vlm_key(xray, report, num_beams)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key], True
-        t0 = time.perf_counter()
-        x = self.pixel_tensor(xray)
-        with torch.inference_mode(), autocast(self.bundle.device):
-            sal = compute_salience(self.bundle.report_model, self.bundle.tokenizer, x, report, num_beams=num_beams)
-        out = VLMOutput(xray, sal, time.perf_counter() - t0)
-        self._remember(key, out)
-        return out, False
+        return self.vlm_batch([xray], [report], num_beams=num_beams)[0]
 
     def vlm_batch(self, xrays: list[XRay], reports: list[str | None], *,
                   num_beams: int = 1) -> list[tuple[VLMOutput, bool]]:
@@ -230,23 +211,20 @@ class Pipeline:
         keys = [self._vlm_key(x, r, num_beams) for x, r in zip(xrays, reports)]
         res: list[tuple[VLMOutput, bool] | None] = [None] * len(xrays)
         todo = []
-        with self._lock:
-            for i, key in enumerate(keys):
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    res[i] = (self._cache[key], True)
-                elif key not in {keys[j] for j in todo}:
-                    todo.append(i)
+        for i, key in enumerate(keys):
+            hit = self._cache.get(key)
+            if hit is not None:
+                res[i] = (hit, True)
+            elif key not in {keys[j] for j in todo}:
+                todo.append(i)
         if todo:
             t0 = time.perf_counter()
-            x = torch.cat([self.pixel_tensor(xrays[i]) for i in todo])
-            with torch.inference_mode(), autocast(self.bundle.device):
-                sals = salience_batch(self.bundle.report_model, self.bundle.tokenizer, x,
-                                      [reports[i] for i in todo], num_beams=num_beams)
+            sals = stages.salience(self.bundle.report_model, self.bundle.tokenizer, [xrays[i].pixels for i in todo],
+                                   [reports[i] for i in todo], batch=len(todo), num_beams=num_beams)
             share = (time.perf_counter() - t0) / len(todo)
             for i, sal in zip(todo, sals):
                 out = VLMOutput(xrays[i], sal, share)
-                self._remember(keys[i], out)
+                self._cache.put(keys[i], out)
                 res[i] = (out, False)
         for i, r in enumerate(res):           # duplicates within the batch: the first one's output
             if r is None:
@@ -258,7 +236,7 @@ class Pipeline:
         key = ("scores", grid)
         scores = out._derived.get(key)
         if scores is None:
-            scores = normalise(patch_scores(out.salience.token_map, grid)).astype(np.float32)
+            scores = stages.score_patches(out.salience.token_map, grid)
             scores.setflags(write=False)
             out._derived[key] = scores
         return scores
@@ -298,34 +276,15 @@ class Pipeline:
 
     def report_graph(self, report: str) -> ReportGraph:
         """:func:`~neural_core.graphs.report_kg.extract` of ``report``, cached per text (a fresh copy each call)."""
-        with self._lock:
-            rg = self._reports.get(report)
-            if rg is not None:
-                self._reports.move_to_end(report)
-        if rg is None:
-            rg = extract(report, limits=self.limits)
-            with self._lock:
-                self._reports[report] = rg
-                while len(self._reports) > REPORT_CACHE_SIZE:
-                    self._reports.popitem(last=False)
+        rg = self._reports.get_or_compute(report, lambda: extract(report, limits=self.limits))
         return copy.deepcopy(rg)
 
     def _report_data(self, report_graph: ReportGraph, text: str | None):
         """``report_graph_tensors`` of a report graph, cached per report text when the graph is that text's."""
         if text is None:
             return report_graph_tensors(report_graph, self.text_encoder)
-        key = (text, id(self.text_encoder))
-        with self._lock:
-            data = self._report_tensors.get(key)
-            if data is not None:
-                self._report_tensors.move_to_end(key)
-                return data
-        data = report_graph_tensors(report_graph, self.text_encoder)
-        with self._lock:
-            self._report_tensors[key] = data
-            while len(self._report_tensors) > REPORT_CACHE_SIZE:
-                self._report_tensors.popitem(last=False)
-        return data
+        return self._report_tensors.get_or_compute((text, id(self.text_encoder)),
+                                                   lambda: report_graph_tensors(report_graph, self.text_encoder))
 
     def warmup(self) -> "Pipeline":
         """Load everything a first request would otherwise wait for (the text encoder, the spaCy pipeline,
@@ -337,21 +296,21 @@ class Pipeline:
         img = (60 + 120 * (((yy - 128) / 110.0) ** 2 + ((xx - 128) / 90.0) ** 2 < 1)).astype(np.uint8)
         x = from_array(img, source_format="warmup")
         text = "Patchy opacity in the right lower lobe. No pleural effusion."
-        with self._lock:
-            saved = (OrderedDict(self._cache), OrderedDict(self._reports), OrderedDict(self._report_tensors))
+        caches = (self._cache, self._reports, self._report_tensors)
+        saved = [c.snapshot() for c in caches]
         try:
-            self.analyze(x, text, keep=0.2, context_side=32)
+            self.analyze(x, text, keep=0.2)
             self.analyze(x, text, keep=0.2, image_only=True)
         finally:
-            with self._lock:
-                self._cache, self._reports, self._report_tensors = saved
+            for c, entries in zip(caches, saved):
+                c.restore(entries)
         return self
 
     # -- the rest -----------------------------------------------------------------------------------------------
     def analyze(self, image: str | Path | bytes | XRay, report: str | None = None, *, keep: float | None = 0.10,
                 tau: float | None = None, top_k: int | None = None, patch_size: int | None = None,
-                context_side: int = 32, fusion: str = "bridge", image_only: bool = False,
-                num_beams: int = 1) -> Analysis:
+                context_side: int = DEFAULT_CONTEXT_SIDE, fusion: str = "bridge", image_only: bool = False,
+                num_beams: int = 1) -> StudyAnalysis:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         xray = image if isinstance(image, XRay) else load_image(image, limits=self.limits)
@@ -364,65 +323,63 @@ class Pipeline:
         return a
 
     def prune_and_classify(self, out: VLMOutput, cfg: PruneConfig, *, fusion: str = "bridge",
-                           image_only: bool = False, timings: dict | None = None) -> Analysis:
+                           image_only: bool = False, timings: dict | None = None) -> StudyAnalysis:
         timings = {} if timings is None else timings
         xray, sal = out.xray, out.salience
         t = time.perf_counter()
         grid = grid_for(xray.meta.height, xray.meta.width, cfg.patch_size)
         scores = self._patch_scores(out, grid)
-        mask = select(scores, cfg)
-        artifact = build_artifact(xray.raw, xray.meta.bit_depth, mask, grid, context_side=cfg.context_side,
-                                  context=self._context(out, cfg.context_side),
-                                  scores=scores[mask], model=self.bundle.identity,
-                                  meta={"source_format": xray.meta.source_format,
-                                        "source_bytes": xray.meta.source_bytes, "study_key": xray.meta.study_key,
-                                        "keep": cfg.keep, "tau": cfg.tau, "top_k": cfg.top_k})
+        mask = stages.select_patches(scores, cfg)
+        artifact = stages.make_artifact(xray.raw, xray.meta.bit_depth, grid, scores, mask,
+                                        model=self.bundle.identity, meta=stages.artifact_meta(xray, cfg),
+                                        context_side=cfg.context_side, context=self._context(out, cfg.context_side))
         nbytes = artifact.sizes()
         timings["prune"] = time.perf_counter() - t
         t = time.perf_counter()
         rg = None if image_only else self.report_graph(sal.report)
         timings["report_graph"] = time.perf_counter() - t
-        prob, fused = self._classify(artifact, rg, None if image_only else sal.report, fusion=fusion,
-                                     image_only=image_only, timings=timings, derived=out._derived,
-                                     report_source=sal.report_source)
-        return Analysis(xray, sal, grid, scores.copy(), mask, artifact, nbytes, rg, fused, prob, image_only, cfg,
-                        self.bundle.version, self.bundle.trained, timings)
+        prob, fused, choice = self._classify(artifact, rg, None if image_only else sal.report, fusion=fusion,
+                                             image_only=image_only, timings=timings, derived=out._derived,
+                                             report_source=sal.report_source)
+        return StudyAnalysis(xray, sal, grid, scores.copy(), mask, artifact, nbytes, rg, fused, prob, image_only,
+                             cfg, self.bundle.version, self.bundle.trained, timings, classifier=choice.name)
 
     def classify(self, artifact: Artifact, report_graph: ReportGraph | None, *, fusion: str = "bridge",
                  image_only: bool = False, timings: dict | None = None,
                  report_source: str = "given") -> tuple[float | None, object]:
         """Pneumonia probability from a stored artifact (+ optional report graph) alone. ``report_source`` picks
-        the classifier: ``"given"`` (a real report) or ``"generated"`` (the model's own)."""
-        return self._classify(artifact, report_graph, None, fusion=fusion, image_only=image_only, timings=timings,
-                              report_source=report_source)
+        the classifier (:func:`~neural_core.stages.choose_classifier`): ``"given"`` (a real report) or
+        ``"generated"`` (the model's own)."""
+        prob, fused, _ = self._classify(artifact, report_graph, None, fusion=fusion, image_only=image_only,
+                                        timings=timings, report_source=report_source)
+        return prob, fused
 
     def _classify(self, artifact: Artifact, report_graph: ReportGraph | None, report_text: str | None, *,
                   fusion: str = "bridge", image_only: bool = False, timings: dict | None = None,
-                  derived: dict | None = None, report_source: str = "given") -> tuple[float | None, object]:
+                  derived: dict | None = None, report_source: str = "given"
+                  ) -> tuple[float | None, object, stages.ClassifierChoice]:
         """:meth:`classify`; ``report_text`` (the text ``report_graph`` was extracted from) keys the cache of the
         report graph's tensors; ``derived`` (the study's ``VLMOutput._derived``, only when ``artifact`` was cut
         from that study's image) caches the patch encoder's output per grid patch across re-prunings."""
         timings = {} if timings is None else timings
         t = time.perf_counter()
-        no_report = image_only or report_graph is None or not report_graph.entities
-        clf = self.bundle.classifier_for(None if no_report else report_source)
-        ccfg = (clf or self.bundle.classifier_image or self.bundle.classifier_report).cfg
-        visual = build_visual_graph(artifact, ccfg)
-        rep = None
-        if report_graph is not None and not image_only and report_graph.entities:
-            rep = self._report_data(report_graph, report_text)
-        fused = fuse(visual, rep, mode=fusion if rep is not None else "none")
+        if image_only:
+            report_graph = None
+        choice = stages.choose_classifier(self.bundle, report_source, report_graph)
+        clf = choice.classifier
+        ccfg = choice.config or ClassifierConfig()
+        rep = None if not stages.has_report_nodes(report_graph) else self._report_data(report_graph, report_text)
+        fused = stages.fuse_graphs(stages.visual_graph(artifact, ccfg), rep, mode=fusion)
         timings["graphs"] = time.perf_counter() - t
         t = time.perf_counter()
         prob = None
         if clf is not None:
+            data = fused.to(self.bundle.device)
             with torch.inference_mode():
-                data = fused.to(self.bundle.device)
                 feats = None if derived is None else self._patch_features(derived, clf, data, artifact)
-                logit = clf.forward_from_node_features(clf.node_embeddings(data, patch_features=feats), data)
-            prob = float(torch.sigmoid(logit.float()).reshape(-1)[0])
+            prob = stages.classify(clf, data, patch_features=feats)
         timings["classify"] = time.perf_counter() - t
-        return prob, fused
+        return prob, fused, choice
 
 
 _DEFAULT: Pipeline | None = None
@@ -437,6 +394,13 @@ def default_pipeline() -> Pipeline:
         return _DEFAULT
 
 
-def analyze(image, report: str | None = None, **kw) -> Analysis:
+def analyze(image, report: str | None = None, **kw) -> StudyAnalysis:
     """:meth:`Pipeline.analyze` on the default model (``assets/default_model``; UNTRAINED when absent)."""
     return default_pipeline().analyze(image, report, **kw)
+
+
+def __getattr__(name: str):
+    if name == "Analysis":   # the old name; db.models.Analysis is the database's record of an analysis
+        warnings.warn("neural_core.pipeline.Analysis is now StudyAnalysis", DeprecationWarning, stacklevel=2)
+        return StudyAnalysis
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

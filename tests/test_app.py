@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 import app
 import db
 import review.gallery as review_gallery
-import neural_core.pipeline as pipeline_mod
+import neural_core.stages as stages_mod
 from neural_core.bundle import untrained_bundle
 from neural_core.config import tiny_report_config
 from neural_core.phantoms import phantom
@@ -35,16 +35,16 @@ class FakeEncoder:
 
 @pytest.fixture(scope="module")
 def vlm_calls():
-    """Counts report-model runs (``compute_salience``) while this module's tests run."""
+    """Counts report-model runs (``stages.salience``, which the pipeline calls) while this module's tests run."""
     calls = {"n": 0}
-    orig = pipeline_mod.compute_salience
+    orig = stages_mod.salience
 
     def counting(*a, **k):
         calls["n"] += 1
         return orig(*a, **k)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline_mod, "compute_salience", counting)
+    mp.setattr(stages_mod, "salience", counting)
     yield calls
     mp.undo()
 

@@ -14,14 +14,16 @@ from neural_core.artifact import Artifact
 from neural_core.bundle import untrained_bundle
 from neural_core.cli import main as cli_main
 from neural_core.config import tiny_report_config
-from neural_core.eval_salience import (keep_count, lung_prior, mask_patch_counts, mask_recall, pointing_hit,
+from neural_core.eval import CONDITIONS
+from neural_core.eval.codecs import CODECS, _encode, encode_to_budget
+from neural_core.eval.metrics import (bootstrap_auc_ci, chexpert_f1, classification_metrics, roc_auc,
+                                      threshold_metrics)
+from neural_core.eval.report import write_outputs
+from neural_core.eval.run import EvalConfig, run_evaluation, stratified_subset
+from neural_core.eval.salience import (keep_count, lung_prior, mask_patch_counts, mask_recall, pointing_hit,
                                        random_baseline, top_patch, validate)
-from neural_core.evaluate import (CODECS, CONDITIONS, EvalConfig, HashTextEncoder, _encode, bootstrap_auc_ci,
-                                  chexpert_f1,
-                                  classification_metrics, encode_to_budget, run_evaluation, stratified_subset,
-                                  write_outputs)
 from neural_core.prune import grid_for
-from neural_core.train.stage2 import roc_auc
+from tests.conftest import FakeTextEncoder
 
 REPORTS = ["Right lower lobe consolidation, consistent with pneumonia.",
            "The lungs are clear. No pleural effusion or pneumothorax.",
@@ -78,7 +80,7 @@ def evaluated(tiny):
     root, bundle = tiny
     cfg = EvalConfig(manifest=str(root / "manifest.csv"), split=str(root / "split.json"), out=str(root / "out"),
                      keeps=(1.0, 0.25, 0.1, 0.05), bootstrap=200, seed=3, batch=8, save_artifacts=1)
-    res = run_evaluation(cfg, bundle=bundle, model_dir=root / "model", text_encoder=HashTextEncoder())
+    res = run_evaluation(cfg, bundle=bundle, model_dir=root / "model", text_encoder=FakeTextEncoder())
     paths = write_outputs(res, cfg.out)
     return res, paths, cfg
 
@@ -176,6 +178,66 @@ def test_bootstrap_ci_contains_point_estimate():
     assert m["tp"] + m["fn"] == 30 and 0 <= m["sensitivity"] <= 1
 
 
+def test_bootstrap_ci_equals_scipy_bootstrap():
+    """The vectorised bootstrap draws SciPy's resamples from the same seed and takes the same percentiles."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(5)
+    y = np.array([0] * 40 + [1] * 35)
+    s = np.concatenate([rng.normal(0, 1, 40), rng.normal(0.8, 1, 35)]).round(1)    # rounded: ties (mid-ranks)
+
+    def auc(yy, ss, axis=-1):
+        return np.apply_along_axis(lambda row: roc_auc(row[: len(y)], row[len(y):]), axis,
+                                   np.concatenate([yy, ss], axis=axis))
+
+    for seed in (0, 7):
+        lo, hi, n = bootstrap_auc_ci(y, s, 400, seed=seed)
+        ref = bootstrap(
+            (y, s), auc, n_resamples=400, paired=True, vectorized=True, method="percentile", rng=np.random.default_rng(seed))
+        assert n == 400
+        assert (lo, hi) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high), abs=1e-12)
+
+
+def test_threshold_metrics_match_their_definitions():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    s = rng.random(200)
+    m = threshold_metrics(y, s, 0.4)
+    pred = s >= 0.4
+    tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())
+    tn, fn = int((~pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (tp, fp, tn, fn)
+    assert m["sensitivity"] == pytest.approx(tp / (tp + fn)) and m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    none_pos = threshold_metrics(np.zeros(5, int), np.linspace(0, 1, 5), 0.5)
+    assert math.isnan(none_pos["sensitivity"]) and none_pos["specificity"] == pytest.approx(2 / 5)
+
+
+def test_eval_package_does_not_import_the_trainers_and_has_no_cycle():
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1] / "neural_core" / "eval"
+    imports = {}
+    for f in pkg.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                names.add(base)
+                names.update(f"{base}.{a.name}" if node.module is None else base for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        imports[f.stem] = names
+        assert not any("train" in n for n in names), (f.name, sorted(n for n in names if "train" in n))
+    # no module of the package imports one that imports it back (run <-> salience used to)
+    mods = set(imports)
+    deps = {m: {n.split(".")[-1] for n in names if n.startswith(".") and not n.startswith("..")} & mods
+            for m, names in imports.items()}
+    for m, ds in deps.items():
+        for d in ds:
+            assert m not in deps.get(d, set()), f"import cycle {m} <-> {d}"
+
+
 def test_chexpert_f1_and_stratified_subset():
     h = [{"Pneumonia": 1.0, "Edema": 0.0}, {"Pneumonia": None}]
     r = [{"Pneumonia": 1.0, "Edema": 1.0}, {"Pneumonia": 1.0}]
@@ -238,3 +300,21 @@ def test_validate_salience_end_to_end(tiny, tmp_path, capsys):
     assert (tmp_path / "so" / "salience_results.json").exists()
     assert "Pointing game" in (tmp_path / "so" / "salience_results.md").read_text()
     assert "skipped line 5" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_validate_salience_on_the_covid_lung_masks(tiny, covid_dir, tmp_path):
+    """The shared data's lung_masks.csv is a validate-salience manifest as it stands (paths relative to it)."""
+    table = covid_dir / "lung_masks.csv"
+    if not table.exists():
+        pytest.skip(f"{table} is absent (older copy of the shared data)")
+    lines = table.read_text().splitlines()
+    sub = tmp_path / "masks.csv"                    # the header and two rows, paths made absolute
+    sub.write_text("image,mask\n" + "\n".join(",".join(str(covid_dir / p) for p in ln.split(","))
+                                              for ln in lines[1:3]) + "\n")
+    res = validate(sub, bundle=tiny[1], keeps=(1.0, 0.1), seed=0)
+    assert res["n_images"] == 2 and not res["bad_rows"]
+    full = next(r for r in res["summary"] if r["keep"] == 1.0)
+    assert full["recall"] == pytest.approx(1.0)
+    for p in res["per_image"]:
+        assert 0.0 < p["mask_fraction"] < 1.0        # a lung field: part of the image, not all of it

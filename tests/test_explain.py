@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from neural_core.artifact import build_artifact
+from neural_core import stages
 from neural_core.config import ClassifierConfig, PruneConfig
 from neural_core.explain import Explanation, classifier_for, explain, explain_analysis, integrated_gradients
-from neural_core.graphs.fuse import fuse, report_graph_tensors
+from neural_core.graphs.fuse import report_graph_tensors
 from neural_core.graphs.report_kg import extract
-from neural_core.graphs.visual import build_visual_graph
 from neural_core.models.classifier import NeuralClassifier
 from neural_core.phantoms import phantom
-from neural_core.prune import grid_for, normalise, patch_scores, select
+from neural_core.prune import grid_for
 
 TINY = ClassifierConfig(patch_pixels=8, patch_dim=16, text_dim=24, hidden=16, layers=2, dropout=0.2)
 
@@ -38,16 +37,15 @@ def graphs():
     """A fused (image + report) graph and an image-only graph of a phantom, and the report graph."""
     p = phantom(1, height=192, width=160)
     grid = grid_for(p.xray.meta.height, p.xray.meta.width)
-    rng = np.random.default_rng(0)
-    scores = normalise(patch_scores(rng.random((7, 7)), grid))
-    mask = select(scores, PruneConfig(keep=0.15))
-    art = build_artifact(p.xray.raw, 8, mask, grid, scores=scores[mask].astype(np.float32),
-                         model={"name": "t", "version": "0", "config_hash": "x"}, meta={})
-    visual = build_visual_graph(art, TINY)
+    scores = stages.score_patches(np.random.default_rng(0).random((7, 7)), grid)
+    mask = stages.select_patches(scores, PruneConfig(keep=0.15))
+    art = stages.make_artifact(p.xray.raw, 8, grid, scores, mask, model=stages.TRAIN_MODEL_ID, meta={})
+    visual = stages.visual_graph(art, TINY)
     rg = extract(p.report)
     assert rg.entities, "the phantom report must produce entities"
     rep = report_graph_tensors(rg, FakeEncoder(TINY.text_dim), text_dim=TINY.text_dim)
-    return SimpleNamespace(fused=fuse(visual, rep), image=fuse(visual, None), rg=rg, k=int(visual.num_nodes))
+    return SimpleNamespace(fused=stages.fuse_graphs(visual, rep), image=stages.fuse_graphs(visual, None), rg=rg,
+                           k=int(visual.num_nodes))
 
 
 @pytest.fixture()
@@ -117,15 +115,17 @@ def test_zero_baseline_is_available(graphs, clf):
 
 def test_explain_analysis_uses_the_classifier_that_scored_it(graphs):
     torch.manual_seed(1)
-    c_img, c_rep = NeuralClassifier(TINY).eval(), NeuralClassifier(TINY).eval()
-    bundle = SimpleNamespace(classifier_image=c_img, classifier_report=c_rep)
-    pipe = SimpleNamespace(bundle=bundle)
-    fused = SimpleNamespace(image_only=False, report_graph=graphs.rg, fused=graphs.fused)
-    img = SimpleNamespace(image_only=True, report_graph=None, fused=graphs.image)
-    assert classifier_for(bundle, fused) is c_rep and classifier_for(bundle, img) is c_img
-    e = explain_analysis(pipe, fused, n_steps=8)
+    clfs = {name: NeuralClassifier(TINY).eval() for name in ("image", "report", "oracle")}
+    pipe = SimpleNamespace(bundle=SimpleNamespace(classifiers=clfs))
+    given = SimpleNamespace(image_only=False, report_source="given", report_graph=graphs.rg, fused=graphs.fused)
+    generated = SimpleNamespace(image_only=False, report_source="generated", report_graph=graphs.rg,
+                                fused=graphs.fused)
+    img = SimpleNamespace(image_only=True, report_source="generated", report_graph=None, fused=graphs.image)
+    assert classifier_for(pipe.bundle, given) is clfs["oracle"]
+    assert classifier_for(pipe.bundle, generated) is clfs["report"]
+    assert classifier_for(pipe.bundle, img) is clfs["image"]
+    e = explain_analysis(pipe, given, n_steps=8)
     with torch.no_grad():
-        assert e.logit == pytest.approx(float(c_rep(graphs.fused)[0]), abs=1e-5)
+        assert e.logit == pytest.approx(float(clfs["oracle"](graphs.fused)[0]), abs=1e-5)
     assert explain_analysis(pipe, img, n_steps=8).image_only
-    assert explain_analysis(SimpleNamespace(bundle=SimpleNamespace(classifier_image=None, classifier_report=None)),
-                            img) is None
+    assert explain_analysis(SimpleNamespace(bundle=SimpleNamespace(classifiers={})), img) is None

@@ -2,6 +2,7 @@
 every bad input we know of (each must raise a one-line ImageLoadError naming the file)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import struct
@@ -95,7 +96,10 @@ def _assert_valid(x: XRay, h: int | None = None, w: int | None = None) -> None:
     assert int(x.raw.max()) <= 2 ** x.meta.bit_depth - 1
     np.testing.assert_allclose(x.pixels, x.raw.astype(np.float64) / (2 ** x.meta.bit_depth - 1) * 2048 - 1024,
                                atol=1e-3)
-    assert len(x.meta.study_key) == 64 and int(x.meta.study_key, 16) >= 0
+    # the study key is the documented content hash of the decoded pixels (shape, bit width, little-endian bytes)
+    want = hashlib.sha256(f"{x.raw.shape[0]}x{x.raw.shape[1]}:{x.raw.dtype.itemsize * 8}:".encode()
+                          + x.raw.astype(x.raw.dtype.newbyteorder("<")).tobytes()).hexdigest()
+    assert x.meta.study_key == want
     if h is not None:
         assert (x.meta.height, x.meta.width) == (h, w)
 

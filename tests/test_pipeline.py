@@ -57,7 +57,12 @@ def test_classifier_runs_from_the_stored_artifact_alone(tiny_pipeline, tmp_path)
     p, _ = tiny_pipeline.classify(art, a.report_graph)
     assert p == pytest.approx(a.probability, abs=1e-5)
     p_img, fused = tiny_pipeline.classify(art, None, image_only=True)
-    assert fused.num_nodes == a.mask.sum()
+    assert fused.num_nodes == a.mask.sum() and not (fused.node_type > 0).any()
+    # the image-only answer from the stored artifact is the image classifier's answer on the study
+    a_img = tiny_pipeline.analyze(_phantom(), REPORT, keep=0.1, image_only=True)
+    assert a_img.classifier == "image" and a.classifier in ("report", "oracle")
+    assert p_img == pytest.approx(a_img.probability, abs=1e-5)
+    assert p_img != pytest.approx(p, abs=1e-6)          # another classifier scored it
 
 
 def test_reconstruct_is_exact_on_kept_patches(tiny_pipeline):

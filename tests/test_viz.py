@@ -6,15 +6,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from neural_core import viz
-from neural_core.artifact import build_artifact
+from neural_core import stages, viz
 from neural_core.config import ClassifierConfig, PruneConfig
-from neural_core.graphs.fuse import fuse, report_graph_tensors
+from neural_core.graphs.fuse import report_graph_tensors
 from neural_core.graphs.report_kg import extract
-from neural_core.graphs.visual import build_visual_graph
 from neural_core.io import from_array
 from neural_core.phantoms import phantom
-from neural_core.prune import grid_for, normalise, patch_scores, select
+from neural_core.prune import grid_for
 
 CCFG = ClassifierConfig(patch_pixels=8, text_dim=16)
 
@@ -25,23 +23,23 @@ class ZeroEncoder:
 
 
 def _analysis(with_report: bool = True, h: int = 200, w: int = 176, context: int = 16, report: str | None = None):
-    """An Analysis-like object built from the real pieces (no report model needed); ``report`` replaces the
+    """A StudyAnalysis-like object built from the real pieces (no report model needed); ``report`` replaces the
     phantom's own."""
     p = phantom(1, height=h, width=w)
     grid = grid_for(h, w)
     token_map = np.zeros((7, 7), dtype=np.float32)
     token_map[4:6, 1:3] = 1.0
-    scores = normalise(patch_scores(token_map, grid)).astype(np.float32)
-    mask = select(scores, PruneConfig(keep=0.1))
-    art = build_artifact(p.xray.raw, 8, mask, grid, context_side=context, scores=scores[mask],
-                         model={"name": "t", "version": "0", "config_hash": "x"}, meta={})
-    visual = build_visual_graph(art, CCFG)
+    scores = stages.score_patches(token_map, grid)
+    mask = stages.select_patches(scores, PruneConfig(keep=0.1))
+    art = stages.make_artifact(p.xray.raw, 8, grid, scores, mask, model=stages.TRAIN_MODEL_ID, meta={},
+                               context_side=context)
+    visual = stages.visual_graph(art, CCFG)
     rg = extract(report or p.report) if with_report else None
     rep = report_graph_tensors(rg, ZeroEncoder(), text_dim=16) if rg is not None else None
     per_token = np.stack([token_map / token_map.sum(), np.full((7, 7), 1 / 49, dtype=np.float32)])
     sal = SimpleNamespace(token_map=token_map, per_token=per_token, tokens=["consolidation", "##s"])
     return SimpleNamespace(xray=p.xray, grid=grid, mask=mask, patch_scores=scores, artifact=art, salience=sal,
-                           report_graph=rg, fused=fuse(visual, rep), image_only=not with_report)
+                           report_graph=rg, fused=stages.fuse_graphs(visual, rep), image_only=not with_report)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +124,9 @@ def test_heatmap_overlay_constant_map_and_bad_input():
 def test_salience_and_token_overlays(analysis):
     h, w = analysis.xray.meta.height, analysis.xray.meta.width
     s = viz.salience_overlay(analysis)
-    assert s.shape[:2] == (h, s.shape[1]) and s.shape[1] > w and s.shape[2] == 3
+    legend = viz.colorbar(h, label="attention")               # the overlay is the image with its legend beside it
+    assert s.shape == (h, w + legend.shape[1], 3)
+    np.testing.assert_array_equal(s[:, w:], legend)
     t = viz.token_overlay(analysis, 0, legend=False)
     assert t.shape == (h, w, 3)
     with pytest.raises(IndexError):
@@ -297,9 +297,17 @@ def test_small_figures_have_heights():
     e = SimpleNamespace(top_patches=[{"patch": [1, 2], "attribution": 0.3, "node": 0}],
                         top_entities=[{"text": "consolidation", "certainty": "present", "attribution": -0.2}],
                         image_share=0.6, report_share=0.4)
-    assert viz.attribution_figure(e, height=360).layout.height == 360
-    assert viz.attribution_figure(None, height=300).layout.height == 300
-    assert viz.bar_figure(["a", "b"], [1, 2], height=320).layout.height == 320
-    assert viz.histogram_figure([0.1, 0.5], height=310).layout.height == 310
-    assert viz.histogram_figure([], height=311).layout.height == 311
+    f = viz.attribution_figure(e, height=360)
+    assert f.layout.height == 360
+    bars = dict(zip((y.strip() for y in f.data[0].y), f.data[0].x))   # smallest |attribution| first
+    assert bars == {"patch (1, 2)": 0.3, "“consolidation” (present)": -0.2}
+    assert "image 60%" in f.layout.title.text and "report 40%" in f.layout.title.text
+    none = viz.attribution_figure(None, height=300)
+    assert none.layout.height == 300 and "no classifier" in none.layout.annotations[0].text
+    b = viz.bar_figure(["a", "b"], [1, 2], height=320)
+    assert b.layout.height == 320 and list(b.data[0].x) == ["a", "b"] and list(b.data[0].y) == [1, 2]
+    hist = viz.histogram_figure([0.1, 0.5, None, float("nan")], height=310)
+    assert hist.layout.height == 310 and list(hist.data[0].x) == [0.1, 0.5]      # missing values dropped
+    empty = viz.histogram_figure([], title="kappa", height=311)
+    assert empty.layout.height == 311 and not empty.data and "kappa: no data yet" in empty.layout.annotations[0].text
     assert viz.empty_figure("x", height=200).layout.height == 200

@@ -18,6 +18,8 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Iterable
 
+from ..utils import atomic_write_text
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp"}
 
 
@@ -218,7 +220,7 @@ def patient_split(records: Iterable[StudyRecord], *, seed: int = 13, val: float 
 
 def save_split(split: dict[str, str], path: str | Path, *, seed: int, sources: list[str]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"seed": seed, "sources": sources, "patients": split}, indent=0, sort_keys=True))
+    atomic_write_text(path, json.dumps({"seed": seed, "sources": sources, "patients": split}, indent=0, sort_keys=True))
 
 
 def load_split(path: str | Path) -> dict[str, str]:

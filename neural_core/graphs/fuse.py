@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from neural_core.graphs.visual import visual_networkx  # noqa: F401  (kept importable from here)
 
 #: Node types (see :class:`~neural_core.config.ClassifierConfig`).
 NODE_TYPES = {"anatomy": 1, "observation": 2}
@@ -294,7 +293,7 @@ def _pivots(nodes: list, n: int) -> list | None:
 def betweenness_ranking_from_edges(num_nodes: int, edge_index: Any) -> list[int]:
     """:func:`betweenness_ranking` of the undirected graph on nodes ``0..num_nodes-1`` with the edges of a
     ``(2, E)`` edge index (either direction, duplicates and self-loops allowed), without building a networkx graph:
-    equal to ``betweenness_ranking(visual_networkx(data))``."""
+    equal to ``betweenness_ranking(neural_core.graphs.visual.visual_networkx(data))``."""
     n = int(num_nodes)
     if n == 0:
         return []

@@ -186,9 +186,14 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                "clear", "grossly normal",
                "grossly clear", "intact", "well expanded", "well aerated", "normally expanded", "normal size",
                "normal in size", "normal caliber", "normal contour", "appropriate", "well-inflated"),
-    "borderline": ("upper limits of normal", "upper limit of normal", "upper normal", "top normal",
-                   "top-normal", "high normal", "high-normal", "upper-normal", "upper limits normal"),
-    "stable": ("stable", "unchanged", "grossly unchanged", "grossly stable", "similar", "not changed"),
+    # "Upper limits of normal" is what CheXpert labels positive; "at the upper limits of normal", "top normal" and
+    # "upper limits normal" (the longer phrases win in the ruler) it labels normal.
+    "upper_normal": ("upper limits of normal", "upper limit of normal"),
+    "top_normal": ("at the upper limits of normal", "at the upper limit of normal", "at upper limits of normal",
+                   "at upper limit of normal", "near the upper limits of normal", "on the upper limits of normal",
+                   "upper normal", "top normal", "top-normal", "high normal", "high-normal", "upper-normal",
+                   "upper limits normal", "upper limit normal", "top limits of normal", "top normal limits"),
+    "stable": ("stable", "unchanged", "grossly unchanged", "grossly stable", "not changed"),
     "enlarged": ("enlarged", "enlargement", "prominent", "prominence", "widened", "widening", "increased in size",
                  "enlarging"),
     # Pathology.
@@ -196,45 +201,63 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                      "enlarged heart size", "enlarged cardiac size", "cardiomyopathy"),
     "opacity": ("opacity", "opacification", "opacified", "airspace opacity", "air space opacity",
                 "air-space opacity", "ground-glass opacity", "ground-glass", "ground-glass opacification",
-                "haziness", "hazy opacity", "hazy", "reticular opacity", "reticulonodular opacity",
+                "hazy opacity", "reticular opacity", "reticulonodular opacity",
                 "reticulonodular", "reticular", "interstitial marking", "interstitial opacity",
-                "interstitial prominence", "interstitial disease", "interstitial lung disease", "interstitial pattern",
+                "interstitial disease", "interstitial lung disease", "interstitial pattern",
                 "reticular pattern", "reticulation", "increased markings", "increased interstitial markings",
-                "scarring", "scar", "peribronchial thickening",
-                "bronchial wall thickening", "peribronchial cuffing", "parenchymal scarring"),
+                "scarring", "scar", "peribronchial thickening", "parenchymal scarring"),
+    # Abnormal, but not a CheXpert lung opacity (not in its mention list; the IU labels agree).
+    "interstitial": ("haziness", "hazy", "interstitial prominence", "bronchial wall thickening",
+                     "peribronchial cuffing"),
     "airspace_disease": ("airspace disease", "air space disease", "air-space disease", "airspace process",
                          "air space process", "airspace abnormality"),
     "infiltrate": ("infiltrate", "infiltration", "infiltrative", "infiltrates"),
     "consolidation": ("consolidation", "consolidative", "consolidated", "airspace consolidation", "air bronchogram",
                       "air-bronchogram",
                       "air space consolidation", "consolidative opacity"),
-    "pneumonia": ("pneumonia", "bronchopneumonia", "infection", "infectious", "infectious process", "pneumonitis",
-                  "aspiration"),
-    "edema": ("edema", "pulmonary edema", "interstitial edema", "alveolar edema", "vascular congestion",
-              "pulmonary vascular congestion", "pulmonary congestion", "congestion", "chf",
-              "congestive heart failure", "heart failure", "cephalization", "kerley b line", "kerley line",
-              "fluid overload", "volume overload", "vascular engorgement", "engorgement", "engorged",
-              "pulmonary venous hypertension", "venous congestion"),
+    # CheXpert: every mention of infection is a Pneumonia mention ("sequelae of prior granulomatous infection"
+    # included); aspiration and pneumonitis are not.
+    "pneumonia": ("pneumonia", "bronchopneumonia", "infection", "infectious", "infectious process",
+                  "infectious etiology"),
+    "edema": ("edema", "pulmonary edema", "interstitial edema", "alveolar edema", "interstitial pulmonary edema",
+              "alveolar pulmonary edema"),
+    # CheXpert's uncertain edema: congestion and vascular prominence suggest edema without stating it.
+    "congestion": ("vascular congestion", "pulmonary vascular congestion", "pulmonary congestion",
+                   "central vascular congestion", "central pulmonary vascular congestion", "vascular prominence",
+                   "pulmonary vascular prominence", "central vascular prominence",
+                   "central pulmonary vascular prominence", "indistinctness", "vascular indistinctness"),
+    "heart_failure": ("chf", "congestive heart failure", "heart failure"),
+    # Abnormal vascular findings that no CheXpert label names.
+    "vascular": ("congestion", "cephalization", "kerley b line", "kerley line", "fluid overload", "volume overload",
+                 "vascular engorgement", "engorgement", "engorged", "pulmonary venous hypertension",
+                 "venous congestion", "pulmonary hypertension", "pulmonary arterial hypertension"),
     "atelectasis": ("atelectasis", "atelectatic", "atelectases", "collapse", "plate-like atelectasis",
                     "discoid atelectasis", "volume loss", "atelectatic change"),
     "lesion": ("nodule", "nodular", "nodular opacity", "nodular density", "mass", "lesion", "tumor", "neoplasm",
                "carcinoma", "cancer", "malignancy", "metastasis", "metastases", "metastatic disease",
-               "cavitary lesion", "cavitation", "pulmonary nodule", "lung nodule", "lung mass"),
+               "cavitary lesion", "cavitation", "cavity", "pulmonary nodule", "lung nodule", "lung mass", "masslike",
+               "mass-like"),
     "pneumothorax": ("pneumothorax", "pneumothoraces", "hydropneumothorax", "pneumothoraxes"),
     "effusion": ("effusion", "pleural effusion", "pleural fluid", "hydrothorax", "fluid in the pleural space"),
-    "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "pleural plaque",
-                      "pleural calcification", "fibrothorax", "pleural-parenchymal scarring",
-                      "pleuroparenchymal scarring", "pleural-parenchymal scar", "pleuroparenchymal scar",
-                      "pleural reaction", "pleural disease",
+    "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "fibrothorax",
+                      "pleural-parenchymal scarring", "pleuroparenchymal scarring", "pleural-parenchymal scar",
+                      "pleuroparenchymal scar", "pleural parenchymal scarring", "pleural parenchymal scar",
+                      "pleural-peripheral scarring", "pleural reaction", "pleural disease", "fissural thickening",
+                      "fissure thickening", "thickening of the fissure", "thickened fissure",
                       # CheXpert files fibrosis under Pleural Other.
-                      "fibrosis", "fibrotic change", "fibrotic", "pulmonary fibrosis"),
+                      "fibrosis", "pulmonary fibrosis"),
+    # Abnormal, but no CheXpert label names it.
+    "pleural_calcification": ("pleural plaque", "pleural calcification", "calcified pleural plaque"),
+    "fibrotic": ("fibrotic change", "fibrotic"),
     "fracture": ("fracture", "fractured", "fx", "compression fracture", "rib fracture"),
     "device": ("catheter", "tube", "endotracheal tube", "et tube", "enteric tube", "nasogastric tube", "ng tube",
                "og tube", "feeding tube", "chest tube", "tracheostomy tube", "central line", "central venous line",
                "central venous catheter", "picc line", "picc", "port", "tracheostomy", "port-a-cath", "porta cath", "portacath",
                "power port", "mediport", "pacemaker", "pacer", "pacemaker lead", "pacer lead", "pacing lead",
                "pacemaker wire", "pacing wire", "defibrillator", "aicd", "icd", "hardware", "fixation hardware",
-               "device", "drain", "prosthetic valve", "valve replacement", "line", "loop recorder",
+               "device", "drain", "line", "loop recorder",
+               # the device's name is often redacted ("XXXX-A-XXXX has its tip at the cavoatrial junction")
+               "tip",
                "cardiac device", "cannula", "screw", "plate", "coil", "swan-ganz catheter", "ij line",
                "subclavian line", "dialysis catheter"),
     # Abnormal findings outside the 14 labels: they make "No Finding" 0.
@@ -242,7 +265,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "granuloma": ("granuloma", "granulomata", "granulomatous", "granulomatous disease", "calcified granuloma",
                   "granulomatous process", "granulomatous change",
                   "old granulomatous disease", "healed granulomatous disease", "prior granulomatous disease",
-                  "granulomatous infection", "calcified lymph node"),
+                  "calcified lymph node",
+                  # CheXpert's "unmention": a calcified nodule is a granuloma, not a lung lesion.
+                  "calcified nodule", "calcified pulmonary nodule", "calcified lung nodule"),
+    "aspiration": ("aspiration", "pneumonitis"),
     "calcification": ("calcification", "calcified", "vascular calcification", "aortic calcification",
                       "atherosclerotic calcification", "atherosclerosis", "atherosclerotic", "atheromatous"),
     "degenerative": ("degenerative change", "degenerative", "degenerative disease", "degenerative disc disease",
@@ -273,7 +299,8 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                      "thoracotomy", "suture", "suture material", "resection", "postoperative", "postsurgical",
                      "sternotomy", "median sternotomy", "sternotomy wire", "sternal wire", "wire", "surgical clip",
                      "clip", "vascular clip", "cabg", "stent", "bypass graft", "arthroplasty", "prosthesis",
-                     "fusion", "spinal fusion", "anchor", "staple"),
+                     "fusion", "spinal fusion", "anchor", "staple", "prosthetic valve", "valve replacement",
+                     "closure device"),
     "crowding": ("bronchovascular crowding", "crowding", "vascular crowding"),
     "low_volume": ("low lung volumes", "low volumes", "hypoinflation", "hypoinflated", "poor inflation",
                    "hypoventilated", "hypoventilation", "underinflated", "underinflation",
@@ -331,6 +358,9 @@ NEGATION_ADD: dict[str, list[str]] = {
         "not be excluded", "cannot rule out", "can not rule out", "cannot be ruled out", "not be ruled out",
         "without change", "without interval change", "not significantly changed", "no significant interval change",
         "not well", "not well seen", "not well visualized", "not only",
+        # "a new nodule, not seen on prior exams": new, not absent
+        "not seen on prior", "not seen on the prior", "not seen on previous", "not seen on the previous",
+        "not seen previously", "not previously seen", "not present on prior", "not present on the prior",
     ],
     "termination": ["there is", "there are", "otherwise", "however", "with the exception of", "except for", ";"],
 }
@@ -344,24 +374,23 @@ NEGATION_REMOVE: dict[str, list[str]] = {
 UNCERTAINTY_TERMS: dict[str, list[str]] = {
     "preceding_negations": [
         "may", "may be", "may represent", "might", "could", "could be", "could represent", "possible", "possibly",
-        "likely", "most likely", "more likely", "probable", "probably", "suggestive of", "suggesting", "suggests",
-        "suggestion of", "suspicious for", "suspicious of", "suspect", "suspected", "suspicion of",
+        "probable", "suggestion of", "alternatively", "secondary to", "suspicious for", "suspicious of", "suspect", "suspected", "suspicion of",
         "concerning for", "concern for", "worrisome for", "questionable", "question of", "questioned",
         "equivocal", "versus", "vs", "differential diagnosis", "differential includes", "cannot exclude",
-        "can not exclude", "cannot rule out", "can not rule out", "not excluded", "uncertain", "indeterminate",
+        "can not exclude", "cannot rule out", "can not rule out", "not excluded", "uncertain",
         "presumed", "presumably", "perhaps", "possibility of", "raises the possibility", "consider",
         "considerations include", "vs.", "favor", "favored", "would be difficult to exclude",
         "difficult to exclude", "not entirely excluded", "?", "query", "correlate for", "correlation for",
-        "suggest",
     ],
     "following_negations": [
         "cannot be excluded", "can not be excluded", "not excluded", "not be excluded", "is not excluded",
         "cannot be ruled out", "can not be ruled out", "not ruled out", "is possible", "are possible",
-        "is likely", "are likely", "is suspected", "are suspected", "is questioned", "is questionable",
+        "is suspected", "are suspected", "is questioned", "is questionable",
         "are questionable", "is probable", "versus", "vs", "vs.", "?", "not entirely excluded",
-        "is suggested", "are suggested", "is favored", "is not entirely excluded", "may be present",
+        "is favored", "is not entirely excluded", "may be present",
         "may be seen", "could be present", "might be present", "is equivocal", "is uncertain",
-        "difficult to exclude",
+        "difficult to exclude", "cannot be entirely excluded", "can not be entirely excluded",
+        "not be entirely excluded", "cannot be completely excluded", "not be completely excluded",
     ],
     "pseudo_negations": ["to suggest", "not likely", "no further", "either or", "with or without", "or without"],
     # Uncertainty is clause-local ("small effusions, possibly atelectasis"): commas end its scope too.
@@ -556,9 +585,12 @@ class ReportGraph:
 
         Per label, positive beats uncertain beats negative. "No Finding" follows CheXpert: 1.0 when no pathology
         (any label but Support Devices, or any other abnormal finding such as a hernia or granuloma) is positive or
-        uncertain, else 0.0; ``None`` when the report has no findings/impression text at all.
+        uncertain, else 0.0; ``None`` when the report has no findings/impression text at all. The rules are in
+        :mod:`neural_core.graphs.labeler`.
         """
-        return _chexpert_from_graph(self)
+        from neural_core.graphs.labeler import labels_from_graph
+
+        return labels_from_graph(self)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -759,125 +791,6 @@ def _relations(doc, local: list[tuple[Any, Entity]], sent_of: dict[int, int]) ->
         if k not in seen:
             seen.add(k)
             out.append(r)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CheXpert labels
-# --------------------------------------------------------------------------------------------------------------------
-
-#: Observation concept -> labels it names directly.
-DIRECT_LABELS: dict[str, tuple[str, ...]] = {
-    "cardiomegaly": ("Cardiomegaly",),
-    "opacity": ("Lung Opacity",),
-    "airspace_disease": ("Lung Opacity",),
-    "infiltrate": ("Lung Opacity",),
-    "consolidation": ("Consolidation",),
-    "pneumonia": ("Pneumonia",),
-    "edema": ("Edema",),
-    "atelectasis": ("Atelectasis",),
-    "lesion": ("Lung Lesion",),
-    "pneumothorax": ("Pneumothorax",),
-    "effusion": ("Pleural Effusion",),
-    "pleural_other": ("Pleural Other",),
-    "fracture": ("Fracture",),
-    "device": ("Support Devices",),
-}
-#: Anatomy concept -> the label a size statement about it makes.
-SIZE_LABELS: dict[str, str] = {"heart": "Cardiomegaly", "mediastinum": "Enlarged Cardiomediastinum"}
-#: (observation concept, anatomy concept) -> label it makes, with the observation's certainty.
-LOCATED_LABELS: dict[tuple[str, str], str] = {
-    ("lesion", "mediastinum"): "Enlarged Cardiomediastinum",
-    ("adenopathy", "mediastinum"): "Enlarged Cardiomediastinum",
-}
-#: Context observation concept -> value it gives the SIZE_LABELS of its anatomy when it is present
-#: (None: the entity's own certainty value).
-CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "stable": -1.0, "borderline": -1.0}
-#: Concepts that are not pathology themselves.
-NON_FINDINGS = {"normal", "stable", "borderline", "device"}
-_VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
-
-
-def _chexpert_from_graph(g: ReportGraph) -> dict[str, float | None]:
-    votes: dict[str, list[float]] = {k: [] for k in CHEXPERT_LABELS}
-    other_abnormal = False
-    info: dict[int, tuple[str, str] | None] = {e.id: concept_of(e.text) for e in g.entities}
-    modifies = {r.src for r in g.relations if r.type == "modify"}
-    by_sent: dict[int, list[Entity]] = {}
-    for e in g.entities:
-        by_sent.setdefault(e.sentence, []).append(e)
-
-    def gap(a: Entity, b: Entity) -> int:
-        return max(0, max(a.start, b.start) - min(a.end, b.end))
-
-    for ents in by_sent.values():
-        anat = [e for e in ents if e.type == "anatomy"]
-        core: list[tuple[Entity, str]] = []
-        for e in ents:
-            if e.type != "observation":
-                continue
-            c = info.get(e.id)
-            if c is None:
-                continue
-            lab, concept = c
-            if lab == _LABEL_MOD:
-                # "the heart is large": a size word that modifies nothing states a size.
-                if concept == "size" and e.id not in modifies and e.text.lower() in ("large", "big"):
-                    core.append((e, "enlarged"))
-                continue
-            core.append((e, concept))
-        # Each anatomy belongs to its nearest observation ("heart and mediastinum normal": both to "normal";
-        # "heart size within normal limits with prominent atrial convexity": the heart to "normal" only).
-        scope: dict[int, set[str]] = {e.id: set() for e, _ in core}
-        if core:
-            for a in anat:
-                o = min(core, key=lambda x: (gap(a, x[0]), x[0].start))[0]
-                ac = info.get(a.id)
-                if ac:
-                    scope[o.id].add(ac[1])
-            # A size/normal word left without anatomy shares that of the nearest such word ("heart size is upper
-            # limits normal or mildly enlarged").
-            ctx = [(o, c) for o, c in core if c in CONTEXT_VALUES]
-            for o, c in ctx:
-                if not scope[o.id]:
-                    others = [x for x, _ in ctx if x.id != o.id and scope[x.id]]
-                    if others:
-                        near = min(others, key=lambda x: (gap(o, x), x.start))
-                        scope[o.id] = set(scope[near.id])
-        size_votes: dict[str, dict[str, list[float]]] = {}
-        for o, concept in core:
-            val = _VALUE[o.certainty]
-            for label in DIRECT_LABELS.get(concept, ()):
-                votes[label].append(val)
-            if concept in CONTEXT_VALUES:
-                cv = CONTEXT_VALUES[concept]
-                v = val if cv is None else (cv if o.certainty != "absent" else None)
-                if v is not None:
-                    for ac in scope[o.id]:
-                        if ac in SIZE_LABELS:
-                            size_votes.setdefault(SIZE_LABELS[ac], {}).setdefault(concept, []).append(v)
-            for ac in scope[o.id]:
-                if (concept, ac) in LOCATED_LABELS:
-                    votes[LOCATED_LABELS[(concept, ac)]].append(val)
-            if concept not in DIRECT_LABELS and concept not in NON_FINDINGS and o.certainty != "absent":
-                other_abnormal = True
-        for label, d in size_votes.items():
-            # "normal and unchanged" is normal: "stable" alone (size not stated) is what makes a size uncertain.
-            if "normal" in d:
-                d.pop("stable", None)
-            for vs in d.values():
-                votes[label].extend(vs)
-    out: dict[str, float | None] = {}
-    for label in CHEXPERT_LABELS:
-        v = votes[label]
-        out[label] = 1.0 if 1.0 in v else -1.0 if -1.0 in v else 0.0 if 0.0 in v else None
-    has_text = any(g.sections.get(k, "").strip() for k in READ_SECTIONS)
-    if not has_text:
-        out["No Finding"] = None
-    else:
-        pathology = [l for l in CHEXPERT_LABELS if l not in ("No Finding", "Support Devices")]
-        positive = any(out[l] in (1.0, -1.0) for l in pathology) or other_abnormal
-        out["No Finding"] = 0.0 if positive else 1.0
     return out
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from neural_core.errors import ModelLoadError
+from neural_core.utils import LRUCache
 
 __all__ = ["TextEncoder", "get_text_encoder", "default_model_dir", "ENV_VAR", "CACHE_SIZE"]
 
@@ -84,7 +84,7 @@ class TextEncoder:
         if not isinstance(hidden, int) or hidden <= 0:
             raise ModelLoadError(f"text encoder in {self.path} has no usable hidden_size")
         self._dim = hidden
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: LRUCache[str, np.ndarray] = LRUCache(CACHE_SIZE)
         self._lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------------------------------
@@ -152,19 +152,14 @@ class TextEncoder:
                 raise TypeError(f"encode() takes strings, got {type(t).__name__}")
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        with self._lock:                  # one forward pass at a time; a text is encoded once
+            vecs = {t: self._cache.get(t) for t in dict.fromkeys(texts)}
+            missing = [t for t, v in vecs.items() if v is None]
             if missing:
-                vecs = self._forward(missing)
-                for t, v in zip(missing, vecs):
-                    self._cache[t] = v
-            rows = []
-            for t in texts:
-                self._cache.move_to_end(t)
-                rows.append(self._cache[t])
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return np.stack(rows).astype(np.float32, copy=True)
+                vecs.update(zip(missing, self._forward(missing)))
+            for t, v in vecs.items():
+                self._cache.put(t, v)
+        return np.stack([vecs[t] for t in texts]).astype(np.float32, copy=True)
 
     __call__ = encode
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from torch_geometric.nn import RGCNConv, global_max_pool, global_mean_pool
 from neural_core.config import ClassifierConfig
 from neural_core.errors import ModelLoadError
 from neural_core.models.patch_encoder import PatchEncoder
+from neural_core.utils import atomic_write
 
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier_config.json"
@@ -22,18 +22,6 @@ MODEL_TYPE = "neural_classifier"
 POS_DIM = 5   # centre y, centre x, h/H, w/W, salience score
 GEO_DIM = 32
 CERTAINTY_DIM = 3
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class _FastMaxPool2d(nn.MaxPool2d):
@@ -271,8 +259,8 @@ class NeuralClassifier(nn.Module):
         state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                  for k, v in self.state_dict().items()}
         config = {"model_type": MODEL_TYPE, "dtype": "float16" if fp16 else "float32", **self.cfg.to_dict()}
-        _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
         return d
 
     @classmethod

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,9 @@ from ..data.studies import (StudyRecord, default_records, load_iu_reports, load_
                             patient_split, records_in, save_split)
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer, train_tokenizer
-from ..transforms import augment, from_uint8, resize_square, to_uint8
+from ..stages import model_input
+from ..transforms import augment, from_uint8, to_uint8
+from ..utils import atomic_write_text
 
 log = logging.getLogger("neural.stage1")
 
@@ -46,7 +47,7 @@ def build_cache(records: list[StudyRecord], size: int, path: Path) -> np.ndarray
         return np.load(path, mmap_mode="r")
     arr = np.zeros((len(records), size, size), np.uint8)
     for i, r in enumerate(tqdm(records, desc=f"cache {size}px", mininterval=5)):
-        arr[i] = to_uint8(resize_square(load_image(r.image).pixels, size))
+        arr[i] = to_uint8(model_input(load_image(r.image).pixels, size))   # the report model's input
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
     key.write_text(json.dumps(want))
@@ -117,12 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         records = [records[i] for i in sorted(rng.choice(len(records), args.limit, replace=False))]
     split_path = Path(args.split) if args.split else out / "split.json"
-    if split_path.exists():
-        split = load_split(split_path)
-    else:
-        split = patient_split(records, seed=args.seed)
-        if acc.is_main_process:
-            save_split(split, split_path, seed=args.seed, sources=sorted({r.dataset for r in records}))
+    # only the main process decides whether the split exists and writes it (atomically); the others read it after
+    # the barrier, so no rank can see a half-written file or decide differently
+    if acc.is_main_process and not split_path.exists():
+        save_split(patient_split(records, seed=args.seed), split_path, seed=args.seed,
+                   sources=sorted({r.dataset for r in records}))
     acc.wait_for_everyone()
     split = load_split(split_path)
 
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     def save_ckpt() -> None:
         acc.save_state(str(ckpt))
         if acc.is_main_process:
-            tmp = ckpt / "state.json.tmp"
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, ckpt / "state.json")
+            atomic_write_text(ckpt / "state.json", json.dumps(state))
 
     def logline(**kw) -> None:
         if acc.is_main_process:
@@ -238,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 tok.save_pretrained(str(out / "best" / "tokenizer"))
         save_ckpt()
     logline(event="done", step=state["step"], best_val=state["best_val"])
+    # The main process still writes last/ + best/ after the final collective (the validation gather) while the
+    # others go straight to end_training(), which destroys the process group: a rank that tears down its gloo pairs
+    # while a peer is still inside the run is what left rank 0 waiting once in three CI runs. Leave together.
+    acc.wait_for_everyone()
     acc.end_training()
     return 0
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,20 +24,16 @@ import torch
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
-from ..artifact import build_artifact
-from ..bundle import ModelBundle
-from ..config import ClassifierConfig, PruneConfig
+from .. import stages
+from ..bundle import CLASSIFIER_DIR, ModelBundle
+from ..config import ClassifierConfig
 from ..data.studies import StudyRecord, default_records, load_split
-from ..graphs.fuse import fuse, report_graph_tensors
-from ..graphs.report_kg import extract
-from ..graphs.visual import build_visual_graph
+from ..eval.metrics import roc_auc, youden_threshold
 from ..io import load_image
 from ..models.classifier import NeuralClassifier
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer
-from ..prune import grid_for, normalise, patch_scores, select
-from ..salience import salience_batch
-from ..transforms import resize_square
+from ..utils import atomic_write_text
 
 log = logging.getLogger("neural.stage2")
 
@@ -72,16 +66,15 @@ def prepare(records: list[StudyRecord], model: ReportModel, tok, *, batch: int =
     """Load every image, run the report model in batches: generate then read back (``given=False``), or read the
     study's given report (``given=True``, the oracle classifier's input)."""
     out: list[Prepared] = []
-    size = model.image_size
     for i in tqdm(range(0, len(records), batch), desc=desc, mininterval=10):
         chunk = records[i:i + batch]
         xs, raws = [], []
         for r in chunk:
             x = load_image(r.image)
-            xs.append(resize_square(x.pixels, size))
+            xs.append(x.pixels)
             raws.append((_downscale(x.raw, max_side) if max_side else x.raw, x.meta.bit_depth))
-        px = torch.from_numpy(np.stack(xs))[:, None]
-        sal = salience_batch(model, tok, px, [r.report for r in chunk] if given else [None] * len(chunk))
+        sal = stages.salience(model, tok, xs, [r.report for r in chunk] if given else [None] * len(chunk),
+                              batch=len(chunk))
         for r, (raw, bd), s in zip(chunk, raws, sal):
             out.append(Prepared(r, raw, bd, s.token_map, s.report))
     return out
@@ -89,43 +82,11 @@ def prepare(records: list[StudyRecord], model: ReportModel, tok, *, batch: int =
 
 def make_graph(p: Prepared, keep: float, ccfg: ClassifierConfig, report_cache: dict | None, text_encoder,
                mode: str = "bridge") -> object:
-    h, w = p.raw.shape
-    grid = grid_for(h, w)
-    scores = normalise(patch_scores(p.token_map, grid)).astype(np.float32)
-    mask = select(scores, PruneConfig(keep=keep))
-    art = build_artifact(p.raw, p.bit_depth, mask, grid, scores=scores[mask], model={"name": "train",
-                         "version": "0", "config_hash": "0"}, meta={})
-    vis = build_visual_graph(art, ccfg)
-    rep = None
-    if report_cache is not None:
-        if p.text not in report_cache:
-            rg = extract(p.text)
-            report_cache[p.text] = report_graph_tensors(rg, text_encoder) if rg.entities else None
-        rep = report_cache[p.text]
-    return fuse(vis, rep, mode=mode if rep is not None else "none", y=float(p.rec.pneumonia))
-
-
-def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s)) if len(set(y.tolist())) == 2 else float("nan")
-
-
-def youden_threshold(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, thr = roc_curve(y, s)
-    j = np.argmax(tpr - fpr)
-    return float(min(1.0, thr[j]))
-
-
-@torch.no_grad()
-def predict(model: NeuralClassifier, graphs: list, batch: int = 64) -> np.ndarray:
-    model.eval()
-    out = []
-    for b in DataLoader(graphs, batch_size=batch):
-        out.append(torch.sigmoid(model(b)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    """The training graph of a prepared study at ``keep``: :func:`~neural_core.stages.study_graph` with the
+    report graph of ``p.text`` (``report_cache=None``: image-only), labelled with the study's pneumonia label."""
+    rep = None if report_cache is None else stages.report_for_text(p.text, text_encoder, report_cache)
+    return stages.study_graph(p.raw, p.bit_depth, p.token_map, keep, ccfg, rep, mode=mode,
+                              y=float(p.rec.pneumonia))
 
 
 def train_classifier(train: list[Prepared], val: list[Prepared], *, with_report: bool, text_encoder,
@@ -157,20 +118,20 @@ def train_classifier(train: list[Prepared], val: list[Prepared], *, with_report:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             tot += loss.item() * b.num_graphs
-        auc = roc_auc(yv, predict(model, val_graphs))
+        auc = roc_auc(yv, stages.predict(model, val_graphs))
         logline(event="stage2_epoch", classifier=name, epoch=ep, loss=tot / len(graphs), val_auc=auc,
                 seconds=time.time() - t0)
         log.info("%s epoch %d loss %.4f val AUC %.4f", name, ep, tot / len(graphs), auc)
         if auc > best + 1e-4:
             best, bad = auc, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            model.save_pretrained(out / f"classifier_{name}")
+            model.save_pretrained(out / CLASSIFIER_DIR.format(name))
         else:
             bad += 1
             if bad >= patience:
                 break
     model.load_state_dict(best_state)
-    thr = youden_threshold(yv, predict(model, val_graphs))
+    thr = youden_threshold(yv, stages.predict(model, val_graphs))
     return model, thr, {"val_auc": best, "threshold": thr, "epochs_run": ep + 1}
 
 
@@ -230,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                                       name=name)
         info["seconds"] = time.time() - t1
         results[name] = info
-        res_file.write_text(json.dumps(results, indent=2))
-    clfs = {n: NeuralClassifier.from_pretrained(out / f"classifier_{n}") for n in ("image", "report", "oracle")
-            if (out / f"classifier_{n}").exists()}
+        atomic_write_text(res_file, json.dumps(results, indent=2))
+    clfs = {n: NeuralClassifier.from_pretrained(out / CLASSIFIER_DIR.format(n)) for n in stages.CLASSIFIER_NAMES
+            if (out / CLASSIFIER_DIR.format(n)).exists()}
     if args.bundle:
         s1log = [json.loads(l) for l in (Path(args.stage1) / "log.jsonl").read_text().splitlines()]
         info = {"name": "neural-small", "version": args.version, "trained": True,
@@ -242,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     (e["val_loss"] for e in s1log if e.get("event") == "epoch"), default=None),
                 "data": ["kermany-train (label-template reports)", "covid-cxr (clinical notes)",
                          "iu-reports (tokenizer text only)"]}
-        bundle = ModelBundle(model, tok, clfs.get("report"), clfs.get("image"), info,
-                             classifier_oracle=clfs.get("oracle"))
+        bundle = ModelBundle(model, tok, clfs, info)
         bundle.save(args.bundle, fp16=True)
         import shutil
 

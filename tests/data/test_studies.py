@@ -1,4 +1,5 @@
 """Study records and the patient split."""
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,30 @@ def test_real_sources(shared_data):
     recs = default_records(shared_data)
     assert len(recs) > 5000
     covid = load_covid_cxr(shared_data / "covid-cxr")
-    assert len(covid) == 208 and all(r.report_source == "clinical-notes" for r in covid)
-    assert all(Path(r.image).exists() for r in covid[:20])
+    # the data README: one metadata row per image, every image with clinical notes, split by patientid
+    with (shared_data / "covid-cxr" / "metadata.csv").open(newline="") as fh:
+        meta = list(csv.DictReader(fh))
+    assert len(covid) == len(meta) and all(r.report_source == "clinical-notes" for r in covid)
+    assert len({r.patient_id for r in covid}) == len({m["patientid"] for m in meta})
+    assert all(Path(r.image).exists() for r in covid)
     assert {r.pneumonia for r in covid} == {0, 1, None}
+
+
+def test_covid_lung_masks_follow_the_readme(covid_dir):
+    """lung_masks.csv (image,mask relative to covid-cxr/) names existing single-channel masks of their image's size,
+    for images that metadata.csv lists: the manifest `neural validate-salience` reads as it is."""
+    table = covid_dir / "lung_masks.csv"
+    if not table.exists():
+        pytest.skip(f"{table} is absent (older copy of the shared data)")
+    with table.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with (covid_dir / "metadata.csv").open(newline="") as fh:
+        listed = {f"{m['folder']}/{m['filename']}" for m in csv.DictReader(fh)}
+    assert rows and len({r["image"] for r in rows}) == len(rows) <= len(listed)
+    for r in rows:
+        assert r["image"] in listed, r["image"]
+        with Image.open(covid_dir / r["image"]) as im, Image.open(covid_dir / r["mask"]) as mk:
+            assert mk.size == im.size and mk.mode == "L", r["mask"]
 
 
 def test_mimic_cxr_jpg_layout_and_uncertain_labels(tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import threading
 import time
 from pathlib import Path
@@ -197,8 +196,18 @@ def test_relations():
     assert all(sent[x.src] == sent[x.dst] for x in g.relations)
     g2 = extract("Streaky opacities consistent with atelectasis.")
     assert ("opacities", "suggestive_of", "atelectasis") in rels(g2)
-    # deterministic
-    assert extract("Small left pleural effusion.") == extract("Small left pleural effusion.")
+    # deterministic: a fresh extraction in another process gives the same graph as this one
+    import subprocess
+    import sys
+
+    code = ("from neural_core.graphs.report_kg import extract; "
+            "g = extract('Small left pleural effusion.'); "
+            "print(([(e.text, e.type, e.certainty) for e in g.entities], [(r.src, r.dst, r.type) for r in g.relations]))")
+    here = extract("Small left pleural effusion.")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == str(([(e.text, e.type, e.certainty) for e in here.entities],
+                         [(r.src, r.dst, r.type) for r in here.relations]))
+    assert here.entities, "the sentence has an observation"
 
 
 def test_to_networkx():
@@ -251,8 +260,13 @@ def test_chexpert_label_names():
     ("Mild cardiomegaly. Possible small left pleural effusion.",
      {"Cardiomegaly": 1.0, "Pleural Effusion": -1.0, "No Finding": 0.0}),
     ("Right PICC line with tip in the SVC. Lungs are clear.", {"Support Devices": 1.0, "No Finding": 1.0}),
+    # CheXpert: "suggestive of" / "likely" state the finding; "possibly" / "may" / "secondary to" make it uncertain
     ("Patchy opacity in the left base suggestive of pneumonia.",
-     {"Lung Opacity": 1.0, "Pneumonia": -1.0, "No Finding": 0.0}),
+     {"Lung Opacity": 1.0, "Pneumonia": 1.0, "No Finding": 0.0}),
+    ("Patchy opacity in the left base, likely atelectasis.", {"Atelectasis": 1.0}),
+    ("Patchy opacity in the left base, possibly pneumonia.", {"Lung Opacity": 1.0, "Pneumonia": -1.0}),
+    ("Blunting of the costophrenic angle likely secondary to a small effusion.", {"Pleural Effusion": -1.0}),
+    ("Superimposed infection cannot be entirely excluded.", {"Pneumonia": -1.0}),
     ("Left lower lobe atelectasis. No focal consolidation.",
      {"Atelectasis": 1.0, "Consolidation": 0.0, "No Finding": 0.0}),
     ("Right lung nodule. Old left rib fracture.", {"Lung Lesion": 1.0, "Fracture": 1.0}),
@@ -260,6 +274,33 @@ def test_chexpert_label_names():
     ("Large hiatal hernia. The lungs are clear.", {"No Finding": 0.0}),
     ("Heart size is stable. Mediastinal contours are unchanged.",
      {"Cardiomegaly": -1.0, "Enlarged Cardiomediastinum": -1.0}),
+    # heart / mediastinum size (CheXpert's reading of the IU phrasing)
+    ("Heart size is upper limits of normal.", {"Cardiomegaly": 1.0, "No Finding": 0.0}),
+    ("The heart size is at the upper limits of normal.", {"Cardiomegaly": 0.0, "No Finding": 1.0}),
+    ("The heart is top normal in size.", {"Cardiomegaly": 0.0}),
+    ("Borderline heart size.", {"Cardiomegaly": -1.0}),
+    ("Borderline enlarged heart.", {"Cardiomegaly": 1.0}),
+    ("The heart is mildly enlarged but stable.", {"Cardiomegaly": -1.0}),
+    ("Stable mediastinal and hilar contours.", {"Enlarged Cardiomediastinum": -1.0, "No Finding": 0.0}),
+    ("Surgical clips in the mediastinum.", {"Enlarged Cardiomediastinum": 1.0}),
+    ("Opacity posterior to the left heart border.", {"Cardiomegaly": None}),
+    # edema: congestion is uncertain edema, CHF makes cardiomegaly uncertain; engorgement is no edema
+    ("Mild pulmonary vascular congestion.", {"Edema": -1.0, "No Finding": 0.0}),
+    ("No pulmonary vascular congestion.", {"Edema": 0.0}),
+    ("Findings of CHF.", {"Edema": 1.0, "Cardiomegaly": -1.0}),
+    ("Heart size and pulmonary vascular engorgement appear within limits of normal.",
+     {"Edema": None, "No Finding": 1.0}),
+    # CheXpert's mention lists: any infection is Pneumonia; a calcified nodule is a granuloma, not a lung lesion
+    ("Sequelae of prior granulomatous infection.", {"Pneumonia": 1.0}),
+    ("Calcified nodule in the right upper lobe.", {"Lung Lesion": None, "No Finding": 0.0}),
+    ("New 9 mm nodule, not seen on prior exams.", {"Lung Lesion": 1.0}),
+    ("Fissural thickening.", {"Pleural Other": 1.0}),
+    # No Finding ignores technique and spondylosis, not degenerative change
+    ("Low lung volumes. The lungs are clear. Thoracic spondylosis.", {"No Finding": 1.0}),
+    ("The lungs are clear. Degenerative changes of the spine.", {"No Finding": 0.0}),
+    # what the IU labels (CheXpert's parser) often get wrong is not copied
+    ("No displaced rib fractures.", {"Fracture": 0.0}),
+    ("Degenerative endplate changes of the spine.", {"Support Devices": None}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
@@ -355,46 +396,72 @@ def test_thread_safety():
 # Real data
 # ---------------------------------------------------------------------------------------------------------------
 
-# Measured on the IU val split (296 studies) when the labeler was written: macro positive-class F1 0.805 over the
-# 9 labels with >= 5 positives, mean 4-way (blank/1/0/-1) agreement 0.952, No Finding agreement 0.932. The floors
-# leave a margin for vocabulary changes, not for a broken labeler.
-IU_MIN_MACRO_F1_POS = 0.75
-IU_MIN_MEAN_ACC4 = 0.93
-IU_MIN_NO_FINDING_ACC = 0.90
+# Agreement with the CheXpert labels of the IU reports, scored by neural_core.graphs.labeler_eval (positive class =
+# label 1; -1 counts as not positive on both sides). Tuned on train/val only. Measured at the commit that set these
+# floors (python -m neural_core.graphs.labeler_eval --split train val test all):
+#   val  (296): macro F1 0.855 over the 9 labels with >= 5 positives, mean 4-way agreement 0.958, No Finding 0.966
+#   test (590): mean F1 0.828 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
+#   all (2955): mean F1 0.866; Pneumonia 0.867, Consolidation 0.973, Edema 0.774, Pleural Effusion 0.949
+# (before this labeler revision: test 0.668, all 0.763). The floors sit just under the measured values: a change of
+# the vocabulary or the rules that loses agreement fails here. Pneumonia / Consolidation / Edema have 1 / 2 / 4
+# positives in test: one error there moves F1 by 0.2 or more.
+IU_VAL_MIN_MACRO_F1_POS = 0.84
+IU_VAL_MIN_MEAN_ACC4 = 0.95
+IU_VAL_MIN_NO_FINDING_ACC = 0.95
+IU_TEST_MIN_MEAN_F1 = 0.82
+IU_ALL_MIN_MEAN_F1 = 0.86
+IU_KEY_LABELS = ("Pneumonia", "Consolidation", "Edema", "Pleural Effusion")
+IU_TEST_MIN_KEY_F1 = {"Pneumonia": 0.8, "Consolidation": 0.8, "Edema": 0.8, "Pleural Effusion": 0.8}
+IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.93}
 
 
-def _code(v) -> int:
-    if v is None or v == "":
-        return 9
-    return int(float(v))
+@pytest.fixture(scope="module")
+def iu_studies(iu_dir: Path):
+    from neural_core.graphs.labeler_eval import load_iu
+
+    studies = load_iu(iu_dir)
+    assert len(studies) == 2955
+    return studies
 
 
-def test_iu_val_agreement(iu_dir: Path):
-    ann = json.loads((iu_dir / "annotation.json").read_text())
-    with open(iu_dir / "id2tag.csv", newline="") as f:
-        gold = {row["Id"]: row for row in csv.DictReader(f)}
-    rows = [r for r in ann["val"] if r["id"] in gold]
-    assert len(rows) > 250
-    pred = {r["id"]: chexpert_labels(r["report"]) for r in rows}
-    acc, f1 = {}, {}
-    for lab in CHEXPERT_LABELS:
-        g = [_code(gold[r["id"]][lab]) for r in rows]
-        p = [_code(pred[r["id"]][lab]) for r in rows]
-        acc[lab] = sum(a == b for a, b in zip(g, p)) / len(rows)
-        tp = sum(a == 1 and b == 1 for a, b in zip(g, p))
-        fp = sum(a != 1 and b == 1 for a, b in zip(g, p))
-        fn = sum(a == 1 and b != 1 for a, b in zip(g, p))
-        if sum(a == 1 for a in g) >= 5:
-            f1[lab] = 2 * tp / (2 * tp + fp + fn)
-    macro_f1 = sum(f1.values()) / len(f1)
+def test_iu_val_agreement(iu_studies):
+    from neural_core.graphs.labeler_eval import evaluate_split
+
+    res, _ = evaluate_split(iu_studies, "val")
+    assert res.n == 296
+    print("\n" + res.table())
+    f1 = [s.f1 for s in res.scores if s.support >= 5]
+    macro_f1 = sum(f1) / len(f1)
+    acc = {s.label: s.acc4 for s in res.scores}
     mean_acc = sum(acc.values()) / len(acc)
-    print(f"\nIU val ({len(rows)} studies): macro F1(pos) {macro_f1:.3f} over {len(f1)} labels, "
-          f"mean 4-way agreement {mean_acc:.3f}")
-    for lab in CHEXPERT_LABELS:
-        print(f"  {lab:28s} acc4 {acc[lab]:.3f}" + (f"  F1pos {f1[lab]:.3f}" if lab in f1 else ""))
-    assert macro_f1 >= IU_MIN_MACRO_F1_POS
-    assert mean_acc >= IU_MIN_MEAN_ACC4
-    assert acc["No Finding"] >= IU_MIN_NO_FINDING_ACC
+    print(f"macro F1(pos) {macro_f1:.3f} over {len(f1)} labels with >= 5 positives, mean acc4 {mean_acc:.3f}")
+    assert macro_f1 >= IU_VAL_MIN_MACRO_F1_POS
+    assert mean_acc >= IU_VAL_MIN_MEAN_ACC4
+    assert acc["No Finding"] >= IU_VAL_MIN_NO_FINDING_ACC
+
+
+def test_iu_test_agreement(iu_studies):
+    """The held-out IU test split (590 reports), never used for tuning."""
+    from neural_core.graphs.labeler_eval import evaluate_split
+
+    res, _ = evaluate_split(iu_studies, "test")
+    assert res.n == 590
+    print("\n" + res.table())
+    assert res.mean_f1 >= IU_TEST_MIN_MEAN_F1
+    for lab, floor in IU_TEST_MIN_KEY_F1.items():
+        assert res.f1(lab) >= floor, (lab, res.f1(lab))
+
+
+@pytest.mark.slow
+def test_iu_all_agreement(iu_studies):
+    from neural_core.graphs.labeler_eval import evaluate_split
+
+    res, _ = evaluate_split(iu_studies, "all")
+    assert res.n == 2955
+    print("\n" + res.table())
+    assert res.mean_f1 >= IU_ALL_MIN_MEAN_F1
+    for lab, floor in IU_ALL_MIN_KEY_F1.items():
+        assert res.f1(lab) >= floor, (lab, res.f1(lab))
 
 
 def test_covid_clinical_notes_parse(covid_dir: Path):

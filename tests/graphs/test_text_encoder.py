@@ -55,9 +55,11 @@ def test_cache_and_order(enc):
 
 
 def test_cache_is_bounded(enc, monkeypatch):
-    monkeypatch.setattr(te, "CACHE_SIZE", 3)
-    enc.encode([f"phrase number {i}" for i in range(6)])
-    assert len(enc._cache) <= 3
+    assert enc._cache.maxsize == te.CACHE_SIZE
+    monkeypatch.setattr(enc._cache, "maxsize", 3)
+    z = enc.encode([f"phrase number {i}" for i in range(6)])
+    assert len(enc._cache) == 3 and z.shape[0] == 6 and np.isfinite(z).all()
+    assert "phrase number 5" in enc._cache and "phrase number 0" not in enc._cache     # least recent forgotten
 
 
 def test_bad_inputs(enc):

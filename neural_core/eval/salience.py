@@ -38,15 +38,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import PruneConfig
-from .errors import NeuralError
+from .. import stages
+from ..config import PruneConfig
+from ..errors import NeuralError
+from ..utils import atomic_write_text, json_clean
+from . import DEFAULT_KEEPS, fmt_keep, parse_keeps
 
 if TYPE_CHECKING:  # cv2 / torch are imported where used: the `neural` CLI builds this parser for every command
-    from .prune import PatchGrid
+    from ..prune import PatchGrid
 
-log = logging.getLogger("neural.eval_salience")
+log = logging.getLogger("neural.validate_salience")
 
-DEFAULT_KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
 RANDOM_DRAWS = 10
 #: (centre x, centre y, semi-axis x, semi-axis y) in normalised image coordinates; image-left = patient's right lung.
 LUNG_ELLIPSES = ((0.31, 0.48, 0.15, 0.30), (0.69, 0.50, 0.14, 0.29))
@@ -176,14 +178,11 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     import torch
     from tqdm import tqdm
 
-    from .bundle import load_bundle
-    from .device import autocast, set_threads
-    from .io import load_image
-    from .prune import grid_for, normalise, patch_scores, select
-    from .salience import salience_batch
-    from .transforms import resize_square
-
-    from .pipeline import inference_threads
+    from ..bundle import load_bundle
+    from ..device import set_threads
+    from ..io import load_image
+    from ..pipeline import inference_threads
+    from ..prune import grid_for
 
     t0 = time.perf_counter()
     set_threads()
@@ -191,7 +190,6 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     rows, bad = read_manifest(manifest)
     if bundle is None:
         bundle = load_bundle(model, device=device)
-    size = bundle.report_model.image_size
     items = []
     for r in rows:
         try:
@@ -207,13 +205,11 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     per_image = []
     for i in tqdm(range(0, len(items), batch), desc="salience", unit="batch", mininterval=5):
         chunk = items[i:i + batch]
-        px = torch.from_numpy(np.stack([resize_square(x.pixels, size) for _, x, _ in chunk]))[:, None]
-        with torch.inference_mode(), autocast(bundle.device):
-            sal = salience_batch(bundle.report_model, bundle.tokenizer, px.to(bundle.device),
-                                 [r["report"] for r, _, _ in chunk])
+        sal = stages.salience(bundle.report_model, bundle.tokenizer, [x.pixels for _, x, _ in chunk],
+                              [r["report"] for r, _, _ in chunk], batch=batch)
         for (r, x, m), s in zip(chunk, sal):
             grid = grid_for(x.meta.height, x.meta.width)
-            scores = normalise(patch_scores(s.token_map, grid))
+            scores = stages.score_patches(s.token_map, grid)
             counts = mask_patch_counts(m, grid)
             prior = lung_prior(grid)
             rng = np.random.default_rng([seed, r["line"]])
@@ -226,11 +222,11 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
             rand_hits = []
             for keep in keeps:
                 k = keep_count(grid.n_patches, keep)
-                kept = select(scores, PruneConfig(keep=keep))
-                kept_prior = select(prior, PruneConfig(keep=keep))
+                kept = stages.select_patches(scores, PruneConfig(keep=keep))
+                kept_prior = stages.select_patches(prior, PruneConfig(keep=keep))
                 rr, rh = random_baseline(counts, k, draws, rng)
                 rand_hits.append(rh)
-                out["keeps"][f"{keep:g}"] = {"kept": k, "recall": mask_recall(kept, counts), "random": rr,
+                out["keeps"][fmt_keep(keep)] = {"kept": k, "recall": mask_recall(kept, counts), "random": rr,
                                              "lung_prior": mask_recall(kept_prior, counts)}
             out["pointing"]["random"] = float(np.mean(rand_hits))
             per_image.append(out)
@@ -241,7 +237,7 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
 
     summary = []
     for keep in keeps:
-        kk = f"{keep:g}"
+        kk = fmt_keep(keep)
         summary.append({"keep": keep, "n": len(per_image),
                         "recall": mean([p["keeps"][kk]["recall"] for p in per_image]),
                         "random": mean([p["keeps"][kk]["random"] for p in per_image]),
@@ -255,16 +251,6 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     if not bundle.trained:
         res["warning"] = "UNTRAINED MODEL: salience from random weights; these numbers mean nothing"
     return res
-
-
-def _clean(o):
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_clean(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 
 
 def _f(v) -> str:
@@ -298,9 +284,9 @@ def write_outputs(res: dict, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     j, m = out / "salience_results.json", out / "salience_results.md"
-    clean = _clean(res)
-    j.write_text(json.dumps(clean, indent=1, allow_nan=False))
-    m.write_text(render_markdown(clean))
+    clean = json_clean(res)
+    atomic_write_text(j, json.dumps(clean, indent=1, allow_nan=False))
+    atomic_write_text(m, render_markdown(clean))
     return j, m
 
 
@@ -308,7 +294,7 @@ def add_arguments(p) -> None:
     p.add_argument("manifest", help="CSV with image,mask[,label][,report] (paths relative to the CSV allowed)")
     p.add_argument("--model", default=None, help="model bundle directory (default: assets/default_model)")
     p.add_argument("--out", default="salience_out", help="output folder (default: salience_out/)")
-    p.add_argument("--keeps", default=",".join(f"{k:g}" for k in DEFAULT_KEEPS))
+    p.add_argument("--keeps", default=",".join(fmt_keep(k) for k in DEFAULT_KEEPS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=RANDOM_DRAWS, help="random-keep draws averaged per image")
     p.add_argument("--device", default=None)
@@ -316,8 +302,6 @@ def add_arguments(p) -> None:
 
 
 def cmd_validate_salience(a) -> int:
-    from .evaluate import parse_keeps
-
     res = validate(a.manifest, model=a.model, device=a.device, keeps=parse_keeps(a.keeps), seed=a.seed,
                    draws=a.draws, batch=a.batch)
     j, m = write_outputs(res, a.out)
