@@ -10,6 +10,13 @@ Directory layout (``assets/default_model`` is the shipped one)::
       classifier_report/         trained on image + the model's *generated* report graphs
       classifier_oracle/         trained on image + *given* report graphs (for real reports; on label-template
                                  training text it is an oracle: the label comes from the report)
+    baseline/                  optional: the transfer-learning baseline (frozen backbone + logistic regression,
+                               :mod:`neural_core.models.baseline`) that every evaluation reports beside NEURAL
+    lung/                      optional: the lung-field model (:mod:`neural_core.models.lung`)
+
+A report model with a pretrained CNN encoder shares that (frozen) backbone with the classifiers' patch encoder:
+loading registers it as their feature source (:func:`neural_core.models.patch_features.register_featurizer`), so
+one copy of its weights ships.
 
 Which classifier scores a study is :func:`neural_core.stages.choose_classifier`'s answer, nobody else's. When no
 bundle exists, :func:`load_bundle` builds an *untrained* one from config, and every output says ``UNTRAINED``.
@@ -52,6 +59,8 @@ class ModelBundle:
     classifiers: dict[str, NeuralClassifier] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
+    baseline: object | None = None        # neural_core.models.baseline.TransferBaseline
+    lung: object | None = None            # neural_core.models.lung.LungModel
 
     def __post_init__(self):
         unknown = set(self.classifiers) - set(CLASSIFIER_NAMES)
@@ -82,6 +91,10 @@ class ModelBundle:
         self.tokenizer.save_pretrained(str(out / "report" / "tokenizer"))
         for name, clf in self.classifiers.items():
             clf.save_pretrained(out / CLASSIFIER_DIR.format(name), fp16=fp16)
+        if self.baseline is not None:
+            self.baseline.save(out / "baseline")
+        if self.lung is not None:
+            self.lung.save_pretrained(out / "lung", fp16=True)
         atomic_write_text(out / "model.json", json.dumps(self.info, indent=2))
 
 
@@ -116,6 +129,28 @@ def _to(self: ModelBundle, device: torch.device) -> ModelBundle:
 ModelBundle.to = _to  # type: ignore[attr-defined]
 
 
+def register_backbone_features(bundle: ModelBundle) -> None:
+    """Make the report model's frozen CNN encoder the feature source of the classifiers configured for it."""
+    cnn = getattr(bundle.report_model, "cnn", None)
+    if cnn is None:
+        return
+    from .models.patch_features import register_featurizer
+
+    for clf in bundle.classifiers.values():
+        if clf.cfg.patch_encoder == "backbone" and clf.cfg.backbone == cnn.name:
+            register_featurizer(cnn.name, cnn.backbone, clf.cfg.canvas)
+
+
+def backbone_of(bundle: ModelBundle):
+    """An inference copy of the bundle's frozen CNN backbone (for the baseline), or None with a Swin encoder."""
+    from .models.patch_features import get_featurizer
+
+    cnn = getattr(bundle.report_model, "cnn", None)
+    if cnn is None:
+        return None
+    return get_featurizer(ClassifierConfig(patch_encoder="backbone", backbone=cnn.name)).backbone
+
+
 def load_bundle(path: str | Path | None = None, device: torch.device | str | None = None,
                 *, allow_untrained: bool = True) -> ModelBundle:
     """Load a bundle directory (default: ``assets/default_model`` or ``$NEURAL_MODEL_DIR``); cached per path."""
@@ -138,6 +173,16 @@ def load_bundle(path: str | Path | None = None, device: torch.device | str | Non
             tok = load_tokenizer(p / "report" / "tokenizer")
             clfs = {name: NeuralClassifier.from_pretrained(p / CLASSIFIER_DIR.format(name), map_location=dev).eval()
                     for name in CLASSIFIER_NAMES if (p / CLASSIFIER_DIR.format(name)).is_dir()}
-            bundle = ModelBundle(rm, tok, clfs, info, dev)
+            baseline = lung = None
+            if (p / "baseline").is_dir():
+                from .models.baseline import TransferBaseline
+
+                baseline = TransferBaseline.load(p / "baseline")
+            if (p / "lung").is_dir():
+                from .models.lung import LungModel
+
+                lung = LungModel.from_pretrained(p / "lung", map_location=dev)
+            bundle = ModelBundle(rm, tok, clfs, info, dev, baseline, lung)
+            register_backbone_features(bundle)
         _CACHE[key] = bundle
         return bundle

@@ -376,7 +376,10 @@ class Pipeline:
         if clf is not None:
             data = fused.to(self.bundle.device)
             with torch.inference_mode():
-                feats = None if derived is None else self._patch_features(derived, clf, data, artifact)
+                # the CNN patch encoder sees each patch alone, so its output can be kept per grid patch across
+                # re-prunings; backbone features depend on the whole canvas (what else was kept), so never
+                per_patch = derived is not None and clf.cfg.patch_encoder == "cnn"
+                feats = self._patch_features(derived, clf, data, artifact) if per_patch else None
             prob = stages.classify(clf, data, patch_features=feats)
         timings["classify"] = time.perf_counter() - t
         return prob, fused, choice

@@ -161,12 +161,21 @@ def make_artifact(raw: np.ndarray, bit_depth: int, grid: PatchGrid, scores: np.n
 # graphs
 # ------------------------------------------------------------------------------------------------------------------
 
-def visual_graph(artifact: Artifact, ccfg: ClassifierConfig) -> Data:
+def visual_graph(artifact: Artifact, ccfg: ClassifierConfig, *, features=None) -> Data:
     """The kept patches as a graph (8-neighbour spatial edges); see
-    :func:`~neural_core.graphs.visual.build_visual_graph`."""
+    :func:`~neural_core.graphs.visual.build_visual_graph`. For a classifier whose patch encoder is the pretrained
+    backbone (``ccfg.patch_encoder == "backbone"``) the node inputs are the backbone's features of the artifact
+    canvas (:mod:`neural_core.models.patch_features`); ``features`` passes them when already computed (the trainer
+    computes them batched, with augmentation).
+
+    *Shapes*: ``features`` :math:`(K, D)` for the artifact's :math:`K` kept patches."""
     from .graphs.visual import build_visual_graph
 
-    return build_visual_graph(artifact, ccfg)
+    if ccfg.patch_encoder == "backbone" and features is None:
+        from .models.patch_features import get_featurizer
+
+        features = get_featurizer(ccfg).features_of(artifact)
+    return build_visual_graph(artifact, ccfg, features=features)
 
 
 def report_data(report_graph, text_encoder) -> Data | None:

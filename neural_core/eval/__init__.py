@@ -17,6 +17,7 @@ CONDITION_LABELS = {
     "image_only": "NEURAL image-only",
     "generated_report": "NEURAL + generated report",
     "oracle_given_report": "oracle (label comes from this report)",
+    "baseline": "transfer baseline (frozen backbone + LR, full image)",
 }
 FUSE_ABLATION = ("bridge", "multi", "none")
 ABLATION_KEEP = 0.10

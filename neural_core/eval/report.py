@@ -64,7 +64,12 @@ def render_markdown(res: dict) -> str:
                  f"| {_bytes(r['mean_raw_bytes'])} | {_f(r['mean_fraction_kept'])} |")
     L += ["", "The **oracle** row reads the study's *given* report (salience and knowledge graph). For Kermany the "
           "given report is a template written from the label, so the label comes from the report: an upper bound, "
-          "not a result.", ""]
+          "not a result. The **transfer baseline** row is the plain answer NEURAL must beat: the same frozen "
+          "ImageNet backbone, mean+max pooled over the whole uncompressed image at 224 px, logistic regression "
+          "(C = 0.01, balanced) trained on the same studies; its bytes are the original file's, at every keep.", ""]
+    from .external import render_external
+
+    L += render_external(res.get("external"))
     L += ["## Codec baselines at the same byte budget", "",
           "Each image compressed to at most its own NEURAL artifact's size at that keep, decoded, then classified by "
           "the image-only NEURAL classifier at keep 1.0 (salience recomputed on the decoded image). "

@@ -113,6 +113,7 @@ class EvalConfig:
     context_side: int = DEFAULT_CONTEXT_SIDE    # the CLI's default; its bytes are part of every artifact measured
     save_artifacts: int = 2
     threads: int | None = None
+    external: bool = True           # out-of-distribution checks (JSRT specificity, covid-cxr sensitivity)
     command: str | None = None
 
 
@@ -466,7 +467,14 @@ class Evaluator:
                 per_keep[_fmt_keep(keep)].setdefault("codecs", {})[c.codec] = {
                     "budget": c.budget, "bytes": c.nbytes, "quality": c.quality, "over_budget": c.over_budget,
                     "bit_depth": c.bit_depth, "encodes": c.encodes, "prob": float(p)}
+        base_p = None
+        if b.baseline is not None:
+            from ..bundle import backbone_of
+
+            with self.timer("baseline"):
+                base_p = float(b.baseline.predict(backbone_of(b), [x.pixels])[0])
         st.out = {"study_id": rec.study_id, "dataset": rec.dataset, "label": int(rec.pneumonia),
+                  "baseline": base_p,
                   "report_source": rec.report_source, "width": x.meta.width, "height": x.meta.height,
                   "bit_depth": x.meta.bit_depth, "generated_report_words": len(sg.report.split()),
                   "seconds": round(time.perf_counter() - t_study, 2), "keeps": per_keep}
@@ -482,6 +490,8 @@ def _thresholds(bundle: ModelBundle) -> tuple[dict, str]:
         else:
             out[k] = 0.5
             missing.append(k)
+    if bundle.baseline is not None:
+        out["baseline"] = float(bundle.baseline.threshold)
     note = "validation thresholds from the bundle (info['thresholds'], Youden on validation)"
     if missing:
         note = (f"no validation threshold in the bundle for {', '.join(missing)}: 0.5 used there (sensitivity, "
@@ -514,6 +524,13 @@ def aggregate(studies: list[dict], cfg: EvalConfig, thresholds: dict) -> dict:
                          "mean_raw_bytes": mean(col(kk, "raw_pixel_bytes")),
                          "mean_fraction_kept": mean(col(kk, "oracle_fraction_kept") if oracle
                                                     else col(kk, "fraction_kept"))})
+        if "baseline" in thresholds and any(s.get("baseline") is not None for s in studies):
+            p = np.array([np.nan if s.get("baseline") is None else s["baseline"] for s in studies], np.float64)
+            m = classification_metrics(y, p, thresholds["baseline"], cfg.bootstrap, cfg.seed)
+            orig = mean(col(kk, "original_file_bytes"))
+            main.append({"keep": keep, "condition": "baseline", "label": CONDITION_LABELS["baseline"], **m,
+                         "mean_artifact_bytes": orig, "mean_original_bytes": orig,
+                         "mean_raw_bytes": mean(col(kk, "raw_pixel_bytes")), "mean_fraction_kept": 1.0})
         for codec in cfg.codecs:
             items = [s["keeps"][kk].get("codecs", {}).get(codec) for s in studies]
             p = np.array([it["prob"] if it else np.nan for it in items], dtype=np.float64)
@@ -640,7 +657,17 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
         "timings_s": timings, "seconds_per_study": round(total / max(1, len(done)), 2),
         "saved_artifacts": ev.saved_artifacts,
     }
+    external = None
+    if cfg.external and not cfg.manifest and bundle.trained:
+        from .external import run_external
+
+        t_ext = time.perf_counter()
+        external = run_external(bundle, Path(cfg.data), split, thresholds, batch=cfg.batch,
+                                limit=30 if cfg.quick else None)
+        meta["timings_s"]["external"] = round(time.perf_counter() - t_ext, 2)
+        meta["external_note"] = "--quick: the first 30 studies of each external set" if cfg.quick else "all studies"
     res = {"warnings": warnings, "meta": meta, "sources": SOURCES, "disclaimer": NOT_CLINICAL, **agg,
+           "external": external,
            "report_generation": reports, "failed": ev.failed, "per_study": per_study}
     if not bundle.trained:
         res["warning"] = UNTRAINED_WARNING
@@ -656,6 +683,7 @@ def cmd_evaluate(a) -> int:
                      limit=a.limit, keeps=parse_keeps(a.keeps), bootstrap=a.bootstrap, seed=a.seed, device=a.device,
                      batch=a.batch, codecs=tuple(c for c in a.codecs.split(",") if c) if a.codecs else CODECS,
                      context_side=a.context, save_artifacts=a.save_artifacts, threads=a.threads,
+                     external=not a.no_external,
                      command=" ".join(sys.argv))
     for c in cfg.codecs:
         if c not in CODECS:
@@ -691,6 +719,8 @@ def add_arguments(p) -> None:
                    help="artifact context layer side (0 = none)")
     p.add_argument("--save-artifacts", type=int, default=2,
                    help="also write the artifacts of the first N studies to OUT/artifacts (inspection)")
+    p.add_argument("--no-external", action="store_true",
+                   help="skip the out-of-distribution checks (JSRT specificity, covid-cxr test sensitivity)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: NEURAL_THREADS, else the cores other processes leave idle; "
                         "on 2 cores shared with a training job 1 thread was 4x faster than 2)")

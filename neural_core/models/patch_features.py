@@ -13,6 +13,8 @@ positions follow the same affine map, so a node keeps its own patch's features.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import cv2
 import numpy as np
@@ -98,6 +100,26 @@ class BackboneFeaturizer:
         self.backbone = backbone
         self.canvas = int(canvas)
         self.dim = int(backbone.channels["s16"] + backbone.channels["s32"])
+        self._memo: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def features_of(self, artifact) -> torch.Tensor:
+        """``self([artifact])[0]``, remembered for the last few artifacts: one study is scored under several
+        conditions (image-only, with report, fusion ablations) from the same artifact, and the backbone pass is
+        the expensive part. Keyed by the artifact's identity *and* its kept coordinates (artifacts are immutable
+        in practice; the check makes a reused object safe)."""
+        key = (id(artifact), artifact.coords.tobytes())
+        with self._lock:
+            hit = self._memo.get(key)
+            if hit is not None and hit[0] is artifact:
+                self._memo.move_to_end(key)
+                return hit[1]
+        f = self([artifact])[0]
+        with self._lock:
+            self._memo[key] = (artifact, f)
+            while len(self._memo) > 8:
+                self._memo.popitem(last=False)
+        return f
 
     @torch.inference_mode()
     def __call__(self, artifacts: list, *, rng: np.random.Generator | None = None) -> list[torch.Tensor]:

@@ -25,17 +25,14 @@ import numpy as np
 import torch
 from torch_geometric.loader import DataLoader
 
-from ..artifact import build_artifact
+from .. import stages
 from ..config import ClassifierConfig, PruneConfig
-from ..graphs.fuse import fuse, report_graph_tensors
-from ..graphs.report_kg import extract
-from ..graphs.visual import build_visual_graph
 from ..io import load_image
 from ..models.classifier import NeuralClassifier
 from ..models.patch_features import BackboneFeaturizer
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer
-from ..prune import grid_for, normalise, patch_scores, select
+from ..prune import grid_for
 from ..salience import salience_batch
 from .decoder import load_features
 
@@ -89,14 +86,13 @@ def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg
                 cache_raw[i] = (_downscale(x.raw, TRAIN_MAX_SIDE), x.meta.bit_depth)
             raw, bd = cache_raw[i]
             grid = grid_for(*raw.shape)
-            scores = normalise(patch_scores(maps[i], grid)).astype(np.float32)
-            mask = select(scores, PruneConfig(keep=k))
-            arts.append(build_artifact(raw, bd, mask, grid, scores=scores[mask],
-                                       model={"name": "train", "version": "0", "config_hash": "0"}, meta={}))
+            scores = stages.score_patches(maps[i], grid)
+            mask = stages.select_patches(scores, PruneConfig(keep=k))
+            arts.append(stages.make_artifact(raw, bd, grid, scores, mask, model=stages.TRAIN_MODEL_ID, meta={}))
             where.append(j)
         feats = featurizer(arts, rng=rng)
         for j, art, f in zip(where, arts, feats):
-            g = build_visual_graph(art, cfg, features=f.half())
+            g = stages.visual_graph(art, cfg, features=f.half())
             g.patch = g.patch.half()
             out[j] = (todo[j][0], todo[j][1], g)
         if (s // batch) % 20 == 0:
@@ -107,22 +103,14 @@ def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg
 def _graphs(views: list, recs: list[dict], texts: list[str] | None, cache: dict, enc) -> list:
     out = []
     for i, _, g in views:
-        rep = None
-        if texts is not None:
-            t = texts[i]
-            if t and t not in cache:
-                rg = extract(t)
-                cache[t] = report_graph_tensors(rg, enc) if rg.entities else None
-            rep = cache.get(t) if t else None
-        y = float(recs[i]["pneumonia"])
-        out.append(fuse(g, rep, mode="bridge" if rep is not None else "none", y=y))
+        t = texts[i] if texts is not None else None
+        rep = stages.report_for_text(t, enc, cache) if t else None
+        out.append(stages.fuse_graphs(g, rep, y=float(recs[i]["pneumonia"])))
     return out
 
 
-@torch.no_grad()
-def predict(model: NeuralClassifier, graphs: list, batch: int = 128) -> np.ndarray:
-    model.eval()
-    return np.concatenate([torch.sigmoid(model(b)).numpy() for b in DataLoader(graphs, batch_size=batch)])
+def predict(model: NeuralClassifier, graphs: list) -> np.ndarray:
+    return stages.predict(model, graphs, batch=128)
 
 
 def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: int, patience: int, lr: float,

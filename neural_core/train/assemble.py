@@ -1,0 +1,73 @@
+"""Assemble a model bundle from the trained parts (fp16 safetensors) and write its ``model.json``.
+
+    python -m neural_core.train.assemble --decoder runs/decoder/best --classifiers runs/clf2 \\
+        --lung assets/lung_model --split assets/default_model/split.json --out assets/default_model
+
+``--classifiers DIR`` holds ``classifier_<name>/``, ``results_<name>.json`` (validation AUC, threshold) and
+``baseline/`` from :mod:`neural_core.train.classifier`; ``--also name=DIR`` takes one classifier from another run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..bundle import ModelBundle
+from ..models.baseline import TransferBaseline
+from ..models.classifier import NeuralClassifier
+from ..models.report_model import ReportModel
+from ..models.tokenizer import load_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--decoder", required=True)
+    ap.add_argument("--classifiers", required=True)
+    ap.add_argument("--also", action="append", default=[], help="name=DIR: take classifier NAME from run DIR")
+    ap.add_argument("--lung", default=None)
+    ap.add_argument("--split", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--version", default="neural-lite0-" + time.strftime("%Y%m%d"))
+    args = ap.parse_args(argv)
+    rm = ReportModel.from_pretrained(args.decoder)
+    tok = load_tokenizer(Path(args.decoder) / "tokenizer")
+    where = {n: Path(args.classifiers) for n in ("image", "report", "oracle")}
+    for a in args.also:
+        n, d = a.split("=", 1)
+        where[n] = Path(d)
+    clfs, thresholds, val_auc = {}, {}, {}
+    for n, d in where.items():
+        if (d / f"classifier_{n}").is_dir():
+            clfs[n] = NeuralClassifier.from_pretrained(d / f"classifier_{n}")
+            res = json.loads((d / f"results_{n}.json").read_text())
+            thresholds[n], val_auc[n] = res["threshold"], res["val_auc"]
+    base = TransferBaseline.load(Path(args.classifiers) / "baseline")
+    bres = json.loads((Path(args.classifiers) / "results_baseline.json").read_text())
+    thresholds["baseline"], val_auc["baseline"] = base.threshold, bres["val_auc"]
+    lung = None
+    if args.lung:
+        from ..models.lung import LungModel
+
+        lung = LungModel.from_pretrained(args.lung)
+    info = {"name": "neural-lite0", "version": args.version, "trained": True, "thresholds": thresholds,
+            "val_auc": val_auc, "split_file": "split.json",
+            "encoder": rm.cfg.encoder, "report_model": rm.cfg.to_dict(),
+            "sources": {n: str(d) for n, d in where.items() if n in clfs},
+            "data": ["kermany-train (label-template reports; Kermany capped at 1300 studies per class)",
+                     "covid-cxr (clinical notes)", "jsrt: the 154 nodule films as adult negatives (classifiers)",
+                     "iu-reports (tokenizer text only)"]}
+    out = Path(args.out)
+    if out.exists():
+        for sub in ("report", "classifier_image", "classifier_report", "classifier_oracle", "baseline", "lung"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    ModelBundle(rm, tok, clfs, info, baseline=base, lung=lung).save(out, fp16=True)
+    if Path(args.split).resolve() != (out / "split.json").resolve():
+        shutil.copy(args.split, out / "split.json")
+    print(json.dumps({"out": str(out), "classifiers": sorted(clfs), "thresholds": thresholds}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
