@@ -23,9 +23,12 @@ single 8x8 block, so 8-alignment is all the output needs, whatever the source's 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -52,7 +55,31 @@ def _jpeglib():
     return jpeglib
 
 
+# Re-pruning the same image (keep / tau slider moves, several keeps in an evaluation) reuses the parsed coefficients.
+_DCT_CACHE: OrderedDict = OrderedDict()
+_DCT_CACHE_SIZE = 8
+_DCT_LOCK = threading.Lock()
+
+
 def _read_luma_dct(source: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_read_luma_dct_uncached`, remembered for the last few sources (keyed by their SHA-256)."""
+    key = hashlib.sha256(source).digest()
+    with _DCT_LOCK:
+        hit = _DCT_CACHE.get(key)
+        if hit is not None:
+            _DCT_CACHE.move_to_end(key)
+            return hit
+    out = _read_luma_dct_uncached(source)
+    if out is not None:
+        out[0].setflags(write=False)
+        with _DCT_LOCK:
+            _DCT_CACHE[key] = out
+            while len(_DCT_CACHE) > _DCT_CACHE_SIZE:
+                _DCT_CACHE.popitem(last=False)
+    return out
+
+
+def _read_luma_dct_uncached(source: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """``(Y coefficients (bh, bw, 8, 8) int16, its quantisation table (8, 8))`` of a JPEG file's first component,
     or None when jpeglib cannot read it. jpeglib reads files only, hence the temporary file."""
     jl = _jpeglib()
@@ -63,7 +90,7 @@ def _read_luma_dct(source: bytes) -> tuple[np.ndarray, np.ndarray] | None:
         with os.fdopen(fd, "wb") as f:
             f.write(source)
         im = jl.read_dct(path)
-        Y = np.asarray(im.Y)
+        Y = np.array(im.Y, dtype=np.int16)
         qt = np.asarray(im.qt)
         tbl = np.asarray(im.quant_tbl_no) if im.quant_tbl_no is not None else np.zeros(1, int)
         q = qt[int(tbl[0])] if qt.ndim == 3 else qt
