@@ -10,7 +10,7 @@ For each source set (Kermany 224^2 JPEGs; full-size COVID-CXR JPEG/PNG, JSRT JPE
   (what format version 1 did for every source; ``lossless``).
 * **bits per kept pixel** of the patch section (the whole file in ``bpp_file``) against each registered lossless
   codec on the same mosaic (PNG, WebP, JPEG 2000, JPEG-LS, JPEG XL effort 2 and 7), on a subset of images
-  (``--codec-sample``). The source's own bits per pixel (file bytes x 8 / H / W) is printed alongside.
+  (``--codec-sample``; at keep 0.10, and 1.0 for images up to 512^2). The source's own bits per pixel (file bytes x 8 / H / W) is printed alongside.
 * **exactness**: every artifact is read back and its kept pixels compared with the loader's (counted; must be all).
 * **context layer**: bytes of a 32 px context thumbnail as PNG / lossy WebP / lossy JPEG XL.
 * **throughput**: building + serialising the artifact at keep 0.10 (the ``neural compress`` artifact stage, no
@@ -163,7 +163,7 @@ def main() -> None:
                 if keep == 0.10:
                     t_ours.append(dt)
                     t_j2k.append(_j2k_same_bytes(x.raw, len(data)))
-                if i < args.codec_sample and keep in (1.0, 0.10):
+                if i < args.codec_sample and (keep == 0.10 or (keep == 1.0 and H * W <= 512 * 512)):
                     cb = _codec_bytes(_mosaic(art))
                     codec_rows.append({"set": set_name, "keep": keep, "kept_px": sz.kept_pixels,
                                        "neural": psec["length"], "enc": psec["encoding"], **cb})

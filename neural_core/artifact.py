@@ -862,6 +862,8 @@ def build_artifact(raw: np.ndarray, bit_depth: int, mask: np.ndarray, grid: Patc
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
         if scores.shape[0] != patches.shape[0]:
             raise ValueError(f"scores has {scores.shape[0]} values for {patches.shape[0]} kept patches")
+        if not np.isfinite(scores).all():
+            raise ValueError("scores contain NaN or infinity")
         scores = _quantise_scores(scores)
     coded_context = None
     if context is not None and context_codec != "png":
@@ -872,7 +874,8 @@ def build_artifact(raw: np.ndarray, bit_depth: int, mask: np.ndarray, grid: Patc
                    cols=grid.cols, patches=patches, coords=coords, context=context, model=dict(model), meta=meta,
                    scores=scores)
     art._coded_context = coded_context
-    if source_data is not None and raw.dtype == np.uint8 and bit_depth == 8 and jpeg_dct.is_jpeg(bytes(source_data[:3])):
+    if (source_data is not None and raw.dtype == np.uint8 and bit_depth == 8
+            and jpeg_dct.is_jpeg(bytes(source_data[:3]))):
         tr, tc = _mosaic_layout(patches.shape[0], grid.rows, grid.cols)
         coded = jpeg_dct.encode_jpeg_mosaic(bytes(source_data), grid.height, grid.width, P, mask, tr, tc, patches)
         if coded is not None and codec_policy() == "smallest":

@@ -250,7 +250,7 @@ def _jpegls_decode(data: bytes) -> np.ndarray:
     return _imagecodecs().jpegls_decode(data)
 
 
-# -- JPEG XL: the size header of the code-stream (ISO/IEC 18181-1, SizeHeader), read without libjxl ---------------------
+# -- JPEG XL: the size header of the code-stream (ISO/IEC 18181-1, SizeHeader), read without libjxl --------------------
 
 _JXL_SIG = b"\xff\x0a"
 _JXL_BOX_SIG = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
