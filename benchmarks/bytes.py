@@ -216,7 +216,9 @@ def main() -> None:
     write_json("bytes", {"machine": machine(), "scores": args.scores, "table": rows, "codecs": crow,
                          "context_bytes": {k: float(np.mean(v)) for k, v in ctx.items() if v},
                          "throughput_ratio_vs_j2k": ratio, "exact": [exact_ok, exact_total],
-                         "raw": {s: {str(k): v for k, v in r.items()} for s, r in results.items()}})
+                         "over_target_bytes": {s: {str(k): sorted(round(x["bytes"] - (k * x["src"] + 1024)) for x in v
+                                                            if not x["target_ok"]) for k, v in r.items()}
+                                               for s, r in results.items()}})
 
 
 if __name__ == "__main__":
