@@ -5,16 +5,21 @@ container (no pickle). The byte layout is specified in ``docs/ARTIFACT_FORMAT.md
 
     magic b"NRLART\\x00" | version u16 LE | header length u32 LE | UTF-8 JSON header | payload sections | SHA-256
 
-The payload holds the retained patches as one lossless mosaic image and optionally a tiny 8-bit context layer of the
-whole image (PNG). How the mosaic is encoded is the writer's choice (every reader decodes all three codecs), set by
-the codec policy :data:`CODEC_ENV` (see :func:`codec_policy`):
+The payload holds the retained patches as one mosaic image and optionally a small 8-bit context layer of the whole
+image. The codecs live in :mod:`neural_core.artifact_codecs`; this module is the container. How the mosaic is coded:
 
-* ``fast`` (default): one PNG, zlib run-length strategy with the Paeth filter. About 50x faster than a level-9 PNG
-  (3 ms instead of 160 ms for the 10 % mosaic of a 1024^2 radiograph) and smaller than it on every radiograph we
-  measured; lossless by construction.
-* ``smallest``: that PNG, lossless WebP (8-bit) and lossless JPEG 2000, whichever is smallest (each non-PNG codec is
-  kept only if it round-trips exactly). Typically 5-10 % smaller for 8-bit and 20-30 % smaller for 12-16-bit images
-  than ``fast``, at 10-50x its encoding time (seconds for a whole 16-bit radiograph).
+* **JPEG sources, DCT domain** (``encoding`` ``jpeg`` / ``jxl-jpeg``): when :func:`build_artifact` is given the
+  source file's bytes (``source_data``) and they are a JPEG, the kept 8x8 blocks keep the source's own quantised
+  coefficients (see :mod:`neural_core.artifact_codecs.jpeg_dct`); the kept pixels decode identically to the loader's
+  pixels (checked when writing; otherwise the lossless path is used) and the bytes are about ``keep`` x the source's.
+* **Everything else, lossless**, chosen by the codec policy :data:`CODEC_ENV` (see :func:`codec_policy`):
+  ``fast`` (default) JPEG-LS - as fast as PNG and 5-20 % smaller on radiographs; ``smallest`` every registered
+  lossless codec (PNG, WebP, JPEG 2000, JPEG-LS, JPEG XL at high effort), the smallest exact one; ``png`` the
+  PNG that format version 1 wrote.
+
+Format version 2 (written now) stores ``kept`` as a deflated bitmap and ``scores`` as deflated 8-bit fixed-point
+deltas (base64 in the JSON) instead of JSON lists (1.5-3 kB for a 224^2 image at keep 1.0, a third of its JPEG),
+and allows the codecs above; version 1 artifacts (JSON lists, PNG/WebP/JPEG 2000) are still read.
 
 Reading (:meth:`Artifact.from_bytes`) treats the bytes as hostile: sizes, offsets, every header field and the
 image dimensions written inside each encoded section are checked before anything is decoded or allocated, and the
@@ -22,40 +27,52 @@ only exception that escapes for bad bytes is :class:`~neural_core.errors.Artifac
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import io
 import json
 import math
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import cv2
 import numpy as np
 
+from .artifact_codecs import jpeg_dct, lossless, lossy
 from .config import DEFAULT_LIMITS, Limits, PruneConfig
 from .errors import ArtifactError
 from .prune import MAX_PATCH, PatchGrid
 
 MAGIC = b"NRLART\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                          # what this build writes
+READ_VERSIONS = (1, 2)                      # what it reads
 _PREAMBLE = struct.Struct("<7sHI")          # magic, version, header length
 PREAMBLE_BYTES = _PREAMBLE.size             # 13
 CHECKSUM_BYTES = 32                         # SHA-256 over everything before it
 MAX_HEADER_BYTES = 8 * 1024 * 1024          # the JSON header may not be longer than this
 MAX_CONTEXT_SIDE = 1024
-PATCH_ENCODINGS = ("png", "webp", "j2k")    # order = preference on equal size
+#: Patch-mosaic encodings a reader accepts (version 1 writers used the first three).
+PATCH_ENCODINGS = ("png", "webp", "j2k", "jpegls", "jxl") + jpeg_dct.JPEG_ENCODINGS
+#: Context-layer encodings (version 1 writers used PNG only).
+CONTEXT_ENCODINGS = lossy.CONTEXT_ENCODINGS
 #: Environment variable choosing the mosaic codec policy; one of :data:`CODEC_POLICIES`, default ``fast``.
 CODEC_ENV = "NEURAL_ARTIFACT_CODEC"
-CODEC_POLICIES = ("fast", "smallest")
-_WEBP_MAX_SIDE = 16383
+CODEC_POLICIES = ("fast", "smallest", "png")
+#: Lossless codecs each policy tries (the first is the fallback; PNG when none works).
+POLICY_CODECS = {"fast": ("jpegls",), "smallest": ("jpegls", "png", "webp", "j2k", "jxl"), "png": ("png",)}
+#: JPEG XL effort used by the ``smallest`` policy (1-9; 7 is 3-10 % smaller than 2 at ~20x the time).
+SMALLEST_JXL_EFFORT = 7
+SCORE_SCALE = 255                           # version-2 scores are 8-bit fixed point: value = q / 255
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 _META_MODES = ("keep", "tau", "top_k")
 _TOP_KEYS = frozenset({"height", "width", "bit_depth", "dtype", "patch", "rows", "cols", "kept", "mosaic",
                        "sections", "context_shape", "model", "meta", "scores"})
 _SECTION_KEYS = frozenset({"name", "offset", "length", "encoding", "shape", "dtype"})
+_B64_PREFIX = "b64:"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,152 +146,123 @@ def _max_value(bit_depth: int) -> int:
     return (1 << bit_depth) - 1
 
 
+def _array_key(a: np.ndarray) -> bytes:
+    h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# compact (version 2) header fields: kept bitmap and fixed-point scores, base64 in JSON strings
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _b64(data: bytes) -> str:
+    return _B64_PREFIX + base64.b64encode(data).decode("ascii")
+
+
+def _unb64(v, what: str) -> bytes:
+    if not isinstance(v, str) or not v.startswith(_B64_PREFIX):
+        raise ArtifactError(f"artifact {what} must be a '{_B64_PREFIX}' string in format version 2")
+    try:
+        return base64.b64decode(v[len(_B64_PREFIX):], validate=True)
+    except (binascii.Error, ValueError):
+        raise ArtifactError(f"artifact {what} is not valid base64") from None
+
+
+def _inflate(data: bytes, expect: int, what: str) -> bytes:
+    """zlib-decompress exactly ``expect`` bytes; never more is allocated, whatever the stream claims."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, expect + 1)
+    except zlib.error:
+        raise ArtifactError(f"artifact {what} is not a valid zlib stream") from None
+    if len(out) != expect or d.unconsumed_tail or not d.eof or d.unused_data:
+        raise ArtifactError(f"artifact {what} does not hold exactly {expect} bytes")
+    return out
+
+
+def _pack_kept(mask: np.ndarray) -> str:
+    return _b64(zlib.compress(np.packbits(mask.ravel()).tobytes(), 9))
+
+
+def _pack_scores(scores: np.ndarray) -> str:
+    """8-bit fixed point, delta-coded (mod 256) in ``kept`` order (salience maps are smooth), deflated. 8 bits:
+    the classifier reads the score as one node feature among many; 1/255 steps are far below what separates
+    patches, and 16 bits cost 2-3x the bytes (up to 2 kB on a small JPEG at keep 1.0, a quarter of its size)."""
+    q = np.rint(np.clip(np.asarray(scores, np.float64), 0.0, 1.0) * SCORE_SCALE).astype(np.int64)
+    d = (np.diff(q, prepend=0) % 256).astype(np.uint8)
+    return _b64(zlib.compress(d.tobytes(), 9))
+
+
+def _unpack_scores(data: bytes) -> np.ndarray:
+    q = np.cumsum(np.frombuffer(data, dtype=np.uint8).astype(np.int64)) % 256
+    return q.astype(np.float64) / SCORE_SCALE
+
+
+def _quantise_scores(scores: np.ndarray) -> np.ndarray:
+    """Scores on the version-2 grid (``round(s * 255) / 255``, float32), so that what is written and what is read
+    back are the same numbers."""
+    q = np.rint(np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0) * SCORE_SCALE)
+    return (q / SCORE_SCALE).astype(np.float32)
+
+
+def _expand_compact_fields(h: dict) -> dict:
+    """Compact fields (written by version 2) -> the list forms the validation below checks: a ``kept`` bitmap string
+    (``rows * cols`` bits, row-major, most significant bit first) becomes ``[[row, col], ...]``, a ``scores`` string
+    (8-bit deltas) becomes numbers; list forms (version 1) pass through. Sizes are checked against ``rows`` / ``cols``
+    first, so a hostile bitmap cannot expand to more than the grid."""
+    if not isinstance(h, dict) or not isinstance(h.get("kept"), str):
+        return h
+    h = dict(h)
+    rows, cols = h.get("rows"), h.get("cols")
+    if not (_is_int(rows) and _is_int(cols) and rows >= 1 and cols >= 1):
+        raise ArtifactError("artifact header fields 'rows' and 'cols' must be positive integers")
+    n = int(rows) * int(cols)
+    bits = _inflate(_unb64(h.get("kept"), "'kept' bitmap"), -(-n // 8), f"'kept' bitmap of a {rows}x{cols} grid")
+    flat = np.flatnonzero(np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n))
+    h["kept"] = np.stack([flat // int(cols), flat % int(cols)], axis=1).tolist()
+    if isinstance(h.get("scores"), str):
+        raw = _inflate(_unb64(h["scores"], "'scores'"), len(flat), f"'scores' of {len(flat)} kept patches")
+        h["scores"] = _unpack_scores(raw).tolist()
+    return h
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # encoders / decoders (every decoder first reads the dimensions from the encoded bytes and compares them with what the
 # header promises, so a hostile section cannot make the decoder allocate more than the header allowed)
 # ----------------------------------------------------------------------------------------------------------------------
 
 def codec_policy() -> str:
-    """The mosaic codec policy in force: ``$NEURAL_ARTIFACT_CODEC`` (``fast`` or ``smallest``), default ``fast``.
-    Read at encoding time; an unknown value raises ValueError."""
+    """The mosaic codec policy in force: ``$NEURAL_ARTIFACT_CODEC`` (``fast``, ``smallest`` or ``png``), default
+    ``fast``. Read at encoding time; an unknown value raises ValueError."""
     v = os.environ.get(CODEC_ENV, "").strip().lower() or "fast"
     if v not in CODEC_POLICIES:
         raise ValueError(f"{CODEC_ENV}={v!r:.40} is not one of {CODEC_POLICIES}")
     return v
 
 
-# zlib's run-length strategy on Paeth-filtered rows: radiographs are smooth, so the filtered residuals are small and
-# repetitive. Measured on real CRs (8- and 15-bit) it is both the fastest and the smallest of the PNG settings (level
-# is irrelevant under Z_RLE); zlib level 9 with adaptive filters was 10-60x slower and 2-12 % larger.
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-               cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
-
-
-def _encode_png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
-    if not ok:  # pragma: no cover - cv2 encodes any 2-D uint8/uint16 array
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def _encode_webp(img: np.ndarray) -> bytes | None:
-    """Lossless WebP (quality > 100 selects lossless in OpenCV); 8-bit only, at most 16383 px a side."""
-    if img.dtype != np.uint8 or max(img.shape) > _WEBP_MAX_SIDE:
-        return None
-    try:
-        ok, buf = cv2.imencode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101])
-    except cv2.error:  # pragma: no cover - build without WebP
-        return None
-    return buf.tobytes() if ok else None
-
-
-def _encode_j2k(img: np.ndarray) -> bytes | None:
-    """Lossless (reversible 5/3 wavelet) JPEG 2000 code-stream via Pillow/OpenJPEG; 8- or 16-bit, one tile."""
-    try:
-        from PIL import Image
-
-        if Image.MAX_IMAGE_PIXELS and img.size > Image.MAX_IMAGE_PIXELS:
-            return None   # Pillow would refuse to decode it again (decompression-bomb guard)
-        out = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(img)).save(out, "JPEG2000", irreversible=False, no_jp2=True)
-        return out.getvalue()
-    except Exception:  # pragma: no cover - Pillow without OpenJPEG
-        return None
+# kept under their old names: tests and callers import them from here
+_encode_png = lossless.encode_png
+_encode_webp = lossless.encode_webp
+_encode_j2k = lossless.encode_j2k
 
 
 def _encode_patches(mosaic: np.ndarray) -> tuple[str, bytes]:
-    """Encode the mosaic: PNG under the ``fast`` policy; under ``smallest`` with every available lossless codec,
-    keeping the smallest (PNG wins ties)."""
-    best = ("png", _encode_png(mosaic))
-    if codec_policy() == "fast":
-        return best
-    for name, enc in (("webp", _encode_webp), ("j2k", _encode_j2k)):
-        data = enc(mosaic)
-        if data is not None and len(data) < len(best[1]):
-            # keep a codec only if it really round-trips (guards against a lossy build of a codec)
-            try:
-                back = _decode(name, data, mosaic.shape, mosaic.dtype)
-            except ArtifactError:
-                continue
-            if np.array_equal(back, mosaic):
-                best = (name, data)
-    return best
-
-
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_dims(data: bytes, dtype) -> tuple[int, int]:
-    if len(data) < 33 or data[:8] != _PNG_SIG or data[8:16] != b"\x00\x00\x00\x0dIHDR":
-        raise ArtifactError("artifact image section is not a valid PNG")
-    w, h = struct.unpack(">II", data[16:24])
-    depth, color, interlace = data[24], data[25], data[28]
-    want = 8 if dtype == np.uint8 else 16
-    if color != 0 or depth != want or interlace not in (0, 1):
-        raise ArtifactError(f"artifact PNG section must be {want}-bit greyscale "
-                            f"(got depth {depth}, colour type {color})")
-    return h, w
-
-
-def _webp_dims(data: bytes, dtype) -> tuple[int, int]:
-    if dtype != np.uint8:
-        raise ArtifactError("artifact WebP section is only allowed for 8-bit images")
-    if len(data) < 25 or data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8L" or data[20] != 0x2F:
-        raise ArtifactError("artifact image section is not a lossless (VP8L) WebP")
-    bits = int.from_bytes(data[21:25], "little")
-    return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
-
-
-def _j2k_dims(data: bytes, dtype) -> tuple[int, int]:
-    if len(data) < 45 or data[:4] != b"\xff\x4f\xff\x51":
-        raise ArtifactError("artifact image section is not a JPEG 2000 code-stream")
-    (_lsiz, _rsiz, xsiz, ysiz, xo, yo, xt, yt, xto, yto, csiz) = struct.unpack(">HHIIIIIIIIH", data[4:42])
-    ssiz, xr, yr = data[42], data[43], data[44]
-    want = 8 if dtype == np.uint8 else 16
-    if csiz != 1 or xr != 1 or yr != 1 or ssiz & 0x80 or (ssiz & 0x7F) + 1 != want:
-        raise ArtifactError(f"artifact JPEG 2000 section must be one unsigned {want}-bit component")
-    if xo or yo or xto or yto or xt < xsiz or yt < ysiz:
-        raise ArtifactError("artifact JPEG 2000 section must be a single tile without offsets")
-    return ysiz, xsiz
+    """Encode the mosaic losslessly with the codecs of the policy in force, keeping the smallest exact one."""
+    policy = codec_policy()
+    over = {"jxl": lambda m: lossless.encode_jxl(m, effort=SMALLEST_JXL_EFFORT)} if policy == "smallest" else None
+    return lossless.encode_smallest(mosaic, POLICY_CODECS[policy], encoders=over)
 
 
 def _decode(encoding: str, data: bytes, shape: tuple[int, int], dtype) -> np.ndarray:
-    """Decode one image section after checking its embedded dimensions against ``shape``."""
-    dims = {"png": _png_dims, "webp": _webp_dims, "j2k": _j2k_dims}.get(encoding)
-    if dims is None:
-        raise ArtifactError(f"unknown artifact section encoding {encoding!r}")
-    got = dims(data, dtype)
-    if tuple(got) != tuple(shape):
-        raise ArtifactError(f"artifact image section is {got[0]}x{got[1]} but the header promises "
-                            f"{shape[0]}x{shape[1]}")
-    try:
-        if encoding == "j2k":
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data), formats=["JPEG2000"]) as im:
-                if im.size != (shape[1], shape[0]):
-                    raise ArtifactError("artifact JPEG 2000 section has unexpected dimensions")
-                img = np.asarray(im)
-            if img.dtype.kind in "iu" and img.dtype != dtype and img.size and img.min() >= 0 \
-                    and img.max() <= np.iinfo(dtype).max:
-                img = img.astype(dtype)
-        else:
-            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-            if img is not None and encoding == "webp" and img.ndim == 3:
-                if img.shape[2] not in (3, 4) or not (np.array_equal(img[..., 0], img[..., 1])
-                                                      and np.array_equal(img[..., 0], img[..., 2])):
-                    raise ArtifactError("artifact WebP section is not greyscale")
-                img = np.ascontiguousarray(img[..., 0])
-    except ArtifactError:
-        raise
-    except Exception as e:  # any decoder failure on hostile bytes
-        raise ArtifactError(f"artifact {encoding.upper()} section cannot be decoded ({type(e).__name__})") from None
-    if img is None:
-        raise ArtifactError(f"artifact {encoding.upper()} section cannot be decoded (corrupt image data)")
-    if img.shape != tuple(shape) or img.dtype != dtype:
-        raise ArtifactError(f"artifact image section decoded to {img.shape} {img.dtype}, expected "
-                            f"{tuple(shape)} {np.dtype(dtype).name}")
-    return img
+    """Decode one image section after checking its embedded dimensions against ``shape`` (codec dispatch)."""
+    if encoding in jpeg_dct.JPEG_ENCODINGS:
+        if np.dtype(dtype) != np.uint8:
+            raise ArtifactError(f"artifact {encoding.upper()} section is only allowed for 8-bit images")
+        return jpeg_dct.decode_jpeg_section(encoding, data, shape)
+    if encoding in lossy.CONTEXT_ENCODINGS and encoding != "png":
+        return lossy.decode_context(encoding, data, shape)
+    return lossless.decode_image(encoding, data, shape, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -291,6 +279,15 @@ class ByteReport:
     fraction_kept: float                # patches_kept / patches_total
     patches_kept: int
     patches_total: int
+    kept_pixels: int | None = None      # true (unpadded) pixels of the kept patches
+    patch_encoding: str | None = None   # the mosaic's section encoding (png, jpegls, jpeg, ...)
+
+    @property
+    def bits_per_kept_pixel(self) -> float | None:
+        """``8 * artifact_bytes / kept_pixels``: the whole file (header, context, checksum) per kept pixel."""
+        if not self.kept_pixels:
+            return None
+        return 8.0 * self.artifact_bytes / self.kept_pixels
 
     @property
     def ratio_to_raw(self) -> float:
@@ -320,6 +317,9 @@ class ByteReport:
             "ratio_to_raw": self.ratio_to_raw,
             "ratio_to_original": self.ratio_to_original,
             "reduction_vs_raw": self.reduction_vs_raw,
+            "kept_pixels": self.kept_pixels,
+            "bits_per_kept_pixel": self.bits_per_kept_pixel,
+            "patch_encoding": self.patch_encoding,
         }
 
 
@@ -348,6 +348,11 @@ class Artifact:
     meta: dict = field(default_factory=dict)
     scores: np.ndarray | None = None   # (K,) float32 normalised salience of each kept patch, same order as coords
     _cache: tuple | None = field(default=None, init=False, repr=False)
+    # Encodings made before serialising that cannot be redone from the pixels alone: (key of the array, encoding,
+    # bytes) for the DCT-domain patch mosaic of a JPEG source and for a lossy context layer. Used while the array
+    # is unchanged; after a change the patches are coded losslessly and the context as PNG.
+    _coded_patches: tuple | None = field(default=None, init=False, repr=False)
+    _coded_context: tuple | None = field(default=None, init=False, repr=False)
 
     # -- derived ---------------------------------------------------------------------------------------------------
     @property
@@ -409,6 +414,8 @@ class Artifact:
         """Byte figures; ``artifact_bytes`` is measured by serialising."""
         n = len(self.to_bytes())
         src = self.meta.get("source_bytes")
+        hh = np.minimum(self.patch, self.height - self.coords[:, 0].astype(np.int64) * self.patch)
+        ww = np.minimum(self.patch, self.width - self.coords[:, 1].astype(np.int64) * self.patch)
         return ByteReport(
             artifact_bytes=n,
             original_file_bytes=int(src) if _is_int(src) else None,
@@ -416,6 +423,8 @@ class Artifact:
             fraction_kept=self.fraction_kept,
             patches_kept=self.n_kept,
             patches_total=self.rows * self.cols,
+            kept_pixels=int((hh * ww).sum()),
+            patch_encoding=self._sections()[0][1],
         )
 
     # -- writing ---------------------------------------------------------------------------------------------------
@@ -462,10 +471,18 @@ class Artifact:
         tiles = np.zeros((tr * tc, P, P), dtype=self.dtype)
         tiles[:k] = self.patches
         mosaic = tiles.reshape(tr, tc, P, P).transpose(0, 2, 1, 3).reshape(tr * P, tc * P)
-        enc, data = _encode_patches(mosaic)
+        pre = self._coded_patches
+        if pre is not None and pre[0] == _array_key(self.patches):
+            enc, data = pre[1], pre[2]
+        else:
+            enc, data = _encode_patches(mosaic)
         sections = [("patches", enc, mosaic.shape, self.dtype.name, data)]
         if self.context is not None:
-            sections.append(("context", "png", self.context.shape, "uint8", _encode_png(self.context)))
+            pre = self._coded_context
+            if pre is not None and pre[0] == _array_key(self.context):
+                sections.append(("context", pre[1], self.context.shape, "uint8", pre[2]))
+            else:
+                sections.append(("context", "png", self.context.shape, "uint8", _encode_png(self.context)))
         self._cache = (key, sections)
         return sections
 
@@ -491,13 +508,13 @@ class Artifact:
         return {
             "height": int(self.height), "width": int(self.width), "bit_depth": int(self.bit_depth),
             "dtype": self.dtype.name, "patch": int(self.patch), "rows": int(self.rows), "cols": int(self.cols),
-            "kept": self.coords.astype(int).tolist(),
+            "kept": _pack_kept(self.mask()),
             "mosaic": {"tile_rows": tr, "tile_cols": tc},
             "sections": sections,
             "context_shape": None if self.context is None else [int(s) for s in self.context.shape],
             "model": self.model,
             "meta": self.meta,
-            "scores": None if self.scores is None else [round(float(v), 6) for v in self.scores],
+            "scores": None if self.scores is None else _pack_scores(self.scores),
         }
 
     def to_bytes(self) -> bytes:
@@ -570,9 +587,9 @@ class Artifact:
         if n < PREAMBLE_BYTES:
             raise ArtifactError(f"artifact is truncated: {n} bytes, the fixed preamble alone is {PREAMBLE_BYTES}")
         _, version, hlen = _PREAMBLE.unpack_from(b)
-        if version != FORMAT_VERSION:
-            raise ArtifactError(f"unsupported artifact format version {version} (this build reads version "
-                                f"{FORMAT_VERSION})")
+        if version not in READ_VERSIONS:
+            raise ArtifactError(f"unsupported artifact format version {version} (this build reads versions "
+                                f"{', '.join(map(str, READ_VERSIONS))})")
         if not 2 <= hlen <= MAX_HEADER_BYTES:
             raise ArtifactError(f"artifact header length {hlen} is outside [2, {MAX_HEADER_BYTES}]")
         if n < PREAMBLE_BYTES + hlen + CHECKSUM_BYTES:
@@ -644,6 +661,7 @@ def _from_header(h: dict, payload: bytes, limits: Limits, expected_model: dict |
                             f"{patch} px patches")
 
     # kept patches
+    h = _expand_compact_fields(h)      # version-2 bitmap / fixed-point scores -> lists, now that the grid is valid
     kept = h["kept"]
     if not isinstance(kept, list) or not 1 <= len(kept) <= rows * cols:
         raise ArtifactError(f"artifact 'kept' must be a list of 1..{rows * cols} [row, col] pairs")
@@ -703,12 +721,15 @@ def _from_header(h: dict, payload: bytes, limits: Limits, expected_model: dict |
     ps = sections[0]
     if ps["dtype"] != dtype.name or ps["shape"] != [tr * patch, tc * patch]:
         raise ArtifactError(f"artifact patch mosaic must be {tr * patch}x{tc * patch} {dtype.name}")
-    if ps["encoding"] not in PATCH_ENCODINGS or (ps["encoding"] == "webp" and dtype != np.uint8):
+    if (not isinstance(ps["encoding"], str) or ps["encoding"] not in PATCH_ENCODINGS
+            or (ps["encoding"] in ("webp",) + jpeg_dct.JPEG_ENCODINGS and dtype != np.uint8)):
         raise ArtifactError(f"artifact patch encoding {ps['encoding']!r:.20} is not allowed for {dtype.name}")
     if cshape is not None:
         cs = sections[1]
-        if cs["encoding"] != "png" or cs["dtype"] != "uint8" or cs["shape"] != list(cshape):
-            raise ArtifactError("artifact context section must be a uint8 PNG of context_shape")
+        if (not isinstance(cs["encoding"], str) or cs["encoding"] not in CONTEXT_ENCODINGS or cs["dtype"] != "uint8"
+                or cs["shape"] != list(cshape)):
+            raise ArtifactError(f"artifact context section must be a uint8 image of context_shape, encoded as one "
+                                f"of {CONTEXT_ENCODINGS}")
 
     model = _check_model(h["model"])
     meta = _check_meta(h["meta"])
@@ -730,15 +751,20 @@ def _from_header(h: dict, payload: bytes, limits: Limits, expected_model: dict |
     if int(mosaic.max()) > _max_value(bit_depth):
         raise ArtifactError(f"artifact pixel values exceed the {bit_depth}-bit range")
     patches = mosaic.reshape(tr, patch, tc, patch).transpose(0, 2, 1, 3).reshape(tr * tc, patch, patch)[:k].copy()
+    if ps["encoding"] in jpeg_dct.JPEG_ENCODINGS:     # DCT blocks decode to something outside the image: blank it
+        jpeg_dct.blank_outside(patches, coords, height, width, patch)
     context, cached = None, [("patches", ps["encoding"], (tr * patch, tc * patch), dtype.name, data)]
     if cshape is not None:
         cdata = payload[ps["length"]:]
-        context = _decode("png", cdata, cshape, np.uint8)
-        cached.append(("context", "png", cshape, "uint8", cdata))
+        context = _decode(sections[1]["encoding"], cdata, cshape, np.uint8)
+        cached.append(("context", sections[1]["encoding"], cshape, "uint8", cdata))
 
     art = Artifact(height=height, width=width, bit_depth=bit_depth, patch=patch, rows=rows, cols=cols,
                    patches=patches, coords=coords, context=context, model=model, meta=meta, scores=scores)
     art._cache = (art._content_key(), cached)   # to_bytes() reproduces the same bytes without re-encoding
+    art._coded_patches = (_array_key(patches), ps["encoding"], data)
+    if context is not None:
+        art._coded_context = (_array_key(context), cached[1][1], cached[1][4])
     return art
 
 
@@ -764,13 +790,27 @@ def make_context(raw: np.ndarray, bit_depth: int, side: int) -> np.ndarray:
 
 def build_artifact(raw: np.ndarray, bit_depth: int, mask: np.ndarray, grid: PatchGrid, *, context_side: int = 0,
                    model: dict, meta: dict, scores: np.ndarray | None = None,
-                   context: np.ndarray | None = None) -> Artifact:
+                   context: np.ndarray | None = None, source_data: bytes | None = None,
+                   context_codec: str = "png", context_quality: int = 40) -> Artifact:
     """Cut the kept patches (``mask`` True, shape ``(rows, cols)``) out of the full-resolution display array ``raw``
     (uint8 / uint16 holding ``bit_depth``-bit values). Vectorised: pad to whole patches, reshape to
     ``(rows, P, cols, P)``, transpose, boolean-index. ``model`` needs ``name``, ``version``, ``config_hash``;
     ``meta`` gets ``created_at`` (UTC, ISO 8601) when absent. ``context``, when given, must be
     ``make_context(raw, bit_depth, context_side)`` computed earlier (re-pruning the same image reuses it); otherwise
-    it is computed here. Bad arguments raise ValueError."""
+    it is computed here. Bad arguments raise ValueError.
+
+    Bytes:
+
+    * ``source_data``: the original file's bytes (``XRay.source_data``, set by :func:`~neural_core.io.load_image`
+      for JPEG files). When they are a JPEG that ``raw`` was decoded from and the patch side is a multiple of 8
+      (:func:`~neural_core.prune.grid_for` with ``align=source_alignment("jpeg")``), the mosaic is coded in the
+      DCT domain with the source's own coefficients (about ``keep`` x the source's bytes; the kept pixels are
+      checked to decode identically, else the lossless codecs are used).
+    * ``context_codec``: ``png`` (lossless thumbnail, default), ``webp-lossy`` or ``jxl-lossy`` at
+      ``context_quality`` (0..100). With a lossy codec ``Artifact.context`` holds the *decoded* thumbnail, so the
+      artifact in memory equals the one read back from its bytes.
+
+    *Shapes:* ``raw`` ``(H, W)``, ``mask`` ``(rows, cols)``, ``scores`` ``(K,)`` (quantised to 1/255, as stored)."""
     raw = np.asarray(raw)
     if raw.ndim != 2 or raw.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"raw must be a 2-D uint8 or uint16 array, got {raw.dtype} {raw.shape}")
@@ -787,6 +827,10 @@ def build_artifact(raw: np.ndarray, bit_depth: int, mask: np.ndarray, grid: Patc
         raise ValueError("mask keeps no patches")
     if not _is_int(context_side) or not 0 <= context_side <= MAX_CONTEXT_SIDE:
         raise ValueError(f"context_side must be an integer in [0, {MAX_CONTEXT_SIDE}], got {context_side!r}")
+    if context_codec not in CONTEXT_ENCODINGS:
+        raise ValueError(f"context_codec must be one of {CONTEXT_ENCODINGS}, got {context_codec!r}")
+    if source_data is not None and not isinstance(source_data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"source_data must be the source file's bytes, got {type(source_data).__name__}")
     _check_model(model, ValueError)
     meta = dict(meta)
     meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
@@ -815,9 +859,30 @@ def build_artifact(raw: np.ndarray, bit_depth: int, mask: np.ndarray, grid: Patc
             raise ValueError(f"context must be the {want[0]}x{want[1]} uint8 make_context(raw, bit_depth, "
                              f"{context_side}), got {context.dtype} {context.shape}")
     if scores is not None:
-        scores = np.clip(np.asarray(scores, dtype=np.float32).reshape(-1), 0.0, 1.0)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
         if scores.shape[0] != patches.shape[0]:
             raise ValueError(f"scores has {scores.shape[0]} values for {patches.shape[0]} kept patches")
-    return Artifact(height=grid.height, width=grid.width, bit_depth=int(bit_depth), patch=P, rows=grid.rows,
-                    cols=grid.cols, patches=patches, coords=coords, context=context, model=dict(model), meta=meta,
-                    scores=scores)
+        if not np.isfinite(scores).all():
+            raise ValueError("scores contain NaN or infinity")
+        scores = _quantise_scores(scores)
+    coded_context = None
+    if context is not None and context_codec != "png":
+        data = lossy.encode_context(context, context_codec, context_quality)
+        context = _decode(context_codec, data, context.shape, np.uint8)      # what a reader will see
+        coded_context = (_array_key(context), context_codec, data)
+    art = Artifact(height=grid.height, width=grid.width, bit_depth=int(bit_depth), patch=P, rows=grid.rows,
+                   cols=grid.cols, patches=patches, coords=coords, context=context, model=dict(model), meta=meta,
+                   scores=scores)
+    art._coded_context = coded_context
+    if (source_data is not None and raw.dtype == np.uint8 and bit_depth == 8
+            and jpeg_dct.is_jpeg(bytes(source_data[:3]))):
+        tr, tc = _mosaic_layout(patches.shape[0], grid.rows, grid.cols)
+        coded = jpeg_dct.encode_jpeg_mosaic(bytes(source_data), grid.height, grid.width, P, mask, tr, tc, patches)
+        if coded is not None and codec_policy() == "smallest":
+            tiles = np.zeros((tr * tc, P, P), dtype=patches.dtype)
+            tiles[: patches.shape[0]] = patches
+            alt = _encode_patches(tiles.reshape(tr, tc, P, P).transpose(0, 2, 1, 3).reshape(tr * P, tc * P))
+            coded = coded if len(coded[1]) <= len(alt[1]) else None
+        if coded is not None:
+            art._coded_patches = (_array_key(patches), coded[0], coded[1])
+    return art

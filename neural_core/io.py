@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -61,6 +61,9 @@ class XRay:
     pixels: np.ndarray        # float32 HxW in [-1024, 1024], air dark
     raw: np.ndarray           # uint8 (bit_depth <= 8) or uint16 HxW in [0, 2**bit_depth - 1]
     meta: ImageMeta
+    # The file's bytes, kept for JPEG sources only: the artifact codes their kept blocks in the DCT domain
+    # (pass it to build_artifact(source_data=...)). None for every other source.
+    source_data: bytes | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------- public helpers
@@ -161,6 +164,8 @@ def load_image(src: str | os.PathLike | bytes, *, limits: Limits = DEFAULT_LIMIT
     except Exception as exc:  # any decoder bug or corrupt-file exception becomes a clean input error
         raise ImageLoadError(f"{label}: cannot decode {fmt.upper()} image ({_one_line(exc)})") from None
     xr = _make_xray(raw, bd, source_format=fmt, source_bytes=len(data), **extra)
+    if fmt == "jpeg":
+        xr.source_data = data
     log.debug("loaded %s image %dx%d, %d-bit, %d bytes", fmt, xr.meta.width, xr.meta.height, bd, len(data))
     return xr
 

@@ -37,15 +37,29 @@ def _positive_int(name: str, v) -> int:
     return int(v)
 
 
-def auto_patch_size(height: int, width: int) -> int:
-    """Patch side in original pixels: 32 for large images, smaller so that the shorter side still has at least 14
-    patches, never below 8.
+#: Patch alignment for JPEG sources: the DCT block side (the artifact keeps their 8x8 coefficient blocks whole).
+JPEG_ALIGN = 8
 
-    ``patch = clip(min(height, width) // 14, 8, 32)``; e.g. 224 -> 16, 512 -> 32, 1024 -> 32, 2000 -> 32, 300 -> 21.
+
+def source_alignment(source_format: str | None) -> int:
+    """What the automatic patch side must be a multiple of for a source of this format: 8 for JPEG (so the
+    artifact can keep the source's own DCT blocks, see :mod:`neural_core.artifact_codecs.jpeg_dct`), else 1.
+    The one place this choice is made; pass the result to :func:`grid_for` as ``align``."""
+    return JPEG_ALIGN if source_format == "jpeg" else 1
+
+
+def auto_patch_size(height: int, width: int, align: int = 1) -> int:
+    """Patch side in original pixels: 32 for large images, smaller so that the shorter side still has at least 14
+    patches, never below 8; rounded down to a multiple of ``align`` (at least ``align``).
+
+    ``patch = clip(min(height, width) // 14, 8, 32)``; e.g. 224 -> 16, 512 -> 32, 1024 -> 32, 2000 -> 32, 300 -> 21
+    (``align=8``: 16).
     """
     h = _positive_int("height", height)
     w = _positive_int("width", width)
-    return int(min(DEFAULT_PATCH, max(MIN_AUTO_PATCH, min(h, w) // MIN_PATCHES_SHORT_SIDE)))
+    a = _positive_int("align", align)
+    p = int(min(DEFAULT_PATCH, max(MIN_AUTO_PATCH, min(h, w) // MIN_PATCHES_SHORT_SIDE)))
+    return max(a, p // a * a)
 
 
 @dataclass(frozen=True)
@@ -84,11 +98,12 @@ class PatchGrid:
         return np.minimum(self.patch, self.width - np.arange(self.cols) * self.patch)
 
 
-def grid_for(height: int, width: int, patch: int | None = None) -> PatchGrid:
-    """The patch grid for an image; ``patch=None`` uses :func:`auto_patch_size`."""
+def grid_for(height: int, width: int, patch: int | None = None, *, align: int = 1) -> PatchGrid:
+    """The patch grid for an image; ``patch=None`` uses :func:`auto_patch_size` (a multiple of ``align``, see
+    :func:`source_alignment`). An explicit ``patch`` is used as given."""
     h = _positive_int("height", height)
     w = _positive_int("width", width)
-    p = auto_patch_size(h, w) if patch is None else _positive_int("patch", patch)
+    p = auto_patch_size(h, w, align) if patch is None else _positive_int("patch", patch)
     if p > MAX_PATCH:
         raise ValueError(f"patch size {p} is larger than the maximum {MAX_PATCH}")
     return PatchGrid(height=h, width=w, patch=p, rows=-(-h // p), cols=-(-w // p))

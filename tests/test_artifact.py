@@ -238,7 +238,7 @@ def test_bad_magic_version_and_trailing_garbage():
     with pytest.raises(ArtifactError, match="magic"):
         Artifact.from_bytes(b"\x89PNG\r\n\x1a\n" + b[8:])
     with pytest.raises(ArtifactError, match="version"):
-        Artifact.from_bytes(_rebuild(b, version=2))
+        Artifact.from_bytes(_rebuild(b, version=3))
     with pytest.raises(ArtifactError):
         Artifact.from_bytes(b + b"extra")
     h, p = _split(b)
