@@ -37,7 +37,7 @@ from .errors import ReportError
 from .graphs.fuse import report_graph_tensors
 from .graphs.report_kg import ReportGraph, extract
 from .io import XRay, load_image
-from .prune import PatchGrid, grid_for
+from .prune import PatchGrid
 from .salience import SalienceResult
 from .utils import LRUCache
 
@@ -327,12 +327,13 @@ class Pipeline:
         timings = {} if timings is None else timings
         xray, sal = out.xray, out.salience
         t = time.perf_counter()
-        grid = grid_for(xray.meta.height, xray.meta.width, cfg.patch_size)
+        grid = stages.study_grid(xray, cfg.patch_size)
         scores = self._patch_scores(out, grid)
         mask = stages.select_patches(scores, cfg)
         artifact = stages.make_artifact(xray.raw, xray.meta.bit_depth, grid, scores, mask,
                                         model=self.bundle.identity, meta=stages.artifact_meta(xray, cfg),
-                                        context_side=cfg.context_side, context=self._context(out, cfg.context_side))
+                                        context_side=cfg.context_side, context=self._context(out, cfg.context_side),
+                                        source_data=xray.source_data)
         nbytes = artifact.sizes()
         timings["prune"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .salience import SalienceResult
 
 __all__ = ["CLASSIFIER_NAMES", "DEFAULT_CONTEXT_SIDE", "TRAIN_MODEL_ID", "ClassifierChoice", "model_input",
-           "salience", "generate_reports", "score_patches", "select_patches", "artifact_meta", "make_artifact",
+           "salience", "generate_reports", "score_patches", "select_patches", "artifact_meta", "study_grid",
+           "make_artifact",
            "visual_graph", "report_data", "report_for_text", "fuse_graphs", "study_graph", "has_report_nodes", "choose_classifier",
            "predict", "classify"]
 
@@ -145,16 +146,27 @@ def artifact_meta(xray: XRay, cfg: PruneConfig) -> dict:
             "keep": cfg.keep, "tau": cfg.tau, "top_k": cfg.top_k}
 
 
+def study_grid(xray: XRay, patch: int | None = None) -> PatchGrid:
+    """The patch grid of a loaded study: automatic side (or ``patch``), aligned to the source's own coding blocks
+    (8 px for a JPEG, so the artifact can keep its DCT blocks; :func:`~neural_core.prune.source_alignment`)."""
+    from .prune import grid_for, source_alignment
+
+    return grid_for(xray.meta.height, xray.meta.width, patch, align=source_alignment(xray.meta.source_format))
+
+
 def make_artifact(raw: np.ndarray, bit_depth: int, grid: PatchGrid, scores: np.ndarray, mask: np.ndarray, *,
-                  model: dict, meta: dict, context_side: int = 0, context: np.ndarray | None = None) -> Artifact:
+                  model: dict, meta: dict, context_side: int = 0, context: np.ndarray | None = None,
+                  source_data: bytes | None = None) -> Artifact:
     """The lossless artifact of the kept patches, with their scores, the model identity, ``meta`` and a
     ``context_side`` px context layer (``context``: that layer computed earlier, reused when re-pruning).
+    ``source_data``: the original file's bytes (``XRay.source_data``): for a JPEG the kept blocks keep the source's
+    own coefficients (see :mod:`neural_core.artifact_codecs.jpeg_dct`).
 
     *Shapes*: ``raw`` :math:`(H, W)` uint8/uint16; ``scores``, ``mask`` :math:`(rows, cols)`."""
     from .artifact import build_artifact
 
     return build_artifact(raw, bit_depth, mask, grid, context_side=context_side, context=context,
-                          scores=scores[mask], model=model, meta=meta)
+                          scores=scores[mask], model=model, meta=meta, source_data=source_data)
 
 
 # ------------------------------------------------------------------------------------------------------------------

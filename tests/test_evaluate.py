@@ -15,7 +15,8 @@ from neural_core.bundle import untrained_bundle
 from neural_core.cli import main as cli_main
 from neural_core.config import tiny_report_config
 from neural_core.eval import CONDITIONS
-from neural_core.eval.codecs import CODECS, _encode, encode_to_budget
+from neural_core.artifact_codecs.lossy import LOSSY_CODECS
+from neural_core.eval.codecs import CODECS, encode_to_budget
 from neural_core.eval.metrics import (bootstrap_auc_ci, chexpert_f1, classification_metrics, roc_auc,
                                       threshold_metrics)
 from neural_core.eval.report import write_outputs
@@ -162,7 +163,8 @@ def test_encode_to_budget_respects_budget():
         assert r.nbytes <= 2500 and not r.over_budget and r.decoded.shape == img.shape
         assert r.nbytes > 1000                                # uses the budget, not just anything below it
     r = encode_to_budget(img, 8, "jpeg", 50)                  # impossible: flagged, smallest encoding returned
-    assert r.over_budget and 50 < r.nbytes <= len(_encode(img, "jpeg", 1)) and r.quality <= 2
+    assert r.over_budget and 50 < r.nbytes <= len(LOSSY_CODECS["jpeg"].encode(img, 1)) and r.quality <= 2
+    assert "jpegxl" in CODECS
 
 
 def test_bootstrap_ci_contains_point_estimate():

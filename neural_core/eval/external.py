@@ -60,7 +60,6 @@ def run_external(bundle, data: Path, split: dict[str, str], thresholds: dict, *,
     from ..config import PruneConfig
     from ..errors import NeuralError
     from ..io import load_image
-    from ..prune import grid_for
 
     sets = external_sets(Path(data), split)
     choice = stages.choose_classifier(bundle, "generated", None)
@@ -85,7 +84,7 @@ def run_external(bundle, data: Path, split: dict[str, str], thresholds: dict, *,
             sal = stages.salience(bundle.report_model, bundle.tokenizer,
                                   [stages.model_input(x.pixels, size) for x, _ in xs], [None] * len(xs))
             for (x, lab), s in zip(xs, sal):
-                grid = grid_for(x.meta.height, x.meta.width)
+                grid = stages.study_grid(x)
                 scores = stages.score_patches(s.token_map, grid)
                 for k in keeps:
                     mask = stages.select_patches(scores, PruneConfig(keep=k))

@@ -78,7 +78,7 @@ def render_markdown(res: dict) -> str:
           "| keep | codec | n | AUC [95 % CI] | sens | spec | F1 | mean bytes | mean budget | over budget "
           "| mean quality |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["codecs"]:
-        q = "rate " + _f(r["mean_quality"], 1) if r["codec"] == "jpeg2000" else _f(r["mean_quality"], 1)
+        q = {"jpeg2000": "rate ", "jpegxl": "distance "}.get(r["codec"], "") + _f(r["mean_quality"], 1)
         L.append(f"| {_fmt_keep(r['keep'])} | {r['label']} | {r['n']} | {_auc_ci(r)} | {_f(r['sensitivity'])} "
                  f"| {_f(r['specificity'])} | {_f(r['f1'])} | {_bytes(r['mean_bytes'])} "
                  f"| {_bytes(r['mean_budget_bytes'])} | {r['n_over_budget']} | {q} |")

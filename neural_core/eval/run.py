@@ -321,12 +321,12 @@ class Evaluator:
     # -- artifacts ---------------------------------------------------------------------------------------------------
     def artifact(self, x: XRay, token_map: np.ndarray, keep: float) -> Artifact:
         """Exactly what :meth:`Pipeline.prune_and_classify` stores for this study at this keep."""
-        from ..prune import grid_for
 
         cfg = PruneConfig(keep=keep, context_side=self.cfg.context_side)
-        grid = grid_for(x.meta.height, x.meta.width)
+        grid = stages.study_grid(x)
         scores = stages.score_patches(token_map, grid)
         return stages.make_artifact(x.raw, x.meta.bit_depth, grid, scores, stages.select_patches(scores, cfg),
+                                    source_data=x.source_data,
                                     model=self.bundle.identity, meta=stages.artifact_meta(x, cfg),
                                     context_side=cfg.context_side)
 
