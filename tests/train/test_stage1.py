@@ -74,11 +74,11 @@ def test_two_process_ddp_gloo(manifest, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=840)   # under the suite's 900 s per test
     except subprocess.TimeoutExpired:   # a hang is a failure (no retry): kill the whole process group, show stderr
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
-        pytest.fail("2-process DDP run did not finish in 600 s:\n" + err[-3000:])
+        pytest.fail("2-process DDP run did not finish in 840 s:\n" + err[-3000:])
     assert proc.returncode == 0, err[-3000:]
     start = [e for e in _log(out) if e["event"] == "start"][0]
     assert start["processes"] == 2
