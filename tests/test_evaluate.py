@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import pytest
 
 from neural_core.artifact import Artifact
@@ -22,7 +23,7 @@ from neural_core.eval.metrics import (bootstrap_auc_ci, chexpert_f1, classificat
 from neural_core.eval.report import write_outputs
 from neural_core.eval.run import EvalConfig, run_evaluation, stratified_subset
 from neural_core.eval.salience import (keep_count, lung_prior, mask_patch_counts, mask_recall, pointing_hit,
-                                       random_baseline, top_patch, validate)
+                                       random_baseline, salience_mass_in_mask, top_patch, validate)
 from neural_core.prune import grid_for
 from tests.conftest import FakeTextEncoder
 
@@ -272,6 +273,10 @@ def test_pointing_game_and_recall_helpers():
     assert rec < 1.0 and hit < 1.0                            # 1 of 16 patches: random can't always hit
     prior = lung_prior(g)
     assert prior[1:3, 1].max() > prior[0, 0] and keep_count(16, 0.1) == 2
+    # salience mass: all of it on the mask's patch -> the mask's share of that patch; spread evenly -> mask area
+    share = mask.sum() / 256.0
+    assert salience_mass_in_mask(scores, counts, g) == pytest.approx(mask[16:32, 32:48].sum() / 256.0)
+    assert salience_mass_in_mask(np.ones((4, 4)), counts, g) == pytest.approx(share / 16)
 
 
 def test_validate_salience_end_to_end(tiny, tmp_path, capsys):
@@ -320,3 +325,38 @@ def test_validate_salience_on_the_covid_lung_masks(tiny, covid_dir, tmp_path):
     assert full["recall"] == pytest.approx(1.0)
     for p in res["per_image"]:
         assert 0.0 < p["mask_fraction"] < 1.0        # a lung field: part of the image, not all of it
+
+
+def test_cnn_bundle_reports_the_transfer_baseline_beside_neural(tiny, tmp_path):
+    """A bundle with the pretrained CNN encoder, backbone-feature classifiers and a transfer baseline: every keep
+    gets a baseline row over the same studies, scored at the baseline's own threshold, bytes = original file."""
+    from dataclasses import replace
+
+    from neural_core.bundle import ModelBundle, register_backbone_features
+    from neural_core.config import ClassifierConfig
+    from neural_core.models.baseline import TransferBaseline
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.models.report_model import ReportModel
+
+    root, small = tiny
+    torch.manual_seed(0)
+    rcfg = replace(small.report_model.cfg, encoder="efficientnet_lite0", freeze_encoder=True, image_size=64)
+    rm = ReportModel(rcfg, pad_token_id=small.tokenizer.pad_token_id, eos_token_id=small.tokenizer.eos_token_id)
+    ccfg = ClassifierConfig(patch_encoder="backbone", feature_dim=112 + 1280, canvas=64)
+    clfs = {"image": NeuralClassifier(ccfg).eval(), "report": NeuralClassifier(ccfg).eval()}
+    rng = np.random.default_rng(0)
+    base = TransferBaseline(rng.normal(0, 0.01, 2560).astype(np.float32), 0.0, size=64, threshold=0.5)
+    bundle = ModelBundle(rm.eval(), small.tokenizer, clfs, {"name": "t", "version": "1", "trained": False},
+                         baseline=base)
+    register_backbone_features(bundle)
+    cfg = EvalConfig(manifest=str(root / "manifest.csv"), split=str(root / "split.json"), out=str(tmp_path / "o"),
+                     keeps=(1.0, 0.1), bootstrap=50, seed=0, batch=8, codecs=("jpeg",), save_artifacts=0)
+    res = run_evaluation(cfg, bundle=bundle, model_dir=root / "model", text_encoder=FakeTextEncoder())
+    rows = [r for r in res["main"] if r["condition"] == "baseline"]
+    assert [r["keep"] for r in rows] == [1.0, 0.1]
+    assert rows[0]["n"] == 10 and rows[0]["auc"] == rows[1]["auc"]             # the same full-image scores
+    assert rows[0]["mean_artifact_bytes"] == rows[0]["mean_original_bytes"]
+    probs = [s["baseline"] for s in res["per_study"]]
+    assert all(0.0 < p < 1.0 for p in probs) and len(set(probs)) > 1
+    md = write_outputs(res, cfg.out)["md"].read_text()
+    assert "transfer baseline" in md

@@ -468,11 +468,12 @@ class Evaluator:
                     "budget": c.budget, "bytes": c.nbytes, "quality": c.quality, "over_budget": c.over_budget,
                     "bit_depth": c.bit_depth, "encodes": c.encodes, "prob": float(p)}
         base_p = None
-        if b.baseline is not None:
-            from ..bundle import backbone_of
+        from ..bundle import backbone_of
 
+        backbone = backbone_of(b) if b.baseline is not None else None
+        if backbone is not None:          # the baseline needs the bundle's CNN backbone (a Swin bundle has none)
             with self.timer("baseline"):
-                base_p = float(b.baseline.predict(backbone_of(b), [x.pixels])[0])
+                base_p = float(b.baseline.predict(backbone, [x.pixels])[0])
         st.out = {"study_id": rec.study_id, "dataset": rec.dataset, "label": int(rec.pneumonia),
                   "baseline": base_p,
                   "report_source": rec.report_source, "width": x.meta.width, "height": x.meta.height,

@@ -89,6 +89,16 @@ def pointing_hit(scores: np.ndarray, counts: np.ndarray) -> bool:
     return bool(counts[r, c] > 0)
 
 
+def salience_mass_in_mask(scores: np.ndarray, counts: np.ndarray, grid: PatchGrid) -> float:
+    r"""The share of the salience map's mass that lies in the mask, patch by patch:
+    :math:`\sum_p s_p f_p / \sum_p s_p` with :math:`f_p` the fraction of patch :math:`p`'s true pixels inside the
+    mask (``counts`` from :func:`mask_patch_counts`). NaN for an all-zero map."""
+    area = np.outer(grid.row_heights(), grid.col_widths()).astype(np.float64)
+    frac = counts.astype(np.float64) / np.maximum(area, 1.0)
+    tot = float(np.asarray(scores, np.float64).sum())
+    return float((scores * frac).sum() / tot) if tot > 0 else float("nan")
+
+
 def lung_prior(grid: PatchGrid, ellipses=LUNG_ELLIPSES) -> np.ndarray:
     """The analytic lung-field prior at every patch centre, shape ``(rows, cols)`` (see the module docstring)."""
     ys = (np.arange(grid.rows) * grid.patch + grid.row_heights() / 2.0) / grid.height
@@ -208,17 +218,25 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
         sal = stages.salience(bundle.report_model, bundle.tokenizer, [x.pixels for _, x, _ in chunk],
                               [r["report"] for r, _, _ in chunk], batch=batch)
         for (r, x, m), s in zip(chunk, sal):
-            grid = grid_for(x.meta.height, x.meta.width)
+            grid = stages.study_grid(x)
             scores = stages.score_patches(s.token_map, grid)
             counts = mask_patch_counts(m, grid)
             prior = lung_prior(grid)
+            lung = None
+            if bundle.lung is not None:       # the stronger baseline: the patches with the most lung (lung model)
+                from ..models.lung import lung_baseline_scores, lung_fields
+
+                lung = lung_baseline_scores(lung_fields(bundle.lung, x.pixels), grid)
             rng = np.random.default_rng([seed, r["line"]])
             out = {"line": r["line"], "image": Path(r["image"]).name, "label": r["label"],
                    "report_source": s.report_source, "grid": [grid.rows, grid.cols], "patch": grid.patch,
                    "mask_fraction": float(m.mean()),
                    "mask_patch_fraction": float((counts > 0).mean()),
                    "pointing": {"neural": pointing_hit(scores, counts), "lung_prior": pointing_hit(prior, counts)},
+                   "mass_in_mask": salience_mass_in_mask(scores, counts, grid),
                    "keeps": {}}
+            if lung is not None:
+                out["pointing"]["lung_model"] = pointing_hit(lung, counts)
             rand_hits = []
             for keep in keeps:
                 k = keep_count(grid.n_patches, keep)
@@ -228,6 +246,9 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
                 rand_hits.append(rh)
                 out["keeps"][fmt_keep(keep)] = {"kept": k, "recall": mask_recall(kept, counts), "random": rr,
                                              "lung_prior": mask_recall(kept_prior, counts)}
+                if lung is not None:
+                    kept_lung = stages.select_patches(lung, PruneConfig(keep=keep))
+                    out["keeps"][fmt_keep(keep)]["lung_model"] = mask_recall(kept_lung, counts)
             out["pointing"]["random"] = float(np.mean(rand_hits))
             per_image.append(out)
 
@@ -241,12 +262,15 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
         summary.append({"keep": keep, "n": len(per_image),
                         "recall": mean([p["keeps"][kk]["recall"] for p in per_image]),
                         "random": mean([p["keeps"][kk]["random"] for p in per_image]),
-                        "lung_prior": mean([p["keeps"][kk]["lung_prior"] for p in per_image])})
-    pointing = {k: mean([float(p["pointing"][k]) for p in per_image]) for k in ("neural", "random", "lung_prior")}
+                        "lung_prior": mean([p["keeps"][kk]["lung_prior"] for p in per_image]),
+                        "lung_model": mean([p["keeps"][kk].get("lung_model") for p in per_image])})
+    pointing = {k: mean([float(p["pointing"][k]) for p in per_image if k in p["pointing"]])
+                for k in ("neural", "random", "lung_prior", "lung_model")}
     res = {"manifest": str(manifest), "model_version": bundle.version, "trained": bundle.trained,
            "model_identity": bundle.identity, "seed": seed, "random_draws": draws, "keeps": list(keeps),
            "lung_ellipses": [dict(zip(("cx", "cy", "ax", "ay"), e)) for e in LUNG_ELLIPSES],
-           "n_images": len(per_image), "summary": summary, "pointing_game": pointing, "bad_rows": bad,
+           "n_images": len(per_image), "summary": summary, "pointing_game": pointing,
+           "mass_in_mask": mean([p["mass_in_mask"] for p in per_image]), "bad_rows": bad,
            "per_image": per_image, "seconds": round(time.perf_counter() - t0, 2)}
     if not bundle.trained:
         res["warning"] = "UNTRAINED MODEL: salience from random weights; these numbers mean nothing"
@@ -268,13 +292,17 @@ def render_markdown(res: dict) -> str:
           + "; ".join(f"({e['cx']}, {e['cy']}, {e['ax']}, {e['ay']})" for e in res["lung_ellipses"]), "",
           "## Mask recall of kept patches", "", "Share of mask pixels inside the kept patches (mean over images); "
           "the baselines keep the same number of patches.", "",
-          "| keep | n | NEURAL | random keep | lung-field prior |", "|---|---|---|---|---|"]
+          "| keep | n | NEURAL | random keep | lung-field prior | lung model |", "|---|---|---|---|---|---|"]
     for r in res["summary"]:
-        L.append(f"| {r['keep']:g} | {r['n']} | {_f(r['recall'])} | {_f(r['random'])} | {_f(r['lung_prior'])} |")
+        L.append(f"| {r['keep']:g} | {r['n']} | {_f(r['recall'])} | {_f(r['random'])} | {_f(r['lung_prior'])} "
+                 f"| {_f(r.get('lung_model'))} |")
     p = res["pointing_game"]
     L += ["", "## Pointing game", "", "Does the single top-ranked patch overlap the mask?", "",
-          "| NEURAL | random patch | lung-field prior |", "|---|---|---|",
-          f"| {_f(p['neural'])} | {_f(p['random'])} | {_f(p['lung_prior'])} |"]
+          "| NEURAL | random patch | lung-field prior | lung model |", "|---|---|---|---|",
+          f"| {_f(p['neural'])} | {_f(p['random'])} | {_f(p['lung_prior'])} | {_f(p.get('lung_model'))} |",
+          "", f"Salience mass inside the mask (NEURAL, mean over images): {_f(res.get('mass_in_mask'))}. The lung "
+          "model baseline keeps the patches with the most lung according to the bundle's lung-field model (absent "
+          "when the bundle has none)."]
     if res["bad_rows"]:
         L += ["", "## Skipped rows", ""] + [f"- line {b['line']}: {b['error']}" for b in res["bad_rows"]]
     return "\n".join(L) + "\n"
