@@ -105,10 +105,11 @@ def _read_report(path: Path, report_dir: Path | None, limits=None) -> str | None
     rp = report_dir / f"{path.stem}.txt"
     if not os.path.lexists(rp):
         return None
-    cap = 4 * (limits.max_report_chars if limits is not None else DEFAULT_LIMITS.max_report_chars) + 4
+    chars = limits.max_report_chars if limits is not None else DEFAULT_LIMITS.max_report_chars
+    cap = max(4 * chars + 4, 16 * 2**20)
     data = read_regular(rp, cap, label=f"report {printable(rp.name, 120)}", exc=ReportError,
                         too_big=lambda n: f"file is {n:,} bytes; the report limit is "
-                                          f"{cap // 4 - 1:,} characters (NEURAL_MAX_REPORT_CHARS)")
+                                          f"{chars:,} characters (NEURAL_MAX_REPORT_CHARS)")
     return data.decode("utf-8", errors="replace")
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger("neural")
 EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 3
 MAX_BEAMS = 64
+REPORT_FILE_CAP = 16 * 2**20      # most bytes of a --report file read (more: refused by size, unread)
 #: ``decompress --out`` formats: suffix -> (name, keeps 16 bits). 8-bit formats get a 16-bit image scaled down.
 OUT_FORMATS = {".png": ("PNG", True), ".tif": ("TIFF", True), ".tiff": ("TIFF", True), ".jpg": ("JPEG", False),
                ".jpeg": ("JPEG", False), ".webp": ("WebP", False), ".bmp": ("BMP", False)}
@@ -76,7 +77,8 @@ def _read_report(value: str | None) -> str | None:
         is_path = False
     if not is_path:
         return value
-    cap = 4 * DEFAULT_LIMITS.max_report_chars + 4   # the pipeline refuses it by length; never read a huge file
+    # enough for the pipeline to count the characters and refuse it by length; never read a huge file whole
+    cap = max(4 * DEFAULT_LIMITS.max_report_chars + 4, REPORT_FILE_CAP)
     data = read_regular(value, cap, label=f"report {printable(os.path.basename(value), 120)}", exc=ReportError,
                         too_big=lambda n: f"file is {n:,} bytes; the report limit is "
                                           f"{DEFAULT_LIMITS.max_report_chars:,} characters (NEURAL_MAX_REPORT_CHARS)")
