@@ -287,6 +287,7 @@ def compress_paths(files: list[Path], out_dir: Path, *, model: str | None = None
     from .pipeline import Pipeline
 
     pipe = Pipeline(load_bundle(model, device=device), cache_size=1)
-    with tqdm(total=len(files), desc="compress", unit="img", mininterval=2) as bar:
+    # disable=None: a progress bar only on a terminal (in a log or a pipe its carriage returns are noise)
+    with tqdm(total=len(files), desc="compress", unit="img", mininterval=2, disable=None) as bar:
         return _compress_stream(pipe, list(files), out_dir, report_dir=rdir, batch_size=max(1, int(batch_size)),
                                 max_pixels=BATCH_MAX_PIXELS, prune=prune, progress=bar.update, names=names)

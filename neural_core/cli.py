@@ -36,8 +36,9 @@ OUT_FORMATS = {".png": ("PNG", True), ".tif": ("TIFF", True), ".tiff": ("TIFF", 
 
 
 def _say(text: str = "", *, err: bool = False) -> None:
-    """Print untrusted text: every line with its control characters escaped (one printed line per line here)."""
-    print("\n".join(printable(line) for line in str(text).split("\n")), file=sys.stderr if err else sys.stdout)
+    """Print one line of (partly untrusted) text with every control character escaped: a newline or ESC in a file
+    name or a header field can neither start a new line nor drive the terminal."""
+    print(printable(text), file=sys.stderr if err else sys.stdout)
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -264,7 +265,9 @@ def _fail(cmd: str, err: BaseException | str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:  # the environment's limits are read at import: a bad NEURAL_MAX_* value is one line, not a traceback
-        from . import config  # noqa: F401
+        from . import config
+
+        config.env_threads()      # NEURAL_THREADS is read later (by the pipeline): check it up front too
     except ValueError as err:
         _say(f"neural: {' '.join(str(err).split())}", err=True)
         return EXIT_BAD_INPUT

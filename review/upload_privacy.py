@@ -9,8 +9,8 @@ full header. :func:`protect_uploads` (called once by ``app.build_app``):
    digits, stays because components check file types by it; the loader ignores it and reads magic bytes);
 2. remembers which session used which upload and deletes them when the session ends (``demo.unload``);
 3. sets ``delete_cache``: every file the app cached (uploads never analysed, rendered images, exports) is deleted
-   once older than :data:`MAX_AGE_S`, and all of them when the server shuts down (also on SIGTERM, see
-   :func:`stop_on_sigterm`);
+   once older than :data:`MAX_AGE_S`, and all of them when the server shuts down and again at interpreter exit
+   (also on SIGTERM, see :func:`stop_on_sigterm`);
 4. logs each reader-facing error (``gr.Error``) as one escaped line at WARNING and its traceback only at DEBUG
    (Gradio would print a full traceback for each).
 """
@@ -159,6 +159,17 @@ def _delete_all_remembered() -> None:
     _delete(paths)
 
 
+def _delete_cached_files(demo: gr.Blocks) -> None:
+    """Every file Gradio cached for ``demo`` (uploads, rendered images, exports): what its own shutdown does, done
+    again at interpreter exit because a process stopped by a signal may exit before the server's shutdown runs."""
+    try:
+        from gradio.route_utils import delete_files_created_by_app
+
+        delete_files_created_by_app(demo, age=None)
+    except Exception as exc:  # noqa: BLE001 - best effort at exit; never mask the exit status
+        log.warning("could not delete the app's cached files (%s)", type(exc).__name__)
+
+
 def _escape_log_records() -> None:
     """Every handler of the root logger gets an :class:`EscapingFormatter` with its format: one record, one line."""
     for h in logging.getLogger().handlers:
@@ -181,6 +192,7 @@ def protect_uploads(demo: gr.Blocks, *, max_age_s: int = MAX_AGE_S) -> gr.Blocks
         block_fn.fn._neural_wrapped = True  # type: ignore[attr-defined]
     demo.unload(_on_unload)
     atexit.register(_delete_all_remembered)
+    atexit.register(_delete_cached_files, demo)     # also when the server thread had no time to shut down
     _escape_log_records()
     return demo
 
