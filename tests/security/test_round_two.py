@@ -456,3 +456,15 @@ def test_warning_after_success_is_one_line(cli, tmp_path, tiny_bundle_dir):
     assert rc == 0, err
     warn = [ln for ln in err.splitlines() if "warning" in ln]
     assert warn == ["neural analyze: warning: frames.dcm: DICOM has 2 frames; using the first"], err
+
+
+def test_devices_are_refused_before_any_byte_moves():
+    """The real device paths (read: /dev/zero never ends; write: /dev/full would be replaced by a rename)."""
+    from neural_core.errors import ImageLoadError
+    from neural_core.safeio import check_output_file, read_regular
+
+    with pytest.raises(OutputError, match="is a device, not a regular file"):
+        check_output_file("/dev/full", what="--save-artifact", exc=OutputError)
+    with pytest.raises(ImageLoadError, match="zero: is a device"):
+        read_regular("/dev/zero", 1024, label="zero", exc=ImageLoadError)
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
