@@ -173,6 +173,8 @@ def _delete_cached_files(demo: gr.Blocks) -> None:
 def _escape_log_records() -> None:
     """Every handler of the root logger gets an :class:`EscapingFormatter` with its format: one record, one line."""
     for h in logging.getLogger().handlers:
+        if type(h).__module__.startswith("_pytest"):   # a test's capture handler keeps its own format
+            continue
         fmt = getattr(h.formatter, "_fmt", None) or "%(levelname)s %(name)s: %(message)s"
         datefmt = getattr(h.formatter, "datefmt", None)
         if not isinstance(h.formatter, EscapingFormatter):
