@@ -32,6 +32,7 @@ from neural_core.errors import NeuralError
 from review.controller import EXPLAIN_STEPS, OUTPUTS, ReviewController
 from review.gallery import DEV_GALLERY, GALLERY_ENV, load_gallery
 from review.layout import CSS, build_layout
+from review.upload_privacy import protect_uploads, stop_on_sigterm
 from review.util import default_text_encoder
 
 log = logging.getLogger("neural_review")
@@ -189,7 +190,7 @@ def build_app(pipeline=None, db_url: str | None = None, *, gallery: str | Path |
         demo.load(on_load, None, [L.who, L.exports_tab], api_visibility="private")
 
     demo.neural = ctrl  # type: ignore[attr-defined]
-    return demo
+    return protect_uploads(demo)  # uploads renamed, deleted with their session / at shutdown; one log line per error
 
 
 def launch_kwargs(ctrl: ReviewController) -> dict:
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("open mode (no reader accounts) on %s: anyone who can reach this port can annotate",
                         args.host)
     demo.queue(default_concurrency_limit=2)
+    stop_on_sigterm()  # a SIGTERM shuts the server down cleanly, which deletes every cached upload
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctrl))
     return 0
 

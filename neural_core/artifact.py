@@ -34,7 +34,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,7 +43,8 @@ import numpy as np
 
 from .artifact_codecs import jpeg_dct, lossless, lossy
 from .config import DEFAULT_LIMITS, Limits, PruneConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, OutputError
+from .safeio import printable, read_regular, write_atomic
 from .prune import MAX_PATCH, PatchGrid
 
 MAGIC = b"NRLART\x00"
@@ -84,8 +84,12 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-            and math.isfinite(float(v)))
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:      # an integer like 10**400 has no float value
+        return False
 
 
 def _int_field(d: dict, key: str, lo: int, hi: int, exc=ArtifactError, where: str = "header") -> int:
@@ -94,7 +98,7 @@ def _int_field(d: dict, key: str, lo: int, hi: int, exc=ArtifactError, where: st
         raise exc(f"artifact {where} field {key!r} must be an integer, got {type(v).__name__}")
     v = int(v)
     if not lo <= v <= hi:
-        raise exc(f"artifact {where} field {key!r} = {v} is outside [{lo}, {hi}]")
+        raise exc(f"artifact {where} field {key!r} = {str(v)[:40]} is outside [{lo}, {hi}]")
     return v
 
 
@@ -400,15 +404,22 @@ class Artifact:
             raise ValueError(f"fill must be 'blank' or 'context', got {fill!r}")
         if fill == "context" and self.context is None:
             raise ValueError("this artifact has no context layer (built with context_side=0); use fill='blank'")
-        P = self.patch
-        canvas = np.zeros((self.rows * P, self.cols * P), dtype=self.dtype)
-        if fill == "context":
-            canvas[: self.height, : self.width] = self.context_full()
-        tiles = canvas.reshape(self.rows, P, self.cols, P).transpose(0, 2, 1, 3)   # a view: writes reach canvas
-        tiles[self.coords[:, 0], self.coords[:, 1]] = self.patches
-        if canvas.shape == (self.height, self.width):
-            return canvas
-        return np.ascontiguousarray(canvas[: self.height, : self.width])
+        # The canvas is exactly H x W (never the padded grid): what a hostile header can make us allocate is bounded
+        # by the pixel limit checked at reading, not by patch size x grid (1 x 40 Mpx with 512 px patches would
+        # otherwise be a 20-Gpx canvas).
+        P, H, W = self.patch, self.height, self.width
+        canvas = self.context_full() if fill == "context" else np.zeros((H, W), dtype=self.dtype)
+        rf, cf = H // P, W // P                                   # rows / cols of whole patches
+        r, c = self.coords[:, 0], self.coords[:, 1]
+        whole = (r < rf) & (c < cf)
+        if rf and cf and whole.any():
+            tiles = canvas[: rf * P, : cf * P].reshape(rf, P, cf, P).transpose(0, 2, 1, 3)   # a view of canvas
+            tiles[r[whole], c[whole]] = self.patches[whole]
+        for i in np.flatnonzero(~whole):                          # edge patches: at most rows + cols of them
+            y0, x0 = int(r[i]) * P, int(c[i]) * P
+            y1, x1 = min(y0 + P, H), min(x0 + P, W)
+            canvas[y0:y1, x0:x1] = self.patches[i, : y1 - y0, : x1 - x0]
+        return canvas
 
     def sizes(self) -> ByteReport:
         """Byte figures; ``artifact_bytes`` is measured by serialising."""
@@ -532,39 +543,21 @@ class Artifact:
         return body + hashlib.sha256(body).digest()
 
     def save(self, path: str | os.PathLike) -> int:
-        """Write atomically (temporary file in the same directory, fsync, ``os.replace``). Returns the byte count."""
-        data = self.to_bytes()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return len(data)
+        """Write atomically (temporary file in the same directory, fsync, ``os.replace``). Returns the byte count.
+        Only a new path or an existing regular file is written: a missing folder, a directory, a device, a FIFO or a
+        symbolic link at ``path`` raises :class:`~neural_core.errors.OutputError` (nothing is replaced)."""
+        return write_atomic(path, self.to_bytes(), what="artifact", exc=OutputError)
 
     # -- reading ---------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, *, limits: Limits = DEFAULT_LIMITS,
              expected_model: dict | None = None) -> "Artifact":
         """Read and validate an artifact file (see :meth:`from_bytes`); unreadable files raise ArtifactError."""
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > limits.max_artifact_bytes:
-                    raise ArtifactError(f"artifact file is {size} bytes, more than the limit of "
-                                        f"{limits.max_artifact_bytes}")
-                data = f.read(limits.max_artifact_bytes + 1)
-        except OSError as e:
-            raise ArtifactError(f"cannot read artifact {os.fspath(path)!r}: {e.strerror or e}") from None
+        # regular files only: a FIFO would block forever, a device never end
+        label = printable(os.path.basename(os.fspath(path)) or os.fspath(path), 200)
+        data = read_regular(path, limits.max_artifact_bytes, label=f"cannot read artifact {label}", exc=ArtifactError,
+                            too_big=lambda n: f"artifact file is {n} bytes, more than the limit of "
+                                              f"{limits.max_artifact_bytes}")
         return cls.from_bytes(data, limits=limits, expected_model=expected_model)
 
     @classmethod
@@ -608,7 +601,11 @@ class Artifact:
             raise ArtifactError("checksum mismatch: the artifact is corrupt or was modified")
         h = _parse_json(header_bytes)
         payload = b[PREAMBLE_BYTES + hlen: n - CHECKSUM_BYTES]
-        return _from_header(h, payload, limits, expected_model)
+        try:
+            return _from_header(h, payload, limits, expected_model)
+        except (OverflowError, ValueError, TypeError) as e:   # last line of defence: a value no check anticipated
+            raise ArtifactError(f"artifact header holds an unusable value ({type(e).__name__}: "
+                                f"{printable(e, 120)})") from None
 
 
 def _parse_json(data: bytes) -> dict:
@@ -623,8 +620,15 @@ def _parse_json(data: bytes) -> dict:
     def no_constants(name):
         raise ValueError(f"non-standard JSON constant {name}")
 
+    def finite_float(text):
+        v = float(text)
+        if not math.isfinite(v):      # 1e400 parses as inf: refuse it here, before any field sees it
+            raise ValueError(f"number {text[:20]} is out of range")
+        return v
+
     try:
-        h = json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants)
+        h = json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants,
+                       parse_float=finite_float)
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"artifact header is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(h, dict):
@@ -634,7 +638,8 @@ def _parse_json(data: bytes) -> dict:
 
 def _model_str(m: dict | None) -> str:
     m = m or {}
-    return f"{m.get('name')!s} version {m.get('version')!s} (config {str(m.get('config_hash'))[:12]})"
+    return printable(f"{printable(m.get('name'), 80)} version {printable(m.get('version'), 40)} "
+                     f"(config {printable(m.get('config_hash'), 12)[:12]})")
 
 
 def _from_header(h: dict, payload: bytes, limits: Limits, expected_model: dict | None) -> Artifact:

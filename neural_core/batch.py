@@ -11,14 +11,17 @@ function on the rows Ray hands them.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import PruneConfig
+from .config import DEFAULT_LIMITS, PruneConfig
 from .data.studies import IMAGE_SUFFIXES
-from .errors import NeuralError
+from .errors import NeuralError, OutputError, ReportError
+from .safeio import check_output_dir, printable, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +37,53 @@ _PRUNE_KEYS = ("keep", "tau", "top_k", "patch_size", "context_side")
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given (any suffix: the loader decides), folders expanded to the image files inside, sorted."""
+    """Files as given (any suffix: the loader decides), folders expanded to the image files inside, sorted. A file
+    named twice (directly or through a folder) is listed once."""
     out: list[Path] = []
+    seen: set[str] = set()
     for s in inputs:
         p = Path(s)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)
+        found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES) \
+            if p.is_dir() else [p]
+        for q in found:
+            key = os.path.realpath(q)
+            if key not in seen:
+                seen.add(key)
+                out.append(q)
     return out
 
 
 def artifact_name(path: Path) -> str:
+    """The artifact name of one input on its own: ``<stem>.nrla`` (see :func:`artifact_names` for a batch)."""
     return path.stem + ".nrla"
+
+
+def artifact_names(paths: list[Path]) -> dict[str, str]:
+    """Input path -> artifact file name, distinct for every input of a batch (compared without case, as on a
+    case-insensitive file system): ``<stem>.nrla`` when the stem is unique, ``<stem>.<suffix>.nrla`` when only the
+    suffix tells inputs apart (``study.png``, ``study.dcm``), else ``<stem>-<8 hex of the path's hash>.nrla``
+    (``a/x.png``, ``b/x.png``). Two inputs never write one artifact."""
+    paths = [Path(p) for p in paths]
+    by_stem: dict[str, list[Path]] = {}
+    for p in paths:
+        by_stem.setdefault(p.stem.lower(), []).append(p)
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for p in paths:
+        group = by_stem[p.stem.lower()]
+        if len(group) == 1:
+            name = artifact_name(p)
+        elif len({q.name.lower() for q in group}) == len(group) and p.suffix:
+            name = f"{p.stem}{p.suffix}.nrla"
+        else:
+            name = f"{p.stem}-{hashlib.sha256(str(p).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}.nrla"
+        base, k = name, 2
+        while name.lower() in used:            # stems that only collide after the suffix rules: number them
+            name = f"{base[:-5]}-{k}.nrla"
+            k += 1
+        used.add(name.lower())
+        names[str(p)] = name
+    return names
 
 
 def _empty_row(path: Path) -> dict:
@@ -56,26 +93,38 @@ def _empty_row(path: Path) -> dict:
 
 def _error_text(path: Path, err: Exception) -> str:
     if isinstance(err, OSError) and not isinstance(err, NeuralError):
-        return f"{path.name}: {err.strerror or err}"
+        return printable(f"{path.name}: {err.strerror or err}")
     return str(err)
 
 
-def _read_report(path: Path, report_dir: Path | None) -> str | None:
-    if report_dir is not None and (report_dir / f"{path.stem}.txt").exists():
-        return (report_dir / f"{path.stem}.txt").read_text(encoding="utf-8", errors="replace")
-    return None
+def _read_report(path: Path, report_dir: Path | None, limits=None) -> str | None:
+    """``<report_dir>/<stem>.txt`` when it exists: a regular file only (a FIFO would block forever), read up to
+    4 bytes a character past the report limit (the pipeline then refuses it by length)."""
+    if report_dir is None:
+        return None
+    rp = report_dir / f"{path.stem}.txt"
+    if not os.path.lexists(rp):
+        return None
+    chars = limits.max_report_chars if limits is not None else DEFAULT_LIMITS.max_report_chars
+    cap = max(4 * chars + 4, 16 * 2**20)
+    data = read_regular(rp, cap, label=f"report {printable(rp.name, 120)}", exc=ReportError,
+                        too_big=lambda n: f"file is {n:,} bytes; the report limit is "
+                                          f"{chars:,} characters (NEURAL_MAX_REPORT_CHARS)")
+    return data.decode("utf-8", errors="replace")
 
 
-def _finish(pipe, out, cached: bool, path: Path, out_dir: Path, row: dict, cfg: PruneConfig, extra: dict) -> dict:
+def _finish(pipe, out, cached: bool, path: Path, out_dir: Path, row: dict, cfg: PruneConfig, extra: dict,
+            name: str | None = None) -> dict:
     """Prune, classify and write one image whose report-model output is ``out``."""
     res = pipe.prune_and_classify(out, cfg, **extra)
     res.vlm_cached = cached
-    return _save(res, path, out_dir, row)
+    return _save(res, path, out_dir, row, name)
 
 
-def _save(res, path: Path, out_dir: Path, row: dict) -> dict:
-    """Write ``res``'s artifact and fill ``row`` with its measured byte figures."""
-    dest = out_dir / artifact_name(path)
+def _save(res, path: Path, out_dir: Path, row: dict, name: str | None = None) -> dict:
+    """Write ``res``'s artifact (as ``name``, default :func:`artifact_name`) and fill ``row`` with its measured
+    byte figures."""
+    dest = out_dir / (name or artifact_name(path))
     res.artifact.save(dest)
     b = res.bytes
     row.update(artifact=str(dest), artifact_bytes=b.artifact_bytes, original_file_bytes=b.original_file_bytes,
@@ -95,31 +144,35 @@ def _split_prune(prune: dict) -> tuple[PruneConfig, dict, int]:
     return cfg, extra, num_beams
 
 
-def compress_one(pipe, path: Path, out_dir: Path, *, report_dir: Path | None = None, **prune) -> dict:
+def compress_one(pipe, path: Path, out_dir: Path, *, report_dir: Path | None = None, name: str | None = None,
+                 **prune) -> dict:
     row = _empty_row(path)
     try:
-        report = _read_report(path, report_dir)
-        _save(pipe.analyze(path, report, **prune), path, out_dir, row)
+        report = _read_report(path, report_dir, pipe.limits)
+        _save(pipe.analyze(path, report, **prune), path, out_dir, row, name)
     except (NeuralError, OSError) as err:
         row["error"] = _error_text(path, err)
     return row
 
 
-def compress_batch(pipe, paths: list[Path], out_dir: Path, *, report_dir: Path | None = None, **prune) -> list[dict]:
+def compress_batch(pipe, paths: list[Path], out_dir: Path, *, report_dir: Path | None = None,
+                   names: dict[str, str] | None = None, **prune) -> list[dict]:
     """:func:`compress_one` for several images, with one batched report-model pass (same rows, same artifacts up
     to float round-off in the batched model). A file that fails to load (or whose report is refused) gets its error
     row and is left out of the batch; if the batched pass itself fails, the images are done one by one."""
     return _compress_stream(pipe, list(paths), out_dir, report_dir=report_dir, batch_size=max(1, len(paths)),
-                            max_pixels=BATCH_MAX_PIXELS, prune=prune)
+                            max_pixels=BATCH_MAX_PIXELS, prune=prune, names=names)
 
 
 def _compress_stream(pipe, paths: list[Path], out_dir: Path, *, report_dir: Path | None, batch_size: int,
-                     max_pixels: int | None, prune: dict, progress=None) -> list[dict]:
+                     max_pixels: int | None, prune: dict, progress=None,
+                     names: dict[str, str] | None = None) -> list[dict]:
     """Load images one by one; every ``batch_size`` images (or once ``max_pixels`` full-resolution pixels are held)
     run the report model on them as one batch, then prune, classify and write each."""
     from .io import load_image
 
     cfg, extra, num_beams = _split_prune(prune)
+    names = {**artifact_names(paths), **(names or {})}     # distinct artifact names: no input overwrites another
     rows = [_empty_row(Path(p)) for p in paths]
     pending: list[tuple[int, object, str | None]] = []
     held = 0
@@ -137,7 +190,7 @@ def _compress_stream(pipe, paths: list[Path], out_dir: Path, *, report_dir: Path
             p = Path(paths[i])
             try:
                 out, cached = pipe.vlm(x, report, num_beams=num_beams) if outs is None else outs[j]
-                _finish(pipe, out, cached, p, out_dir, rows[i], cfg, extra)
+                _finish(pipe, out, cached, p, out_dir, rows[i], cfg, extra, names[str(paths[i])])
             except (NeuralError, OSError) as err:
                 rows[i]["error"] = _error_text(p, err)
         if progress is not None:
@@ -147,7 +200,7 @@ def _compress_stream(pipe, paths: list[Path], out_dir: Path, *, report_dir: Path
     for i, p in enumerate(paths):
         p = Path(p)
         try:
-            report = pipe._check_report(_read_report(p, report_dir))
+            report = pipe._check_report(_read_report(p, report_dir, pipe.limits))
             x = load_image(p, limits=pipe.limits)
         except (NeuralError, OSError) as err:
             rows[i]["error"] = _error_text(p, err)
@@ -165,7 +218,8 @@ def _compress_stream(pipe, paths: list[Path], out_dir: Path, *, report_dir: Path
 class _RayWorker:
     """One pipeline per Ray actor (the model loads once per worker, not per image)."""
 
-    def __init__(self, out_dir: str, model: str | None, device: str | None, report_dir: str | None, prune: dict):
+    def __init__(self, out_dir: str, model: str | None, device: str | None, report_dir: str | None, prune: dict,
+                 names: dict[str, str] | None = None):
         from .bundle import load_bundle
         from .pipeline import Pipeline
 
@@ -179,10 +233,13 @@ class _RayWorker:
             pass
         self.pipe = Pipeline(load_bundle(model, device=device), cache_size=1, threads=threads)
         self.out_dir, self.report_dir, self.prune = Path(out_dir), Path(report_dir) if report_dir else None, prune
+        self.names = names or {}
 
     def __call__(self, batch: dict) -> dict:
         paths = [Path(str(p)) for p in batch["path"]]
-        rows = compress_batch(self.pipe, paths, self.out_dir, report_dir=self.report_dir, **self.prune)
+        names = {str(p): self.names[str(p)] for p in paths if str(p) in self.names}
+        rows = compress_batch(self.pipe, paths, self.out_dir, report_dir=self.report_dir, names=names,
+                              **self.prune)
         keys = ROW_KEYS + ("report_source",)      # a fixed schema for Ray (failed rows: report_source None)
         return {k: [r.get(k) for r in rows] for k in keys}
 
@@ -204,9 +261,10 @@ def _plain(v):
 def compress_paths(files: list[Path], out_dir: Path, *, model: str | None = None, device: str | None = None,
                    engine: str = "local", ray_address: str | None = None, report_dir: str | None = None,
                    concurrency: int | None = None, batch_size: int = BATCH_SIZE, **prune) -> list[dict]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, what="output folder", exc=OutputError)
     rdir = Path(report_dir) if report_dir else None
     _split_prune(prune)                                  # bad options fail here, not in every worker
+    names = artifact_names(files)                        # decided once for the whole batch (all engines)
     if engine == "ray":
         import ray
 
@@ -218,7 +276,7 @@ def compress_paths(files: list[Path], out_dir: Path, *, model: str | None = None
         per_worker = max(1, min(int(batch_size), -(-len(files) // n)))   # few files: spread them over the workers
         ds = ds.map_batches(_RayWorker, batch_size=per_worker, concurrency=n,
                             fn_constructor_kwargs={"out_dir": str(out_dir), "model": model, "device": device,
-                                                   "report_dir": report_dir, "prune": prune})
+                                                   "report_dir": report_dir, "prune": prune, "names": names})
         rows = [{k: _plain(v) for k, v in r.items()} for r in ds.take_all()]
         for r in rows:
             if r.get("error") and r.get("report_source") is None:
@@ -229,6 +287,7 @@ def compress_paths(files: list[Path], out_dir: Path, *, model: str | None = None
     from .pipeline import Pipeline
 
     pipe = Pipeline(load_bundle(model, device=device), cache_size=1)
-    with tqdm(total=len(files), desc="compress", unit="img", mininterval=2) as bar:
+    # disable=None: a progress bar only on a terminal (in a log or a pipe its carriage returns are noise)
+    with tqdm(total=len(files), desc="compress", unit="img", mininterval=2, disable=None) as bar:
         return _compress_stream(pipe, list(files), out_dir, report_dir=rdir, batch_size=max(1, int(batch_size)),
-                                max_pixels=BATCH_MAX_PIXELS, prune=prune, progress=bar.update)
+                                max_pixels=BATCH_MAX_PIXELS, prune=prune, progress=bar.update, names=names)

@@ -4,6 +4,7 @@ The intensity convention is torchxrayvision's: every image is float32 in [-1024,
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, asdict
 
@@ -25,28 +26,51 @@ class Limits:
     @classmethod
     def from_env(cls) -> "Limits":
         """The defaults, overridden by the environment variables that are set (unset or empty: default).
-        A value that is not a positive number raises ValueError naming the variable."""
+        A value that is not a finite positive number (``abc``, ``0``, ``-5``, ``inf``, ``nan``, or a fraction for a
+        whole-number limit) raises :class:`ConfigError` (a ValueError) naming the variable."""
         d = cls()
-
-        def env(var: str, default, conv):
-            raw = os.environ.get(var, "").strip()
-            if not raw:
-                return default
-            try:
-                v = conv(raw)
-            except ValueError:
-                raise ValueError(f"{var}={raw!r:.40} is not a number") from None
-            if not v > 0:
-                raise ValueError(f"{var} must be positive, got {raw!r:.40}")
-            return v
-
+        mb = env_number("NEURAL_MAX_UPLOAD_MB", d.max_upload_bytes / 2**20, integer=False, hi=2.0**40)
         return cls(
-            max_upload_bytes=int(env("NEURAL_MAX_UPLOAD_MB", d.max_upload_bytes / 2**20, float) * 2**20),
-            max_pixels=env("NEURAL_MAX_PIXELS", d.max_pixels, int),
+            max_upload_bytes=max(1, int(mb * 2**20)),
+            max_pixels=env_number("NEURAL_MAX_PIXELS", d.max_pixels, hi=2**40),
             min_side=d.min_side,
-            max_report_chars=env("NEURAL_MAX_REPORT_CHARS", d.max_report_chars, int),
+            max_report_chars=env_number("NEURAL_MAX_REPORT_CHARS", d.max_report_chars, hi=2**40),
             max_artifact_bytes=d.max_artifact_bytes,
         )
+
+
+class ConfigError(ValueError):
+    """An environment variable holds an unusable value; the message names the variable (one line)."""
+
+
+def env_number(var: str, default, *, integer: bool = True, lo: float = 0.0, hi: float = float(2**62)):
+    """``$var`` as a finite number in ``(lo, hi]`` (a whole number when ``integer``); ``default`` when unset or
+    empty. Anything else raises :class:`ConfigError` naming the variable and the value (escaped, cut to 40
+    characters)."""
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
+    shown = "".join(ch if ch.isprintable() else "?" for ch in raw[:40]) + ("..." if len(raw) > 40 else "")
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={shown!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{var}={shown!r} must be a finite number")
+    if not lo < v <= hi:
+        raise ConfigError(f"{var}={shown!r} must be more than {lo:g} and at most {hi:g}")
+    if integer:
+        if v != int(v):
+            raise ConfigError(f"{var}={shown!r} must be a whole number")
+        return int(v)
+    return v
+
+
+def env_threads() -> int | None:
+    """``$NEURAL_THREADS`` as a thread count (1..1024), None when unset or empty; a bad value raises
+    :class:`ConfigError` naming the variable."""
+    v = env_number("NEURAL_THREADS", None, hi=1024)
+    return None if v is None else int(v)
 
 
 @dataclass

@@ -10,9 +10,21 @@ import torch
 def pick_device(requested: str | None = None) -> torch.device:
     req = requested or os.environ.get("NEURAL_DEVICE")
     if req and req != "auto":
-        if req.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {req!r} requested but CUDA is not available")
-        return torch.device(req)
+        shown = "".join(ch if ch.isprintable() else "?" for ch in str(req)[:40])
+        try:
+            dev = torch.device(str(req).strip())
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"device {shown!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {shown!r} is not supported; use cpu, cuda, cuda:N or mps")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {shown!r} requested but CUDA is not available")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device {shown!r}: there are only {torch.cuda.device_count()} CUDA devices")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {shown!r} requested but MPS is not available")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -30,6 +42,8 @@ def set_threads() -> None:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         n = os.cpu_count() or 1
-    n = int(os.environ.get("NEURAL_THREADS", n))
+    from .config import env_threads
+
+    n = env_threads() or n
     if torch.get_num_threads() != n:
         torch.set_num_threads(max(1, n))

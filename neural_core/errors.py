@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class NeuralError(Exception):
-    """Base class for every input error ``neural_core`` raises on purpose. ``str(err)`` is a one-line message."""
+    """Base class for every input error ``neural_core`` raises on purpose. ``str(err)`` is a one-line message:
+    control characters that came from the input (a file name, a header field) are shown escaped (``\\n``,
+    ``\\x1b``), so the message can neither forge further lines nor drive a terminal."""
+
+    def __str__(self) -> str:
+        from .safeio import printable
+
+        return printable(super().__str__())
 
 
 class ImageLoadError(NeuralError):
@@ -21,6 +28,11 @@ class ReportError(NeuralError):
 
 class ArtifactError(NeuralError):
     """An artifact file is corrupt, truncated, tampered with, hostile or from an incompatible model."""
+
+
+class OutputError(NeuralError):
+    """An output path cannot be written: its folder is missing, or it is a directory, device, FIFO or link
+    (only new paths and regular files are ever (over)written)."""
 
 
 class ModelLoadError(NeuralError):

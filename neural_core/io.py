@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import logging
+import math
 import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from .config import DEFAULT_LIMITS, INTENSITY_MAX, INTENSITY_MIN, Limits
 from .errors import ImageLoadError
+from .safeio import read_regular
 
 __all__ = ["ImageMeta", "XRay", "load_image", "to_float", "from_array"]
 
@@ -186,24 +189,9 @@ def _read_source(src, limits: Limits, name: str | None) -> tuple[str, bytes]:
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     label = _safe_label(name) if name else _safe_label(os.path.basename(path) or path)
-    try:
-        if os.path.isdir(path):
-            raise ImageLoadError(f"{label}: is a directory, not an image file")
-        with open(path, "rb") as fh:
-            # Read at most one byte past the limit: also safe for pipes and special files that report size 0.
-            data = fh.read(limits.max_upload_bytes + 1)
-    except FileNotFoundError:
-        raise ImageLoadError(f"{label}: file not found") from None
-    except PermissionError:
-        raise ImageLoadError(f"{label}: permission denied") from None
-    except OSError as exc:
-        raise ImageLoadError(f"{label}: cannot read file ({exc.strerror or _one_line(exc)})") from None
-    if len(data) > limits.max_upload_bytes:
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            size = len(data)
-        raise ImageLoadError(f"{label}: {_size_msg(max(size, len(data)), limits)}")
+    # Regular files only (a FIFO would block forever, a device never ends); at most one byte past the limit.
+    data = read_regular(path, limits.max_upload_bytes, label=label, exc=ImageLoadError,
+                        too_big=lambda n: _size_msg(n, limits))
     return label, data
 
 
@@ -216,6 +204,30 @@ def _safe_label(s: str) -> str:
     s = os.path.basename(str(s).replace("\\", "/")) or str(s)
     s = "".join(ch if ch.isprintable() else "?" for ch in s)
     return s[:120] or "image"
+
+
+def _check_jpeg_complete(data: bytes, label: str) -> None:
+    """Refuse a truncated or internally inconsistent baseline/progressive JPEG. libjpeg only *warns* when the
+    entropy-coded data ends early ("premature end of data segment", e.g. a file cut short with its end marker put
+    back, or a header claiming far more pixels than the data holds) and fills the rest with grey, and Pillow drops
+    that warning; libjpeg-turbo in strict mode (simplejpeg) turns it into an error. Formats simplejpeg does not
+    handle (12-bit, lossless, arithmetic coding) are left to the decoder's own checks."""
+    try:
+        import simplejpeg
+    except ImportError:  # pragma: no cover - declared in requirements.txt
+        return
+    try:
+        simplejpeg.decode_jpeg_header(data)
+    except Exception:          # a kind of JPEG simplejpeg cannot parse: nothing more to check here
+        return
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
+    except ValueError as exc:
+        msg = _one_line(exc)
+        low = msg.lower()
+        if "unsupported" in low or "not supported" in low or "colorspace" in low or "color conversion" in low:
+            return
+        raise ImageLoadError(f"{label}: truncated or corrupt JPEG file ({msg})") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -318,6 +330,8 @@ def _decode_pillow(data: bytes, fmt: str, label: str, limits: Limits):
             im.load()
         except Exception as exc:
             raise ImageLoadError(f"{label}: truncated or corrupt {kind} file ({_one_line(exc)})") from None
+        if fmt == "jpeg":
+            _check_jpeg_complete(data, label)
         try:
             if im.getexif().get(0x0112, 1) not in (1, None):  # photos of films carry an orientation a viewer applies
                 im = ImageOps.exif_transpose(im)
@@ -398,6 +412,7 @@ def _decode_dicom(data: bytes, label: str, limits: Limits):
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
     force = data[128:132] != b"DICM"
+    _check_dicom_deflate(data, label, limits, force)
     try:
         ds = pydicom.dcmread(_io.BytesIO(data), force=force)
     except InvalidDicomError as exc:
@@ -434,6 +449,7 @@ def _decode_dicom(data: bytes, label: str, limits: Limits):
     n_frames = _int_tag(ds, "NumberOfFrames", 1)
     if n_frames > 1:
         warnings.warn(f"{label}: DICOM has {n_frames} frames; using the first", stacklevel=3)
+    _check_encapsulated(ds, rows, cols, max(1, n_frames), label, limits)
     try:
         ds.pixel_array_options(index=0)
         stored = ds.pixel_array
@@ -460,7 +476,9 @@ def _decode_dicom(data: bytes, label: str, limits: Limits):
         arr = apply_modality_lut(stored, ds)
         lo, hi = _lut_range(ds.ModalityLUTSequence[0], lambda x: apply_modality_lut(x, ds))
     elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        slope, intercept = _finite_tag(ds, "RescaleSlope", label), _finite_tag(ds, "RescaleIntercept", label)
+        if slope == 0.0:
+            raise ImageLoadError(f"{label}: DICOM RescaleSlope is 0: every pixel would have the same value")
         if (slope, intercept) != (1.0, 0.0):
             arr = apply_modality_lut(stored, ds)
             lo, hi = sorted((d_lo * slope + intercept, d_hi * slope + intercept))
@@ -484,7 +502,11 @@ def _decode_dicom(data: bytes, label: str, limits: Limits):
             warnings.warn(f"{label}: ignoring unusable window centre/width ({_one_line(exc)})", stacklevel=3)
 
     # 3. Map the transform's output range to integers; 4. MONOCHROME1 (high = dark) inverted so air is dark.
-    raw = _stretch(np.asarray(arr, dtype=np.float64), lo, hi, bits)
+    arr = np.asarray(arr, dtype=np.float64)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not np.isfinite(arr).all():
+        raise ImageLoadError(f"{label}: DICOM pixel transform (rescale / LUT / window) gives NaN or infinite "
+                             "values; the header's RescaleSlope, RescaleIntercept or window is not usable")
+    raw = _stretch(arr, lo, hi, bits)
     if photometric == "MONOCHROME1":
         raw = ((2 ** bits - 1) - raw).astype(raw.dtype)
 
@@ -497,6 +519,127 @@ def _decode_dicom(data: bytes, label: str, limits: Limits):
         modality=_str_tag(ds, "Modality"),
     )
     return raw, bits, extra
+
+
+def _finite_tag(ds, key: str, label: str) -> float:
+    try:
+        v = float(ds.get(key))
+    except (TypeError, ValueError, OverflowError):
+        raise ImageLoadError(f"{label}: DICOM {key} is not a number") from None
+    if not math.isfinite(v):
+        raise ImageLoadError(f"{label}: DICOM {key} is {v} (not a finite number)")
+    return v
+
+
+#: Deflated Explicit VR Little Endian: the whole dataset after the file meta is one raw deflate stream.
+_DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+_J2K_TS = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+                     "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                     "1.2.840.10008.1.2.4.203"})
+_JPEG_TS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                      "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_JPEG_8BIT_LOSSY_TS = frozenset({"1.2.840.10008.1.2.4.50"})
+
+
+def _inflate_bound(limits: Limits) -> int:
+    """Most bytes a deflated DICOM dataset may inflate to: a 16-bit image at the pixel limit plus the upload
+    limit's worth of header (a legitimate file is never near it; a deflate bomb is refused at it)."""
+    return 2 * limits.max_pixels + limits.max_upload_bytes
+
+
+def _check_dicom_deflate(data: bytes, label: str, limits: Limits, force: bool) -> None:
+    """pydicom inflates a deflated dataset in one call, before any size can be checked: a 1 MB file inflating to
+    1 GiB would be allocated whole. Inflate it here first, in 1 MiB pieces that are counted and dropped, and refuse
+    it once it passes :func:`_inflate_bound`."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = _io.BytesIO(data)
+    try:
+        read_preamble(fp, force)
+        meta = _read_file_meta_info(fp)
+        ts = str(meta.get("TransferSyntaxUID", "") or "")
+    except Exception:  # unreadable meta: dcmread reports it
+        return
+    if ts != _DEFLATED_TS:
+        return
+    bound = _inflate_bound(limits)
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    buf, total = data[fp.tell():], 0
+    try:
+        while buf:
+            total += len(d.decompress(buf, 1 << 20))
+            if total > bound:
+                raise ImageLoadError(f"{label}: deflated DICOM data inflates to more than {bound / 2**20:,.0f} MB "
+                                     f"(from {len(data) / 2**20:.1f} MB); refused as a decompression bomb")
+            buf = d.unconsumed_tail
+            if d.eof:
+                break
+    except zlib.error as exc:
+        raise ImageLoadError(f"{label}: corrupt deflated DICOM data ({_one_line(exc)})") from None
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG 2000 code-stream's SIZ marker (bare or inside a JP2 file), or None."""
+    i = frame.find(b"\xff\x4f\xff\x51", 0, 1 << 16)
+    if i < 0 or len(frame) < i + 4 + 38:
+        return None
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[i + 8: i + 24])
+    return xsiz - xo, ysiz - yo
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOF marker of a JPEG / JPEG-LS stream, or None."""
+    sof = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+    i, n = 2, len(frame)
+    if frame[:2] != b"\xff\xd8":
+        return None
+    while i + 9 <= n:
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:         # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seglen = struct.unpack(">H", frame[i + 2: i + 4])[0]
+        if marker in sof:
+            h, w = struct.unpack(">HH", frame[i + 5: i + 9])
+            return w, h
+        if marker == 0xDA or seglen < 2:
+            return None
+        i += 2 + seglen
+    return None
+
+
+def _check_encapsulated(ds, rows: int, cols: int, n_frames: int, label: str, limits: Limits) -> None:
+    """Compressed (encapsulated) pixel data: read the code-stream's own size (JPEG 2000 SIZ, JPEG SOF) and compare
+    it with Rows/Columns *before* decoding, so a 7000x7000 code-stream under a 64x64 header is refused without being
+    decoded; an 8-bit lossy JPEG frame is also checked for truncation (see :func:`_check_jpeg_complete`)."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if ts not in _J2K_TS and ts not in _JPEG_TS:
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=n_frames))
+    except Exception as exc:
+        raise ImageLoadError(f"{label}: DICOM compressed pixel data is malformed ({_one_line(exc)})") from None
+    size = _j2k_size(frame) if ts in _J2K_TS else _jpeg_size(frame)
+    kind = "JPEG 2000" if ts in _J2K_TS else "JPEG"
+    if size is None:
+        raise ImageLoadError(f"{label}: DICOM {kind} pixel data has no readable image header")
+    w, h = size
+    if (w, h) != (cols, rows):
+        what = f"{w}x{h}" if w > 0 and h > 0 else "an invalid size"
+        raise ImageLoadError(f"{label}: DICOM {kind} pixel data is {what} pixels but the header says "
+                             f"{cols}x{rows}; refused before decoding")
+    _check_dims(w, h, label, limits)
+    if ts in _JPEG_8BIT_LOSSY_TS:
+        _check_jpeg_complete(frame, label)
 
 
 def _lut_range(item, apply) -> tuple[float, float]:

@@ -31,7 +31,7 @@ import torch
 from . import stages
 from .artifact import Artifact, ByteReport, make_context
 from .bundle import ModelBundle, load_bundle
-from .config import DEFAULT_CONTEXT_SIDE, DEFAULT_LIMITS, ClassifierConfig, Limits, PruneConfig
+from .config import DEFAULT_CONTEXT_SIDE, DEFAULT_LIMITS, ClassifierConfig, Limits, PruneConfig, env_threads
 from .device import set_threads
 from .errors import ReportError
 from .graphs.fuse import report_graph_tensors
@@ -54,6 +54,11 @@ class VLMOutput:
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+#: Characters that show nothing: a report made only of them (and whitespace) counts as no report.
+_INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u061c\u115f\u1160\u180e\u200b\u200c\u200d\u200e\u200f"
+                                    "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066"
+                                    "\u2067\u2068\u2069\u3164\ufeff\uffa0"))
+
 #: Distinct report texts whose knowledge graph (and its tensors) a pipeline keeps.
 REPORT_CACHE_SIZE = 64
 
@@ -66,13 +71,13 @@ def inference_threads() -> int:
     with 2 (OpenMP threads spin waiting on a sibling whose core is taken), the pipeline's small models 10x worse.
     On an idle machine every core is used.
     """
-    env = os.environ.get("NEURAL_THREADS")
+    env = env_threads()            # a bad value raises ConfigError naming the variable
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         n = os.cpu_count() or 1
     if env:
-        return max(1, int(env))
+        return env
     try:
         busy = int(math.floor(os.getloadavg()[0] + 0.5))
     except (AttributeError, OSError):  # pragma: no cover - no load average
@@ -190,9 +195,12 @@ class Pipeline:
         except UnicodeEncodeError as exc:  # a lone surrogate: hashing and tokenising would fail on it
             raise ReportError(f"the report is not valid Unicode text (unpaired surrogate at character "
                               f"{exc.start})") from None
-        return report if report.strip() else None
+        # only whitespace or invisible format characters (zero-width space/joiners, BOM, soft hyphen): no report
+        return report if report.strip().translate(_INVISIBLE).strip() else None
 
     def _vlm_key(self, xray: XRay, report: str | None, num_beams: int) -> tuple:
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= 64:
+            raise ValueError(f"num_beams (--beams) must be an integer from 1 to 64, got {num_beams!r}")
         rkey = hashlib.sha256(report.encode()).hexdigest() if report else f"<generated:{num_beams}>"
         return xray.meta.study_key, rkey, self.bundle.identity["config_hash"], self.bundle.identity["version"]
 

@@ -26,6 +26,9 @@ MIN_AUTO_PATCH = 8
 MIN_PATCHES_SHORT_SIDE = 14
 #: Largest patch side accepted anywhere (the artifact format refuses more).
 MAX_PATCH = 512
+#: Most patches one image may be cut into (a 1024^2 image at 4 px; ``--patch-size 1`` would give a million, minutes
+#: and gigabytes of graph building). :func:`auto_patch_size` never exceeds it.
+MAX_PATCHES = 65_536
 
 # Above this many matrix elements the low-resolution path of patch_scores falls back to a full-resolution resize.
 _SEPARABLE_BUDGET = 1 << 24
@@ -59,6 +62,8 @@ def auto_patch_size(height: int, width: int, align: int = 1) -> int:
     w = _positive_int("width", width)
     a = _positive_int("align", align)
     p = int(min(DEFAULT_PATCH, max(MIN_AUTO_PATCH, min(h, w) // MIN_PATCHES_SHORT_SIDE)))
+    while -(-h // p) * -(-w // p) > MAX_PATCHES and p < MAX_PATCH:   # very long, thin images: bigger patches
+        p += 1
     return max(a, p // a * a)
 
 
@@ -106,7 +111,18 @@ def grid_for(height: int, width: int, patch: int | None = None, *, align: int = 
     p = auto_patch_size(h, w, align) if patch is None else _positive_int("patch", patch)
     if p > MAX_PATCH:
         raise ValueError(f"patch size {p} is larger than the maximum {MAX_PATCH}")
-    return PatchGrid(height=h, width=w, patch=p, rows=-(-h // p), cols=-(-w // p))
+    rows, cols = -(-h // p), -(-w // p)
+    if rows * cols > MAX_PATCHES:   # every later stage is linear (or worse) in the patch count: bound it
+        raise ValueError(f"patch size {p} cuts a {w}x{h} image into {rows * cols:,} patches; the limit is "
+                         f"{MAX_PATCHES:,} (use a patch size of at least {_min_patch(h, w)})")
+    return PatchGrid(height=h, width=w, patch=p, rows=rows, cols=cols)
+
+
+def _min_patch(h: int, w: int) -> int:
+    p = max(1, math.isqrt(h * w // MAX_PATCHES))
+    while -(-h // p) * -(-w // p) > MAX_PATCHES:
+        p += 1
+    return p
 
 
 def _patch_means_fullres(score_map: np.ndarray, grid: PatchGrid) -> np.ndarray:

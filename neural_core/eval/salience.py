@@ -192,7 +192,6 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     from ..device import set_threads
     from ..io import load_image
     from ..pipeline import inference_threads
-    from ..prune import grid_for
 
     t0 = time.perf_counter()
     set_threads()

@@ -130,6 +130,8 @@ def _brandes_block(adj, srcs: np.ndarray) -> np.ndarray:
     (``delta_s(v) = sum_{w: v pred of w} sigma_s(v) / sigma_s(w) * (1 + delta_s(w))``)."""
     if adj.shape[0] >= _BC_FRONTIER_MIN_NODES:
         return _brandes_block_frontier(adj, srcs)
+    # Below that size path counts cannot overflow float64 (a graph of n nodes has at most ~3^(n/3) shortest paths
+    # between two nodes: < 1e96 here); the frontier version rescales them per level.
     n, b = adj.shape[0], srcs.size
     cols_b = np.arange(b)
     sigma = np.zeros((n, b))
@@ -185,6 +187,10 @@ def _brandes_block_frontier(adj, srcs: np.ndarray) -> np.ndarray:
     pos[order] = np.arange(b * n)
     level = np.where(np.isfinite(flat_d), flat_d, -1.0).astype(np.int32)
     src_flat = np.arange(b, dtype=np.int64) * n + srcs
+    # Path counts grow exponentially with the distance (a 2-patch-wide strip doubles them at every step: 2^1024
+    # overflows float64 and inf / inf gave NaN scores). Only ratios sigma(v) / sigma(w) of consecutive levels enter
+    # the dependencies, so each level's counts are stored divided by their per-source maximum ``m`` (kept in
+    # [1/deg, 1]); the ratio is then sigma'(v) / (sigma'(w) * m_level(w)), the same number without overflow.
     sigma = np.zeros(b * n)
     sigma[src_flat] = 1.0
     levels = []
@@ -197,12 +203,17 @@ def _brandes_block_frontier(adj, srcs: np.ndarray) -> np.ndarray:
         cand = j[rep] * n + indices[first + np.arange(rep.size)]
         pred = level[cand] == d - 1
         rep, cand = rep[pred], cand[pred]
-        sigma[ent] = np.bincount(rep, weights=sigma[cand], minlength=ent.size)
-        levels.append((ent, rep, cand))
+        sig = np.bincount(rep, weights=sigma[cand], minlength=ent.size)
+        # per-source maximum on this level (> 0: every reached node has a predecessor); ``order`` is stable on the
+        # flat index source * n + node, so within a level the sources ``j`` come sorted: one reduceat per level
+        starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]]) if j.size else np.zeros(0, dtype=np.int64)
+        m = np.repeat(np.maximum.reduceat(sig, starts), np.diff(np.r_[starts, j.size])) if j.size else sig
+        sigma[ent] = sig / m
+        levels.append((ent, rep, cand, m))
     delta = np.zeros(b * n)
     for d in range(depth, 0, -1):                    # backward: dependencies onto the previous level
-        ent, rep, cand = levels[d - 1]
-        coeff = (1.0 + delta[ent]) / sigma[ent]
+        ent, rep, cand, m = levels[d - 1]
+        coeff = (1.0 + delta[ent]) / (sigma[ent] * m)
         lo, hi = bounds[d - 1], bounds[d]
         prev = order[lo: hi]
         delta[prev] += sigma[prev] * np.bincount(pos[cand] - lo, weights=coeff[rep], minlength=hi - lo)

@@ -401,6 +401,10 @@ def _cases() -> list[Case]:
         ["was made by model neural-report-legacy version 0.0.1-old", "re-run the pruning"],
         surfaces=frozenset({"api"}))
     art("artifact_valid", "valid.nrla", lambda m: artifact_bytes(m), (), ok=True)
+
+    from .corpus_round2 import round_two_cases   # issue 13: the classes an outside probe found
+
+    C += round_two_cases()
     return C
 
 
@@ -415,27 +419,36 @@ def cases(kind: str | None = None, *, surface: str | None = None, ok: bool | Non
 
 def write_corpus(root: Path, model: dict) -> dict[str, Path]:
     """Write every image / artifact case into ``root`` (one sub-folder per case, so names never clash) and every
-    report into ``<case>/report.txt``. Returns case name -> path."""
+    report into ``<case>/report.txt``. Returns case name -> path. Cases with ``extra["special"]`` are not bytes:
+    ``fifo`` (a named pipe), ``symlink`` (to ``extra["target"]``), ``directory``, ``missing`` (nothing)."""
+    import os
+
     paths: dict[str, Path] = {}
     for c in CASES:
         d = root / c.name
         d.mkdir(parents=True, exist_ok=True)
-        if c.kind == "image":
+        special = c.extra.get("special")
+        if c.kind in ("image", "artifact"):
             p = d / c.filename
-            if c.name == "directory_named_png":
+            if c.name == "directory_named_png" or special == "directory":
                 p.mkdir(exist_ok=True)
-            elif c.name != "missing_file":
+            elif c.name == "missing_file" or special == "missing":
+                pass
+            elif special == "fifo":
+                os.mkfifo(p)
+            elif special == "symlink":
+                os.symlink(c.extra["target"], p)
+            elif c.kind == "image":
                 p.write_bytes(c.build())
-        elif c.kind == "artifact":
-            p = d / c.filename
-            p.write_bytes(c.build(model))
+            else:
+                p.write_bytes(c.build(model))
         elif c.kind == "report":
             p = d / "report.txt"
             text = c.build()
             if isinstance(text, str) and "cli" in c.surfaces:
                 p.write_text(text, encoding="utf-8", newline="")
         else:
-            p = d / "comment.txt"
+            p = d / f"{c.kind}.txt"
         paths[c.name] = p
     return paths
 
@@ -445,4 +458,5 @@ def study_png(seed: int = 11) -> bytes:
     return png_bytes(chest(96, 80, seed))
 
 
-assert len(CASES) >= 40, len(CASES)
+assert len(CASES) >= 150, len(CASES)
+assert len(BY_NAME) == len(CASES), "case names must be distinct"
