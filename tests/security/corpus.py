@@ -210,8 +210,14 @@ def rebuild_artifact(b: bytes, mutate: Callable[[dict], None] | None = None, *, 
     """Re-assemble an artifact with a changed header / payload and a *valid* checksum (a hostile writer)."""
     from neural_core.artifact import MAGIC
 
+    from neural_core.artifact import _expand_compact_fields
+
     hlen = struct.unpack_from("<I", b, 9)[0]
     h = json.loads(b[13:13 + hlen])
+    if version == 1:
+        # the hostile edits below are written against version 1's list forms ("kept": [[r, c], ...]); a version-2
+        # header's compact fields are expanded to them first, which is what a version-1 writer would have written
+        h = _expand_compact_fields(h)
     p = b[13 + hlen:-32]
     if mutate is not None:
         mutate(h)
