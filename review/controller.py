@@ -365,7 +365,8 @@ class ReviewController:
             lo, hi = from_level_width(float(level), float(width), st.analysis.xray.meta.bit_depth)
         except (TypeError, ValueError):
             raise gr_error("window and level must be numbers") from None
-        if st.window is not None and np.allclose(st.window, (lo, hi)):
+        top = float(2 ** int(st.analysis.xray.meta.bit_depth) - 1)
+        if st.window is not None and np.allclose(st.window, (lo, hi), rtol=0, atol=1e-3 * top):   # slider rounding
             return gr.skip()
         return self._redraw_window(st, (lo, hi))
 
@@ -637,7 +638,9 @@ class ReviewController:
         a = st.analysis
         h, w = a.xray.meta.height, a.xray.meta.width
         lo, hi = st.window
-        preset = next((p.label for p in st.presets if np.allclose((p.lo, p.hi), (lo, hi))), "custom window")
+        top = float(2 ** int(a.xray.meta.bit_depth) - 1)
+        preset = next((p.label for p in st.presets if np.allclose((p.lo, p.hi), (lo, hi), rtol=0, atol=1e-3 * top)),
+                      "custom window")
         out = {
             "view_original": render.view_html("original", "Original", st.base_uri, height=h, width=w,
                                               note=f"{esc(preset)} · scroll to zoom, drag to move, double-click "

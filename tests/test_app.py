@@ -232,7 +232,7 @@ def test_toggle_patches_by_click_and_mode(open_app):
     free = tuple(int(v) for v in np.argwhere(~a.mask)[0])
     P, s = a.grid.patch, st.scale
     out = ctrl.click_patch((free[1] * P + 1) * s, (free[0] * P + 1) * s, st)              # display pixels
-    assert st.missed == {free} and "grid_img" in out and f"({free[0]},{free[1]})" in out["corr_md"]
+    assert st.missed == {free} and "grid_img" in out and "**1 missed**" in out["corr_md"]
     with pytest.warns(UserWarning, match="already kept"):
         ctrl.toggle_patch(*kept, st)                                                      # missed mode, kept
     assert st.missed == {free}
@@ -249,7 +249,10 @@ def test_toggle_patches_by_click_and_mode(open_app):
     assert st.missed == set() and st.irrelevant == {kept}
     ctrl.reprune("keep", 0.01, 0.5, False, st)
     assert st.irrelevant == ({kept} if st.analysis.mask[kept] else set())
+    ctrl.set_mode("missed", st)
+    ctrl.toggle_patch(*(int(v) for v in np.argwhere(~st.analysis.mask)[0]), st)
     assert ctrl.clear_corrections(st)["corr_md"] and not st.missed and not st.irrelevant
+    assert is_noop(ctrl.clear_corrections(st))                                    # nothing left to clear
 
 
 def test_brush_composite_marks_patches(open_app):
@@ -366,7 +369,7 @@ def test_open_mode_reader_does_not_turn_on_sign_in(open_app):
     _, ctrl, engine = open_app
     st = ctrl.gallery_pick(0, False, "keep", 0.1, 0.5, None)["state"]
     ctrl.submit("agree", 3, "", st)
-    assert not ctrl.auth_required() and "Open mode" in ctrl.whoami(None)
+    assert not ctrl.auth_required() and "open mode" in ctrl.whoami(None)
 
 
 # ------------------------------------------------------------------------------------------------ worklist
@@ -799,12 +802,13 @@ def test_page_speaks_plainly(make_app):
     """No Greek letters, model internals, command lines or environment variables in what a reader sees."""
     demo, ctrl, _ = make_app()
     st_out = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)
-    texts = [json.dumps(demo.get_config_file(), default=str)]
-    texts += [v for k, v in st_out.items() if isinstance(v, str) and not k.startswith("view_")]
+    config = json.dumps(demo.get_config_file(), default=str)
+    texts = [v for k, v in st_out.items() if isinstance(v, str) and not k.startswith("view_")]
     texts += [ctrl.whoami(None), ctrl.gallery_note, ctrl.model_banner()]
-    page = "\n".join(texts)
-    for word in ("τ", "logit", "completeness", "python -m", "NEURAL_", "--gallery", "P(pneumonia)", "token"):
-        assert word not in page, word
+    said = "\n".join(texts)
+    for word in ("τ", "logit", "completeness", "python -m", "NEURAL_", "--gallery", "P(pneumonia)"):
+        assert word not in config and word not in said, word
+    assert "token" not in said.lower()
 
 
 def test_outputs_are_the_layout_components(open_app):
