@@ -59,7 +59,7 @@ def build_app(pipeline=None, db_url: str | None = None, *, gallery: str | Path |
     entries, note = load_gallery(gallery, n_phantoms=n_phantoms)
     ctrl = ReviewController(pipeline, engine, entries, note, explain_steps=explain_steps)
 
-    with gr.Blocks(title="NEURAL Review", analytics_enabled=False) as demo:
+    with gr.Blocks(title="NEURAL Review", analytics_enabled=False, fill_width=True) as demo:
         L = build_layout(ctrl)
         C = L.C
         outputs = [C[k] for k in OUTPUTS]
@@ -343,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("open mode (no reader accounts) on %s: anyone who can reach this port can annotate",
                         args.host)
     demo.queue(default_concurrency_limit=2)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctrl))
+    # _frontend=False: Gradio's own "is localhost reachable" probe (HEAD / with a 3 s timeout) aborts the start on a
+    # busy machine although the server is up; readiness is checked by whoever waits for the page (tests, ops)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, _frontend=False,
+                **launch_kwargs(ctrl))
     return 0
 
 

@@ -26,6 +26,7 @@ command line: ``python -m db.cli``.
 from .api import (
     add_annotation,
     add_reader,
+    annotation_by_token,
     annotation_history,
     current_annotation,
     current_annotations,
@@ -84,7 +85,8 @@ __all__ = [
     "DEFAULT_DB_URL",
     "add_reader", "verify_reader", "has_readers", "get_reader", "list_readers", "set_password",
     "upsert_study", "get_study", "safe_display_name", "record_analysis", "find_or_record_analysis", "get_analysis", "normalize_patches",
-    "add_annotation", "validate_annotation", "current_annotation", "current_annotations", "annotation_history",
+    "add_annotation", "annotation_by_token", "validate_annotation", "current_annotation", "current_annotations",
+    "annotation_history",
     "import_campaign", "items_from_source", "get_campaign", "list_campaigns", "campaign_items", "next_item", "skip_item",
     "clear_skips", "progress", "skipped_count",
     "Base", "Reader", "Study", "Analysis", "Annotation", "Campaign", "CampaignItem", "Skip",

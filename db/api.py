@@ -185,9 +185,14 @@ def set_password(session: Session, reader: Reader, new_password: str) -> None:
     session.flush()
 
 
-def has_readers(session: Session) -> bool:
-    """True once at least one reader exists (the app can offer a first-admin setup otherwise)."""
-    return session.scalar(select(Reader.id).limit(1)) is not None
+def has_readers(session: Session, *, besides: Iterable[str] = ()) -> bool:
+    """True once at least one reader exists (the app can offer a first-admin setup otherwise); readers named in
+    ``besides`` (e.g. the app's built-in open-mode reader) do not count."""
+    q = select(Reader.id)
+    names = [str(n).strip().lower() for n in besides]
+    if names:
+        q = q.where(Reader.username.not_in(names))
+    return session.scalar(q.limit(1)) is not None
 
 
 def get_reader(session: Session, username: str) -> Reader | None:
@@ -465,6 +470,13 @@ def add_annotation(session: Session, reader: Reader, analysis: Analysis, verdict
             raise
         return found
     return ann
+
+
+def annotation_by_token(session: Session, reader: Reader, client_token: str) -> Annotation | None:
+    """The annotation ``reader`` already stored with ``client_token`` (a resubmitted answer), or ``None``."""
+    _require_persisted(session, reader, "reader")
+    return session.scalar(select(Annotation).where(Annotation.reader_id == reader.id,
+                                                   Annotation.client_token == str(client_token)))
 
 
 def _current_ids_subquery(reader_id: int | None = None, analysis_id: int | None = None):

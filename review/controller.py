@@ -18,7 +18,6 @@ import hashlib
 import html
 import json
 import logging
-import math
 import secrets
 import tempfile
 import time
@@ -37,7 +36,7 @@ from neural_core.io import load_image
 
 from . import render
 from .editor import brush_mask, editor_composite
-from .figures import graph_view
+from .figures import analytics_view, graph_view
 from .gallery import GalleryEntry
 from .util import esc, gr_error, noop_progress, path_of, warn
 from .windowing import Window, from_level_width, presets
@@ -156,12 +155,10 @@ class ReviewController:
     # ------------------------------------------------------------------ readers & auth
     def auth_required(self) -> bool:
         """True when at least one real reader account (not the open-mode reader) exists."""
-        from sqlalchemy import select
-
-        from db import Reader, session_scope
+        from db import has_readers, session_scope
 
         with session_scope(self.engine) as s:
-            return s.scalar(select(Reader.id).where(Reader.username != LOCAL_READER).limit(1)) is not None
+            return has_readers(s, besides=[LOCAL_READER])
 
     def authenticate(self, username: str, password: str) -> bool:
         """Gradio ``auth=`` callable: the database's reader accounts (the open-mode reader never signs in)."""
@@ -516,9 +513,8 @@ class ReviewController:
                username: str | None = None) -> dict:
         """Store the study (content hash, no identifiers), the analysis as shown and the reader's annotation
         (append-only) in one transaction."""
-        from sqlalchemy import select
-
-        from db import VERDICTS, Annotation, CampaignItem, add_annotation, session_scope, upsert_study, with_retry
+        from db import VERDICTS, CampaignItem, add_annotation, annotation_by_token, session_scope, upsert_study, \
+            with_retry
 
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.analysis is None:
@@ -538,8 +534,7 @@ class ReviewController:
         def work():
             with session_scope(self.engine) as s:
                 reader = self._reader(s, username)
-                dup = s.scalar(select(Annotation).where(Annotation.reader_id == reader.id,
-                                                        Annotation.client_token == token))
+                dup = annotation_by_token(s, reader, token)
                 if dup is not None:
                     return dup.id, dup.analysis_id, True
                 display = st.source_name if st.source_kind in ("gallery", "worklist") else \
@@ -862,29 +857,7 @@ class ReviewController:
             pk = pairwise_kappa(s)
             fk = fleiss_kappa(s)
             sal = salience_agreement(s)
-        counts = counts[(counts.username != LOCAL_READER) | (counts.n_submissions > 0)].drop(columns=["reader_id"])
-        counts = counts.round(2)
-        pk = pk.round(3)
-        iou = [v for v in sal.iou.tolist() if v is not None and not (isinstance(v, float) and math.isnan(v))] \
-            if len(sal) else []
-        hits = [h for h in sal.pointing_hit.tolist() if h is not None] if len(sal) else []
-        fk_txt = (f"{fk['kappa']:.3f}" if not math.isnan(fk["kappa"]) else "undefined")
-        md = (f"**Fleiss' κ** (analyses read by ≥ {fk['min_readers']} readers): {fk_txt} over "
-              f"{fk['n_analyses']} analyses, {fk['n_readers']} readers.  \n"
-              f"**Salience vs corrections**: {len(sal)} current annotations; mean IoU between the kept patches and "
-              f"the reader-corrected set "
-              f"{(sum(iou) / len(iou)) if iou else float('nan'):.3f}; pointing game "
-              f"{(sum(hits) / len(hits)) if hits else float('nan'):.1%} "
-              f"({sum(hits)} / {len(hits)} top patches inside the corrected set).")
-        return {
-            "an_counts": counts,
-            "an_verdicts": viz.bar_figure(list(dist), list(dist.values()), title="Current verdicts", height=320,
-                                          colors=["#2e7d32", "#f9a825", "#c62828"], yaxis_title="annotations"),
-            "an_kappa": pk,
-            "an_md": md,
-            "an_iou": viz.histogram_figure(iou, title="IoU: kept patches vs reader-corrected set", height=320,
-                                           xaxis_title="IoU"),
-        }
+        return analytics_view(counts, dist, pk, fk, sal, hide_reader=LOCAL_READER)
 
     # ------------------------------------------------------------------ exports
     def export(self, kind: str, username: str | None, state: ReviewState | None = None,

@@ -2,6 +2,7 @@
 its report side kept readable for long reports (duplicate mentions merged, the most connected terms shown first)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -135,3 +136,29 @@ def graph_view(a, *, show_all: bool = False, max_nodes: int = MAX_REPORT_NODES, 
     if len(shown) < merged:
         note += f"; showing the {len(shown)} most connected — tick *Show all report terms* to draw every one"
     return GraphView(fig, note + ".", len(shown), merged)
+
+
+def analytics_view(counts, dist: dict, pk, fk: dict, sal, *, hide_reader: str | None = None) -> dict:
+    """The Analytics tab from :mod:`db.analytics` results: the readers table (``hide_reader`` left out unless it
+    submitted), the verdict bars, the pairwise kappa table, a summary and the IoU histogram."""
+    counts = counts[(counts.username != hide_reader) | (counts.n_submissions > 0)].drop(columns=["reader_id"])
+    iou = [v for v in sal.iou.tolist() if v is not None and not (isinstance(v, float) and math.isnan(v))] \
+        if len(sal) else []
+    hits = [h for h in sal.pointing_hit.tolist() if h is not None] if len(sal) else []
+    fk_txt = (f"{fk['kappa']:.3f}" if not math.isnan(fk["kappa"]) else "undefined")
+    md = (f"**Fleiss' κ** (analyses read by ≥ {fk['min_readers']} readers): {fk_txt} over "
+          f"{fk['n_analyses']} analyses, {fk['n_readers']} readers.  \n"
+          f"**Salience vs corrections**: {len(sal)} current annotations; mean IoU between the kept patches and "
+          f"the reader-corrected set "
+          f"{(sum(iou) / len(iou)) if iou else float('nan'):.3f}; pointing game "
+          f"{(sum(hits) / len(hits)) if hits else float('nan'):.1%} "
+          f"({sum(hits)} / {len(hits)} top patches inside the corrected set).")
+    return {
+        "an_counts": counts.round(2),
+        "an_verdicts": viz.bar_figure(list(dist), list(dist.values()), title="Current verdicts", height=320,
+                                      colors=["#2e7d32", "#f9a825", "#c62828"], yaxis_title="annotations"),
+        "an_kappa": pk.round(3),
+        "an_md": md,
+        "an_iou": viz.histogram_figure(iou, title="IoU: kept patches vs reader-corrected set", height=320,
+                                       xaxis_title="IoU"),
+    }

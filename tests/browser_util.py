@@ -118,7 +118,7 @@ def make_driver(profile_dir: Path, width: int = 1400, height: int = 2400):
         opts.add_argument(a)
     service = Service(str(CHROMEDRIVER), log_output=str(profile_dir.parent / "chromedriver.log"))
     driver = webdriver.Chrome(service=service, options=opts)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(240)   # a loaded 2-core machine takes minutes for the first page
     return driver
 
 
