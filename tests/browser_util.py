@@ -119,6 +119,7 @@ def make_driver(profile_dir: Path, width: int = 1400, height: int = 2400):
     service = Service(str(CHROMEDRIVER), log_output=str(profile_dir.parent / "chromedriver.log"))
     driver = webdriver.Chrome(service=service, options=opts)
     driver.set_page_load_timeout(240)   # a loaded 2-core machine takes minutes for the first page
+    driver.set_script_timeout(180)
     return driver
 
 
