@@ -29,11 +29,11 @@ from typing import Any
 import gradio as gr
 
 from neural_core.errors import NeuralError
-from review.controller import EXPLAIN_STEPS, OUTPUTS, ReviewController
+from review.controller import EXPLAIN_STEPS, OUTPUTS, ReviewController, is_noop
 from review.gallery import DEV_GALLERY, GALLERY_ENV, load_gallery
-from review.layout import CSS, build_layout
+from review.layout import CSS, HEAD, OPACITY_JS, build_layout
 from review.upload_privacy import protect_uploads, stop_on_sigterm
-from review.util import default_text_encoder
+from review.util import warn
 
 log = logging.getLogger("neural_review")
 
@@ -54,81 +54,41 @@ def build_app(pipeline=None, db_url: str | None = None, *, gallery: str | Path |
     if pipeline is None:
         from neural_core.bundle import load_bundle
 
-        pipeline = Pipeline(load_bundle(), text_encoder=default_text_encoder())
+        pipeline = Pipeline(load_bundle())
     engine = make_engine(db_url)
     init_db(engine)
     entries, note = load_gallery(gallery, n_phantoms=n_phantoms)
     ctrl = ReviewController(pipeline, engine, entries, note, explain_steps=explain_steps)
 
-    with gr.Blocks(title="NEURAL Review", analytics_enabled=False) as demo:
+    with gr.Blocks(title="NEURAL Review", analytics_enabled=False, fill_width=True) as demo:
         L = build_layout(ctrl)
         C = L.C
         outputs = [C[k] for k in OUTPUTS]
 
-        def ui(result: dict) -> dict:
-            return {C[k]: v for k, v in result.items() if k in C}
+        def ui(result):
+            return result if is_noop(result) else {C[k]: v for k, v in result.items() if k in C}
 
-        # ------------------------------------------------------------------ review
+        def shown(call, state, *, on_fail=None):
+            """The page's events: a bad input is one warning and a message where the reader looks (the banner,
+            or the submit line), never "Error" painted over every view."""
+            try:
+                return ui(call())
+            except gr.Error as exc:
+                return ui(on_fail(exc) if on_fail else ctrl.failed(state, exc))
+
+        # ------------------------------------------------------------------ API (named endpoints, errors raise)
         view_inputs = [L.image_only, L.prune_mode, L.keep, L.tau, C["state"]]
+        wl_inputs = [C["wl_campaign"], *view_inputs]
 
         def on_analyze(file, report, image_only_v, mode_v, keep_v, tau_v, state, progress=gr.Progress()):
             return ui(ctrl.analyze(file, report, image_only_v, mode_v, keep_v, tau_v, state, progress=progress))
 
-        L.analyze_btn.click(on_analyze, [C["file_in"], C["report_in"], *view_inputs], outputs, api_name="analyze",
-                            concurrency_id="model")
-
         def on_reprune(mode_v, keep_v, tau_v, image_only_v, state):
             return ui(ctrl.reprune(mode_v, keep_v, tau_v, image_only_v, state))
-
-        reprune_inputs = [L.prune_mode, L.keep, L.tau, L.image_only, C["state"]]
-        # .change (not .release) so typed values count too; always_last drops the intermediate drag positions
-        L.keep.change(on_reprune, reprune_inputs, outputs, api_name="reprune", trigger_mode="always_last",
-                      show_progress="minimal")
-        L.tau.change(on_reprune, reprune_inputs, outputs, api_visibility="private", trigger_mode="always_last",
-                     show_progress="minimal")
-        L.prune_mode.change(on_reprune, reprune_inputs, outputs, api_visibility="private")
-        L.image_only.change(on_reprune, reprune_inputs, outputs, api_visibility="private")
-
-        def on_gallery(image_only_v, mode_v, keep_v, tau_v, state, evt: gr.SelectData, progress=gr.Progress()):
-            return ui(ctrl.gallery_pick(evt.index, image_only_v, mode_v, keep_v, tau_v, state, progress=progress))
-
-        L.ex_gallery.select(on_gallery, view_inputs, outputs, api_visibility="private", concurrency_id="model")
-
-        def on_report_upload(file):
-            text = ctrl.read_report_upload(file)
-            return gr.skip() if text is None else text
-
-        L.report_up.upload(on_report_upload, L.report_up, C["report_in"], api_visibility="private")
-
-        def on_token(choice, state):
-            return ui(ctrl.select_token(choice, state))
-
-        C["token_dd"].change(on_token, [C["token_dd"], C["state"]], outputs, api_visibility="private")
-
-        def on_token_click(evt: gr.SelectData):
-            return evt.index
-
-        C["tokens_hl"].select(on_token_click, None, C["token_dd"], api_visibility="private")
-
-        L.corr_mode.change(lambda m, s: ui(ctrl.set_mode(m, s)), [L.corr_mode, C["state"]], outputs,
-                           api_visibility="private")
-
-        def on_grid(state, evt: gr.SelectData):
-            x, y = evt.index[0], evt.index[1]
-            return ui(ctrl.click_patch(x, y, state))
-
-        C["grid_img"].select(on_grid, C["state"], outputs, api_visibility="private")
-        L.brush_btn.click(lambda v, s: ui(ctrl.apply_brush(v, s)), [C["editor"], C["state"]], outputs,
-                          api_visibility="private")
-        L.clear_btn.click(lambda s: ui(ctrl.clear_corrections(s)), C["state"], outputs, api_visibility="private")
 
         def on_submit(verdict_v, conf_v, comment_v, state, request: gr.Request):
             return ui(ctrl.submit(verdict_v, conf_v, comment_v, state, _username(request)))
 
-        L.submit_btn.click(on_submit, [L.verdict, L.confidence, L.comment, C["state"]], outputs, api_name="submit",
-                           concurrency_limit=1, concurrency_id="db-write")
-
-        # ------------------------------------------------------------------ worklist
         def on_next(campaign, image_only_v, mode_v, keep_v, tau_v, state, request: gr.Request,
                     progress=gr.Progress()):
             return ui(ctrl.next_study(campaign, image_only_v, mode_v, keep_v, tau_v, state, _username(request),
@@ -139,9 +99,148 @@ def build_app(pipeline=None, db_url: str | None = None, *, gallery: str | Path |
             return ui(ctrl.skip_study(campaign, image_only_v, mode_v, keep_v, tau_v, state, _username(request),
                                       progress=progress))
 
-        wl_inputs = [C["wl_campaign"], *view_inputs]
-        L.next_btn.click(on_next, wl_inputs, outputs, api_name="next_study", concurrency_id="model")
-        L.skip_btn.click(on_skip, wl_inputs, outputs, api_name="skip_study", concurrency_id="model")
+        reprune_inputs = [L.prune_mode, L.keep, L.tau, L.image_only, C["state"]]
+        api = L.api_trigger
+        api.click(on_analyze, [C["file_in"], C["report_in"], *view_inputs], outputs, api_name="analyze",
+                  concurrency_id="model")
+        api.click(on_reprune, reprune_inputs, outputs, api_name="reprune")
+        api.click(on_submit, [L.verdict, L.confidence, L.comment, C["state"]], outputs, api_name="submit",
+                  concurrency_limit=1, concurrency_id="db-write")
+        api.click(on_next, wl_inputs, outputs, api_name="next_study", concurrency_id="model")
+        api.click(on_skip, wl_inputs, outputs, api_name="skip_study", concurrency_id="model")
+
+        # ------------------------------------------------------------------ the page: review
+        def on_analyze_page(file, report, image_only_v, mode_v, keep_v, tau_v, state, progress=gr.Progress()):
+            return shown(lambda: ctrl.analyze(file, report, image_only_v, mode_v, keep_v, tau_v, state,
+                                              progress=progress, details=False), state)
+
+        # the pictures first; the explanation and the graph follow in a second event
+        def on_details(state):
+            return ui(ctrl.details(state))
+
+        def then_details(dep):
+            dep.then(on_details, C["state"], outputs, api_visibility="private", show_progress="hidden")
+
+        then_details(L.analyze_btn.click(on_analyze_page, [C["file_in"], C["report_in"], *view_inputs], outputs,
+                                         api_visibility="private", concurrency_id="model"))
+
+        def on_gallery(image_only_v, mode_v, keep_v, tau_v, state, evt: gr.SelectData, progress=gr.Progress()):
+            return shown(lambda: ctrl.gallery_pick(evt.index, image_only_v, mode_v, keep_v, tau_v, state,
+                                                   progress=progress, details=False), state)
+
+        then_details(L.ex_gallery.select(on_gallery, view_inputs, outputs, api_visibility="private",
+                                         concurrency_id="model"))
+
+        def on_new_file(file, state):
+            return ui(ctrl.new_file(file, state))
+
+        C["file_in"].upload(on_new_file, [C["file_in"], C["state"]], outputs, api_visibility="private")
+
+        def warned(exc):
+            warn(str(getattr(exc, "message", exc)))
+            return gr.skip()
+
+        def on_reprune_page(mode_v, keep_v, tau_v, image_only_v, state):
+            return shown(lambda: ctrl.reprune(mode_v, keep_v, tau_v, image_only_v, state, details=False), state,
+                         on_fail=warned)
+
+        # .change (not .release) so typed values count too; always_last drops the intermediate drag positions;
+        # a value that changes nothing (Tab after typing, the threshold while keeping a share) is gr.skip()
+        for comp in (L.keep, L.tau):
+            then_details(comp.change(on_reprune_page, reprune_inputs, outputs, api_visibility="private",
+                                     trigger_mode="always_last", show_progress="minimal"))
+        for comp in (L.prune_mode, L.image_only):
+            then_details(comp.change(on_reprune_page, reprune_inputs, outputs, api_visibility="private"))
+
+        L.opacity.change(None, L.opacity, None, js=OPACITY_JS, api_visibility="private")
+
+        def on_window(level_v, width_v, state):
+            return ui(ctrl.set_window(level_v, width_v, state))
+
+        for comp in (C["level"], C["width"]):
+            comp.input(on_window, [C["level"], C["width"], C["state"]], outputs, api_visibility="private",
+                       trigger_mode="always_last", show_progress="hidden")
+
+        def on_preset(label, state):
+            return ui(ctrl.window_preset(label, state))
+
+        C["wl_preset"].input(on_preset, [C["wl_preset"], C["state"]], outputs, api_visibility="private")
+
+        def on_report_upload(file):
+            try:
+                text = ctrl.read_report_upload(file)
+            except gr.Error as exc:
+                return warned(exc)
+            return gr.skip() if text is None else text
+
+        L.report_up.upload(on_report_upload, L.report_up, C["report_in"], api_visibility="private")
+
+        def on_word(choice, state):
+            return ui(ctrl.select_word(choice, state))
+
+        C["word_dd"].change(on_word, [C["word_dd"], C["state"]], outputs, api_visibility="private")
+
+        def on_word_click(evt: gr.SelectData):
+            return evt.index
+
+        C["words_hl"].select(on_word_click, None, C["word_dd"], api_visibility="private")
+
+        def on_graph_all(flag, state):
+            return ui(ctrl.show_all_terms(flag, state))
+
+        L.graph_all.change(on_graph_all, [L.graph_all, C["state"]], outputs, api_visibility="private")
+
+        def on_mode(mode_v, state):
+            return ui(ctrl.set_mode(mode_v, state))
+
+        L.corr_mode.change(on_mode, [L.corr_mode, C["state"]], outputs, api_visibility="private")
+
+        def on_grid(state, evt: gr.SelectData):
+            x, y = evt.index[0], evt.index[1]
+            return shown(lambda: ctrl.click_patch(x, y, state), state, on_fail=warned)
+
+        C["grid_img"].select(on_grid, C["state"], outputs, api_visibility="private")
+
+        def on_brush(value, state):
+            return shown(lambda: ctrl.apply_brush(value, state), state, on_fail=warned)
+
+        L.brush_btn.click(on_brush, [C["editor"], C["state"]], outputs, api_visibility="private")
+
+        def on_clear(state):
+            return ui(ctrl.clear_corrections(state))
+
+        L.clear_btn.click(on_clear, C["state"], outputs, api_visibility="private")
+
+        def on_submit_page(verdict_v, conf_v, comment_v, image_only_v, mode_v, keep_v, tau_v, state,
+                           request: gr.Request, progress=gr.Progress()):
+            def refused(exc):
+                msg = str(getattr(exc, "message", exc))
+                warn(msg)
+                return {"submit_md": f"<span class='nr-error-text'>Not saved: {msg}</span>"}
+            return shown(lambda: ctrl.submit_and_next(verdict_v, conf_v, comment_v, image_only_v, mode_v, keep_v,
+                                                      tau_v, state, _username(request), progress=progress,
+                                                      details=False),
+                         state, on_fail=refused)
+
+        then_details(L.submit_btn.click(on_submit_page, [L.verdict, L.confidence, L.comment, *view_inputs],
+                                        outputs, api_visibility="private", concurrency_limit=1,
+                                        concurrency_id="db-write"))
+
+        # ------------------------------------------------------------------ worklist
+        def on_next_page(campaign, image_only_v, mode_v, keep_v, tau_v, state, request: gr.Request,
+                         progress=gr.Progress()):
+            return shown(lambda: ctrl.next_study(campaign, image_only_v, mode_v, keep_v, tau_v, state,
+                                                 _username(request), progress=progress, details=False), state)
+
+        def on_skip_page(campaign, image_only_v, mode_v, keep_v, tau_v, state, request: gr.Request,
+                         progress=gr.Progress()):
+            return shown(lambda: ctrl.skip_study(campaign, image_only_v, mode_v, keep_v, tau_v, state,
+                                                 _username(request), progress=progress, details=False), state)
+
+        then_details(L.next_btn.click(on_next_page, wl_inputs, outputs, api_visibility="private",
+                                      concurrency_id="model"))
+        then_details(L.skip_btn.click(on_skip_page, wl_inputs, outputs, api_visibility="private",
+                                      concurrency_id="model"))
 
         def on_campaign(campaign, request: gr.Request):
             return ctrl.worklist_status(campaign, _username(request)) if campaign else "Choose a campaign."
@@ -194,9 +293,10 @@ def build_app(pipeline=None, db_url: str | None = None, *, gallery: str | Path |
 
 
 def launch_kwargs(ctrl: ReviewController) -> dict:
-    """``launch()`` arguments: theme and CSS (Gradio 6 takes them here), the upload limit and, when reader
-    accounts exist, database-backed sign-in for every page and API call."""
-    kw: dict[str, Any] = dict(theme=gr.themes.Soft(), css=CSS, max_file_size=ctrl.pipeline.limits.max_upload_bytes,
+    """``launch()`` arguments: theme, CSS and the page's script (Gradio 6 takes them here), the upload limit and,
+    when reader accounts exist, database-backed sign-in for every page and API call."""
+    kw: dict[str, Any] = dict(theme=gr.themes.Soft(), css=CSS, head=HEAD,
+                              max_file_size=ctrl.pipeline.limits.max_upload_bytes,
                               show_error=False, footer_links=["api"])
     if ctrl.auth_enabled:
         kw["auth"] = ctrl.authenticate
@@ -228,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not bundle.trained:
         log.warning("UNTRAINED model: outputs are not meaningful")
-    pipeline = Pipeline(bundle, text_encoder=default_text_encoder())
+    pipeline = Pipeline(bundle)
     try:  # load spaCy, MiniLM and the models' first-call setup now, not in the first reader's request
         pipeline.warmup()
     except Exception:  # noqa: BLE001 - a failed warm-up only costs the first request its speed
@@ -245,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                         args.host)
     demo.queue(default_concurrency_limit=2)
     stop_on_sigterm()  # a SIGTERM shuts the server down cleanly, which deletes every cached upload
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(ctrl))
+    # _frontend=False: Gradio's own "is localhost reachable" probe (HEAD / with a 3 s timeout) aborts the start on a
+    # busy machine although the server is up; readiness is checked by whoever waits for the page (tests, ops)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, _frontend=False,
+                **launch_kwargs(ctrl))
     return 0
 
 

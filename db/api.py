@@ -185,9 +185,14 @@ def set_password(session: Session, reader: Reader, new_password: str) -> None:
     session.flush()
 
 
-def has_readers(session: Session) -> bool:
-    """True once at least one reader exists (the app can offer a first-admin setup otherwise)."""
-    return session.scalar(select(Reader.id).limit(1)) is not None
+def has_readers(session: Session, *, besides: Iterable[str] = ()) -> bool:
+    """True once at least one reader exists (the app can offer a first-admin setup otherwise); readers named in
+    ``besides`` (e.g. the app's built-in open-mode reader) do not count."""
+    q = select(Reader.id)
+    names = [str(n).strip().lower() for n in besides]
+    if names:
+        q = q.where(Reader.username.not_in(names))
+    return session.scalar(q.limit(1)) is not None
 
 
 def get_reader(session: Session, username: str) -> Reader | None:
@@ -324,6 +329,47 @@ def get_analysis(session: Session, analysis_id: int) -> Analysis | None:
     return session.get(Analysis, analysis_id)
 
 
+_SHARED_KEYS = ("model_version", "keep", "tau", "top_k", "patch_size", "rows", "cols", "report_source")
+
+
+def find_or_record_analysis(session: Session, study: Study, *, kept_patches: Iterable[Any],
+                            probability: float | None, image_only: bool = False,
+                            salience_summary: dict | None = None, known_id: int | None = None,
+                            **fields: Any) -> Analysis:
+    """The analysis row for what a reader saw, shared by every reader who saw the same thing.
+
+    Readers of the same study, model, settings (``fields``: the :func:`record_analysis` keys other than the
+    summary, kept patches and probability), kept patches, probability (within 1e-6) and image-only switch share
+    one row, so the agreement statistics, which compare readers per analysis, can compare them. ``known_id``: a
+    row id the caller remembered for this view (checked, not trusted). A new row is recorded when none matches;
+    ``salience_summary`` is stored with it (``image_only`` is added to it).
+    """
+    unknown = set(fields) - set(_SHARED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown analysis field(s): {', '.join(sorted(unknown))}")
+    _require_persisted(session, study, "study")
+    kept = normalize_patches(kept_patches, fields.get("rows"), fields.get("cols"), "kept_patches")
+    if known_id is not None:
+        row = session.get(Analysis, known_id)
+        if row is not None and row.study_id == study.id:
+            return row
+
+    def same_probability(p: float | None) -> bool:
+        return (p is None) == (probability is None) and (p is None or abs(p - float(probability)) < 1e-6)
+
+    cols = {k: getattr(Analysis, k) for k in fields}
+    q = select(Analysis).where(Analysis.study_id == study.id,
+                               *[cols[k] == v if v is not None else cols[k].is_(None) for k, v in fields.items()])
+    for row in session.scalars(q.order_by(Analysis.id)):
+        if normalize_patches(row.kept_patches or []) == kept and same_probability(row.probability) and \
+                bool((row.salience_summary or {}).get("image_only")) == bool(image_only):
+            return row
+    summary = dict(salience_summary or {})
+    summary["image_only"] = bool(image_only)
+    return record_analysis(session, study, salience_summary=summary, kept_patches=kept, probability=probability,
+                           **fields)
+
+
 # ----------------------------------------------------------------------------------------------------- annotations
 def validate_annotation(analysis: Analysis, verdict: Any, confidence: Any, comment: Any = "",
                         missed_patches: Iterable[Any] | None = (), irrelevant_patches: Iterable[Any] | None = (),
@@ -424,6 +470,13 @@ def add_annotation(session: Session, reader: Reader, analysis: Analysis, verdict
             raise
         return found
     return ann
+
+
+def annotation_by_token(session: Session, reader: Reader, client_token: str) -> Annotation | None:
+    """The annotation ``reader`` already stored with ``client_token`` (a resubmitted answer), or ``None``."""
+    _require_persisted(session, reader, "reader")
+    return session.scalar(select(Annotation).where(Annotation.reader_id == reader.id,
+                                                   Annotation.client_token == str(client_token)))
 
 
 def _current_ids_subquery(reader_id: int | None = None, analysis_id: int | None = None):

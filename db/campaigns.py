@@ -8,6 +8,8 @@ An item is *done* for a reader once the reader has submitted an annotation with 
 """
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import delete, exists, func, select
@@ -20,6 +22,77 @@ from .models import Annotation, Campaign, CampaignItem, Reader, Skip
 MAX_CAMPAIGN_NAME_CHARS = 128
 MAX_PATH_CHARS = 1024
 _ITEM_KEYS = {"study_key", "image_path", "image", "report_path", "report", "position"}
+
+# ----------------------------------------------------------------------------------------------------- manifests
+#: File suffixes read as images from a campaign (or gallery) folder.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp"}
+IMAGE_COLUMNS = ("image_path", "image", "path", "filename", "file")
+REPORT_TEXT_COLUMNS = ("report", "report_text", "clinical_notes", "findings", "text")
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV manifest's rows, keys lower-cased and values stripped."""
+    with Path(path).open(newline="", encoding="utf-8", errors="replace") as fh:
+        return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def row_image(row: dict[str, str], base: Path) -> Path | None:
+    """The image a manifest row names (``image_path|image|path|filename|file``, optional ``folder``), resolved
+    against ``base`` (the manifest's folder) when relative."""
+    name = next((row[c] for c in IMAGE_COLUMNS if row.get(c)), None)
+    if not name:
+        return None
+    p = Path(name)
+    if not p.is_absolute():
+        p = base / row["folder"] / p if row.get("folder") else base / p
+    return p
+
+
+def row_report_path(row: dict[str, str], base: Path) -> Path | None:
+    """The ``report_path`` file a manifest row names (relative to ``base``), or ``None``."""
+    if not row.get("report_path"):
+        return None
+    p = Path(row["report_path"])
+    return p if p.is_absolute() else base / p
+
+
+def is_radiograph_row(row: dict[str, str]) -> bool:
+    """Manifest rows of another modality (the covid-cxr metadata lists CT slices too) are left out."""
+    mod = row.get("modality", "").lower()
+    return not mod or any(t in mod for t in ("x-ray", "xray", "cr", "dx"))
+
+
+def items_from_source(source: str | Path) -> tuple[list[dict[str, str]], int]:
+    """Campaign items (for :func:`import_campaign`) from a folder (images, a same-name ``.txt`` report beside
+    each) or a CSV manifest (image column ``image_path|image|path|filename|file`` with optional ``folder``,
+    optional ``report_path``; other modalities than X-ray are left out). Relative paths are resolved against the
+    CSV's folder. Returns ``(items, n_missing)``, ``n_missing`` counting rows whose image file does not exist.
+    Raises ``ValueError`` when ``source`` is neither a folder nor a ``.csv`` file."""
+    src = Path(source).expanduser()
+    items: list[dict[str, str]] = []
+    missing = 0
+    if src.is_dir():
+        for p in sorted(src.iterdir()):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                txt = p.with_suffix(".txt")
+                items.append({"image_path": str(p.resolve()),
+                              **({"report_path": str(txt.resolve())} if txt.is_file() else {})})
+    elif src.is_file() and src.suffix.lower() == ".csv":
+        for row in csv_rows(src):
+            if not is_radiograph_row(row):
+                continue
+            img = row_image(row, src.parent)
+            if img is None or not img.is_file():
+                missing += 1
+                continue
+            item = {"image_path": str(img.resolve())}
+            rp = row_report_path(row, src.parent)
+            if rp is not None and rp.is_file():
+                item["report_path"] = str(rp.resolve())
+            items.append(item)
+    else:
+        raise ValueError(f"{src.name or src} is neither a folder nor a .csv file")
+    return items, missing
 
 
 def get_campaign(session: Session, name: str) -> Campaign | None:

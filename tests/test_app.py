@@ -22,7 +22,7 @@ from neural_core.bundle import untrained_bundle
 from neural_core.config import tiny_report_config
 from neural_core.phantoms import phantom
 from neural_core.pipeline import Pipeline
-from review.controller import LOCAL_READER, ReviewController, ReviewState
+from review.controller import LOCAL_READER, OUTPUTS, ReviewController, ReviewState, is_noop
 
 ADMIN_PW = "correct horse battery"
 READER_PW = "another long password"
@@ -97,15 +97,15 @@ def test_build_app_structure_and_element_ids(open_app):
     demo, ctrl, _ = open_app
     assert isinstance(demo, gr.Blocks)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {"heatmap-image", "graph-plot", "analyze-btn", "keep-slider", "tau-slider", "grid-image",
-            "submit-btn"} <= ids
+    assert {"view-original", "view-attention", "view-kept", "graph-plot", "analyze-btn", "keep-slider",
+            "tau-slider", "opacity-slider", "level", "window-width", "grid-image", "submit-btn", "verdict"} <= ids
     assert not ctrl.auth_enabled
     assert "UNTRAINED" in ctrl.model_banner()
     assert [g.synthetic for g in ctrl.gallery] == [True, True]
     assert all(g.name.startswith("SYNTHETIC") for g in ctrl.gallery)           # banner / database name
     assert [g.caption for g in ctrl.gallery] == ["Phantom #0: normal", "Phantom #1: lingula opacity"]
     kw = app.launch_kwargs(ctrl)
-    assert "auth" not in kw and kw["css"] and kw["theme"] is not None
+    assert "auth" not in kw and kw["css"] and kw["theme"] is not None and "<script>" in kw["head"]
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -118,16 +118,19 @@ def test_analyze_phantom_then_slider_reprunes_without_the_report_model(open_app,
     a = st.analysis
     assert vlm_calls["n"] == before + 1
     h, w = a.xray.meta.height, a.xray.meta.width
-    assert out["heatmap_img"].shape[0] == h and out["heatmap_img"].shape[1] > w          # + colour bar
-    assert out["original_img"].shape == (h, w, 3)
-    assert out["retained_img"].shape == out["context_img"].shape == (h, w, 3)
+    for k in ("view_original", "view_attention", "view_kept"):
+        assert f"aspect-ratio:{w}/{h}" in out[k] and "data:image/jpeg;base64," in out[k]
+    assert "nr-heat" in out["view_attention"] and "nr-heat" not in out["view_original"]
+    assert "<rect" in out["view_kept"]                                   # the explanation's top regions outlined
     assert out["grid_img"].shape == (h, w, 3)
-    assert out["graph_plot"].layout.height == 600
+    assert out["graph_plot"].layout.height == 560
     assert out["attr_plot"].layout.height
-    assert "UNTRAINED" in out["pred_md"] and "P(pneumonia)" in out["pred_md"]
+    assert "UNTRAINED" in out["pred_md"] and "Pneumonia:" in out["pred_md"]
     assert "given" in out["report_view"]["label"]
     assert out["banner"].count("SYNTHETIC") == 1 and "not a patient image" in out["banner"]   # said once
-    assert len(out["tokens_hl"]) == len(a.salience.tokens)
+    assert "server" in out["banner"]                                     # the page adds the reader's wait
+    assert len(out["words_hl"]) == len(st.words) <= len(a.salience.tokens)
+    assert (out["verdict"], out["confidence"], out["comment"]) == (None, 3, "")             # a fresh form
     bytes_before = a.bytes.artifact_bytes
 
     out2 = ctrl.reprune("keep", 0.40, 0.5, False, st)
@@ -135,13 +138,15 @@ def test_analyze_phantom_then_slider_reprunes_without_the_report_model(open_app,
     assert vlm_calls["n"] == before + 1                                                  # report model not rerun
     assert a2.vlm_cached and a2 is not a
     assert a2.bytes.artifact_bytes != bytes_before and a2.mask.sum() > a.mask.sum()
-    assert f"{a2.bytes.patches_kept} / {a2.bytes.patches_total}" in out2["bytes_md"]
-    assert "heatmap_img" not in out2                                                     # attention unchanged
+    assert f"{a2.bytes.patches_kept} of {a2.bytes.patches_total}" in out2["bytes_md"]
+    assert "view_attention" not in out2 and "view_kept" in out2                          # attention unchanged
 
     ctrl.reprune("tau", 0.40, 0.9, False, st)
     assert st.analysis.prune.mode() == "tau" and st.analysis.mask.sum() < a2.mask.sum()
     out4 = ctrl.reprune("tau", 0.40, 0.9, True, st)                                      # image-only switch
     assert st.analysis.image_only and "image only" in out4["pred_md"]
+    assert is_noop(ctrl.reprune("tau", 0.40, 0.9, True, st))                             # same values again
+    assert is_noop(ctrl.reprune("tau", 0.77, 0.9, True, st))                             # keep moved in tau mode
     assert vlm_calls["n"] == before + 1
 
 
@@ -150,9 +155,9 @@ def test_no_report_gives_a_generated_one_marked_as_such(open_app, tmp_path):
     path, _ = _png(tmp_path, 2)
     out = ctrl.analyze(str(path), "   ", False, "keep", 0.1, 0.5, None)
     assert out["state"].analysis.report_source == "generated"
-    assert "generated by the model" in out["report_view"]["label"]
+    assert "written by the model" in out["report_view"]["label"]
     assert out["report_view"]["value"] in (out["state"].analysis.report, "(the model wrote an empty report)")
-    assert "generated by the model" in out["banner"]
+    assert "report written by the model" in out["banner"]
 
 
 def test_reanalyze_without_upload_uses_the_current_study(open_app, tmp_path, vlm_calls):
@@ -171,14 +176,19 @@ def test_reanalyze_without_upload_uses_the_current_study(open_app, tmp_path, vlm
     assert out["state"].analysis.xray.meta.study_key == key
 
 
-def test_token_choice_shows_that_tokens_map(open_app):
+def test_word_choice_shows_that_words_map(open_app):
     _, ctrl, _ = open_app
-    st = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)["state"]
-    img = ctrl.select_token(0, st)["token_img"]
-    assert img.shape[0] == st.analysis.xray.meta.height and img.dtype == np.uint8
-    other = ctrl.select_token(len(st.analysis.salience.tokens) - 1, st)["token_img"]
-    assert other.shape == img.shape
-    assert ctrl.select_token(10_000, st) == {} and ctrl.select_token(None, st) == {}
+    out = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)
+    st = out["state"]
+    first = out["word_dd"]["value"]
+    # the view opens on the report's first finding, not on whichever token happens to be most focused
+    assert st.words.text[first].strip().lower() in {"focal", "airspace", "consolidation"}, st.words.text
+    view = ctrl.select_word(0, st)["word_view"]
+    assert f"Attention of “{st.words.text[0].strip()}”" in view and "nr-heat" in view
+    last = ctrl.select_word(len(st.words) - 1, st)["word_view"]
+    assert last != view
+    for bad in (10_000, None, "", "x", -1):
+        assert is_noop(ctrl.select_word(bad, st))
 
 
 def test_bad_upload_clear_error_and_nothing_in_the_database(open_app, tmp_path):
@@ -222,7 +232,7 @@ def test_toggle_patches_by_click_and_mode(open_app):
     free = tuple(int(v) for v in np.argwhere(~a.mask)[0])
     P, s = a.grid.patch, st.scale
     out = ctrl.click_patch((free[1] * P + 1) * s, (free[0] * P + 1) * s, st)              # display pixels
-    assert st.missed == {free} and "grid_img" in out and f"({free[0]},{free[1]})" in out["corr_md"]
+    assert st.missed == {free} and "grid_img" in out and "**1 missed**" in out["corr_md"]
     with pytest.warns(UserWarning, match="already kept"):
         ctrl.toggle_patch(*kept, st)                                                      # missed mode, kept
     assert st.missed == {free}
@@ -239,7 +249,10 @@ def test_toggle_patches_by_click_and_mode(open_app):
     assert st.missed == set() and st.irrelevant == {kept}
     ctrl.reprune("keep", 0.01, 0.5, False, st)
     assert st.irrelevant == ({kept} if st.analysis.mask[kept] else set())
+    ctrl.set_mode("missed", st)
+    ctrl.toggle_patch(*(int(v) for v in np.argwhere(~st.analysis.mask)[0]), st)
     assert ctrl.clear_corrections(st)["corr_md"] and not st.missed and not st.irrelevant
+    assert is_noop(ctrl.clear_corrections(st))                                    # nothing left to clear
 
 
 def test_brush_composite_marks_patches(open_app):
@@ -356,7 +369,7 @@ def test_open_mode_reader_does_not_turn_on_sign_in(open_app):
     _, ctrl, engine = open_app
     st = ctrl.gallery_pick(0, False, "keep", 0.1, 0.5, None)["state"]
     ctrl.submit("agree", 3, "", st)
-    assert not ctrl.auth_required() and "Open mode" in ctrl.whoami(None)
+    assert not ctrl.auth_required() and "open mode" in ctrl.whoami(None)
 
 
 # ------------------------------------------------------------------------------------------------ worklist
@@ -562,12 +575,19 @@ def test_ui_event_wrappers(make_app, tmp_path):
     sel = lambda index: gr.SelectData(None, {"index": index, "value": None, "selected": True})  # noqa: E731
 
     out = fns["on_gallery"](False, "keep", 0.1, 0.5, None, sel(1))
-    by_label = {getattr(c, "elem_id", None): v for c, v in out.items()}
+    by_id = {getattr(c, "elem_id", None): v for c, v in out.items()}
     st = next(v for v in out.values() if isinstance(v, ReviewState))
-    assert by_label["heatmap-image"].shape[0] == st.analysis.xray.meta.height
-    assert by_label["graph-plot"].layout.height == 600
-    assert fns["on_reprune"]("keep", 0.3, 0.5, False, st)                              # re-pruned views
-    assert fns["on_token"](0, st) and fns["on_token_click"](sel(2)) == 2
+    assert f"aspect-ratio:{st.analysis.xray.meta.width}/" in by_id["view-attention"]
+    assert "graph-plot" not in by_id                                         # the page draws it second...
+    details = {getattr(c, "elem_id", None): v for c, v in fns["on_details"](st).items()}
+    assert details["graph-plot"].layout.height == 560 and "<rect" in details["view-kept"]
+    assert is_noop(fns["on_details"](st))                                     # ...once
+    old_kept = by_id["view-kept"]
+    res = {getattr(c, "elem_id", None): v for c, v in fns["on_reprune"]("keep", 0.3, 0.5, False, st).items()}
+    assert st.analysis.prune.keep == pytest.approx(0.3) and res["view-kept"] != old_kept
+    assert f"{st.analysis.bytes.patches_kept} of {st.analysis.bytes.patches_total}" in res["bytes-summary"]
+    word = {getattr(c, "elem_id", None): v for c, v in fns["on_word"](0, st).items()}
+    assert "Attention of" in word["word-view"] and fns["on_word_click"](sel(2)) == 2
     free = np.argwhere(~st.analysis.mask)[0]
     P, s = st.analysis.grid.patch, st.scale
     fns["on_grid"](st, sel([(free[1] * P + 1) * s, (free[0] * P + 1) * s]))
@@ -620,3 +640,179 @@ def test_issue_done_when_new_reader_end_to_end(make_app, tmp_path, monkeypatch):
     coco = json.loads(Path(ctrl.export("coco", "admin1")).read_text())
     assert {c["name"] for c in coco["categories"]} >= {"missed_salient", "irrelevant_kept"}
     assert len(coco["annotations"]) == 2                                            # one mask per correction kind
+
+
+# ------------------------------------------------------------------------------------------------ no-ops, stale state
+
+def test_every_event_with_nothing_to_do_skips(make_app, tmp_path):
+    """Gradio 6 reads ``{}`` as "1 output for N" and paints Error over every view: each event that can have
+    nothing to do returns gr.skip(), through the controller and through the functions wired to the page."""
+    demo, ctrl, _ = make_app()
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    sel = lambda index: gr.SelectData(None, {"index": index, "value": None, "selected": True})  # noqa: E731
+    fresh = ReviewState()
+    # before any analysis
+    for r in (ctrl.reprune("keep", 0.2, 0.5, False, None), ctrl.reprune("keep", 0.2, 0.5, False, fresh),
+              ctrl.set_mode("irrelevant", None), ctrl.select_word(0, fresh), ctrl.set_window(40, 60, fresh),
+              ctrl.window_preset("Full range", fresh), ctrl.show_all_terms(True, fresh),
+              ctrl.clear_corrections(fresh), ctrl.details(fresh), ctrl.new_file(None, fresh),
+              fns["on_reprune_page"]("keep", 0.2, 0.5, False, None), fns["on_mode"]("missed", None),
+              fns["on_window"](40, 60, None), fns["on_preset"]("Auto (this image)", None),
+              fns["on_details"](None), fns["on_new_file"](None, None), fns["on_clear"](None),
+              fns["on_graph_all"](True, None), fns["on_word"](None, None)):
+        assert is_noop(r), r
+    st = ctrl.gallery_pick(0, False, "keep", 0.1, 0.5, None)["state"]
+    a = st.analysis
+    lvl, wid = st.presets[0].level_width(a.xray.meta.bit_depth)
+    for r in (ctrl.reprune("keep", 0.1, 0.5, False, st),             # the same value twice (typed, then Tab)
+              ctrl.reprune("keep", 0.1, 0.8, False, st),             # the threshold moved while keeping a share
+              fns["on_reprune_page"]("keep", 0.1, 0.3, False, st),
+              ctrl.set_mode("irrelevant", st), fns["on_mode"]("missed", st),   # the correction mode switch
+              ctrl.set_window(lvl, wid, st), ctrl.window_preset("no such preset", st),
+              ctrl.show_all_terms(False, st), ctrl.clear_corrections(st), ctrl.details(st),
+              ctrl.click_patch(10_000, 10_000, st), ctrl.toggle_patch(-1, 0, st),
+              fns["on_grid"](st, sel([10_000, 10_000]))):
+        assert is_noop(r), r
+    assert st.analysis is a and st.mode == "missed"
+    assert is_noop(fns["on_report_upload"](None))
+
+
+def test_correction_mode_switch_keeps_the_page(make_app):
+    demo, ctrl, _ = make_app()
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    st = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)["state"]
+    assert is_noop(fns["on_mode"]("irrelevant", st)) and st.mode == "irrelevant"
+    kept = tuple(int(v) for v in np.argwhere(st.analysis.mask)[0])
+    out = ctrl.toggle_patch(*kept, st)
+    assert st.irrelevant == {kept} and "1 not needed" in out["corr_md"]
+
+
+def test_new_upload_clears_the_previous_study(open_app, tmp_path):
+    _, ctrl, _ = open_app
+    out = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)
+    st = out["state"]
+    assert out["report_in"]                                                  # the example's report
+    path, _ = _png(tmp_path, 6)
+    new = ctrl.new_file(str(path), st)
+    assert new["report_in"] == "" and "New study uploaded" in new["banner"]   # no report carried over
+    assert (new["verdict"], new["confidence"], new["comment"], new["submit_md"]) == (None, 3, "", "")
+    for k in ("view_original", "view_attention", "view_kept", "word_view"):
+        assert "nr-empty" in new[k] and "data:image" not in new[k]
+    assert new["pred_md"] == "" and new["graph_plot"] is None and new["grid_img"] is None
+    assert st.analysis is None and st.source_path is None
+    with pytest.raises(gr.Error, match="Analyze a study first"):
+        ctrl.submit("agree", 3, "", st)
+    res = ctrl.analyze(str(path), None, False, "keep", 0.1, 0.5, st)
+    assert res["state"].analysis.report_source == "generated"                 # the old report was not applied
+    assert "report given" not in res["banner"]
+
+
+def test_failed_analysis_clears_the_page_and_says_why(make_app, tmp_path):
+    demo, ctrl, _ = make_app()
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    st = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)["state"]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.warns(UserWarning, match="expected PNG"):
+        out = fns["on_analyze_page"](str(bad), "", False, "keep", 0.1, 0.5, st)
+    by_id = {getattr(c, "elem_id", None): v for c, v in out.items()}
+    assert "Could not show this study" in by_id["analysis-banner"] and "SYNTHETIC" not in by_id["analysis-banner"]
+    assert all("nr-empty" in by_id[k] for k in ("view-original", "view-attention", "view-kept"))
+    assert by_id["prediction"] == "" and by_id["graph-plot"] is None and by_id["verdict"] is None
+    assert st.analysis is None
+    # the API keeps raising, so a client sees the failure
+    with pytest.raises(gr.Error):
+        fns["on_analyze"](str(bad), "", False, "keep", 0.1, 0.5, st)
+
+
+def test_submit_opens_the_next_example_with_a_fresh_form(make_app):
+    demo, ctrl, engine = make_app(n_phantoms=2)
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    from types import SimpleNamespace
+
+    st = ctrl.gallery_pick(0, False, "keep", 0.1, 0.5, None)["state"]
+    first_key = st.analysis.xray.meta.study_key
+    with pytest.warns(UserWarning, match="Choose a verdict"):
+        refused = fns["on_submit_page"](None, 3, "", False, "keep", 0.1, 0.5, st, SimpleNamespace(username=None))
+    assert "Not saved" in next(iter(refused.values())) and _count(engine, db.Annotation) == 0
+    out = fns["on_submit_page"]("disagree", 5, "first study", False, "keep", 0.1, 0.5, st,
+                                SimpleNamespace(username=None))
+    by_id = {getattr(c, "elem_id", None): v for c, v in out.items()}
+    assert "Saved annotation #1" in by_id["submit-status"] and "next study" in by_id["submit-status"]
+    assert st.analysis.xray.meta.study_key != first_key and st.gallery_index == 1
+    assert (by_id["verdict"], by_id["confidence"], by_id["comment"]) == (None, 3, "")
+    assert "Phantom" in by_id["analysis-banner"] or "SYNTHETIC" in by_id["analysis-banner"]
+    # the second study starts clean: nothing of the first answer is stored against it
+    ctrl.submit("agree", 2, "", st)
+    with db.session_scope(engine) as s:
+        rows = s.scalars(select(db.Annotation).order_by(db.Annotation.id)).all()
+        assert [(r.verdict, r.comment, r.analysis.study.study_key == first_key) for r in rows] == \
+            [("disagree", "first study", True), ("agree", "", False)]
+
+
+def test_submit_in_a_worklist_opens_the_next_item(make_app, tmp_path):
+    _, ctrl, engine = make_app(readers=[("alice", ADMIN_PW, "admin")])
+    folder = tmp_path / "wl"
+    folder.mkdir()
+    for seed in (1, 2):
+        _png(folder, seed, name=f"s{seed}.png")
+    ctrl.import_campaign("wl", str(folder), None, "alice")
+    st = ctrl.next_study("wl", False, "keep", 0.1, 0.5, None, "alice")["state"]
+    out = ctrl.submit_and_next("agree", 4, "", False, "keep", 0.1, 0.5, st, "alice")
+    assert st.source_name.startswith("s2.png") and "1 of 2" in out["wl_status"] and out["verdict"] is None
+    done = ctrl.submit_and_next("partly", 3, "", False, "keep", 0.1, 0.5, st, "alice")
+    assert "worklist is done" in done["submit_md"] and "all done" in done["wl_status"]
+    assert _count(engine, db.Annotation) == 2
+
+
+def test_window_level_presets_and_sliders_redraw_every_view(open_app, tmp_path):
+    _, ctrl, _ = open_app
+    dcm = _dicom(tmp_path / "IM0002")
+    out = ctrl.analyze(str(dcm), None, False, "keep", 0.1, 0.5, None)
+    st = out["state"]
+    labels = out["wl_preset"]["choices"]
+    assert labels[:2] == ["Auto (this image)", "Full range"]
+    before = out["view_original"]
+    r = ctrl.window_preset("Full range", st)
+    assert (r["level"], r["width"]) == (50.0, 100.0) and st.window == (0.0, 4095.0)
+    assert {"view_original", "view_attention", "view_kept", "grid_img", "word_view"} <= set(r)
+    assert r["view_original"] != before and "Full range" in r["view_original"]
+    r = ctrl.set_window(30, 20, st)
+    assert st.window[0] < st.window[1] and "custom window" in r["view_original"]
+
+
+def test_long_report_graph_stays_readable(open_app, tmp_path):
+    _, ctrl, _ = open_app
+    path, _ = _png(tmp_path, 7)
+    parts = ["Patchy opacity in the right lower lobe.", "No pleural effusion.", "Heart size is normal.",
+             "Possible consolidation in the left lingula.", "Atelectasis at the left base."]
+    report = " ".join(parts[i % len(parts)] for i in range(600))[:20_000]
+    out = ctrl.analyze(str(path), report, False, "keep", 0.1, 0.5, None)
+    a = out["state"].analysis
+    n_rep = int(a.fused.num_nodes) - int(a.fused.num_image_nodes)
+    assert n_rep > 100
+    drawn = [t for t in out["graph_plot"].data if t.mode == "markers+text"]
+    n_drawn = sum(len(t.x) for t in drawn)
+    assert 0 < n_drawn <= 40 and "repeats merged" in out["graph_note"]
+    assert any("×" in str(txt) for t in drawn for txt in t.text)           # merged mentions are counted
+    assert out["graph_plot"].layout.height == 560
+
+
+def test_page_speaks_plainly(make_app):
+    """No Greek letters, model internals, command lines or environment variables in what a reader sees."""
+    demo, ctrl, _ = make_app()
+    st_out = ctrl.gallery_pick(1, False, "keep", 0.1, 0.5, None)
+    config = json.dumps(demo.get_config_file(), default=str)
+    texts = [v for k, v in st_out.items() if isinstance(v, str) and not k.startswith("view_")]
+    texts += [ctrl.whoami(None), ctrl.gallery_note, ctrl.model_banner()]
+    said = "\n".join(texts)
+    for word in ("τ", "logit", "completeness", "python -m", "NEURAL_", "--gallery", "P(pneumonia)"):
+        assert word not in config and word not in said, word
+    assert "token" not in said.lower()
+
+
+def test_outputs_are_the_layout_components(open_app):
+    demo, ctrl, _ = open_app
+    fn = next(f for f in demo.fns.values() if f.api_name == "analyze")
+    assert [getattr(c, "elem_id", None) for c in fn.outputs][:2] == ["analysis-banner", "report-view"]
+    assert len(fn.outputs) == len(OUTPUTS)
