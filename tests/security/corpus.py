@@ -202,7 +202,8 @@ def artifact_bytes(model: dict, *, seed: int = 0) -> bytes:
     scores = patch_scores(_rng(seed + 1).random((7, 7)), g)
     cfg = PruneConfig(keep=0.3)
     meta = dict(prune_settings(cfg), source_format="png", source_bytes=1234, study_key="0" * 64)
-    return build_artifact(raw, 8, select(scores, cfg), g, context_side=16, model=model, meta=meta).to_bytes()
+    mask = select(scores, cfg)
+    return build_artifact(raw, 8, mask, g, context_side=16, model=model, meta=meta, scores=scores[mask]).to_bytes()
 
 
 def rebuild_artifact(b: bytes, mutate: Callable[[dict], None] | None = None, *, version: int = 1,
