@@ -127,8 +127,9 @@ def _meta_prefix(ts: str) -> bytes:
     return d[: fp.tell()]
 
 
-def deflate_bomb(inflated_mb: int = 120) -> bytes:
-    """A deflated DICOM whose dataset inflates to ``inflated_mb`` MB of zeros (about 1000:1, so ~120 kB),
+def deflate_bomb(inflated_mb: int = 200) -> bytes:
+    """A deflated DICOM whose dataset inflates to ``inflated_mb`` MB of zeros (about 1000:1, so ~200 kB; above the
+    bound of the default limits too, about 140 MB),
     streamed so that building it never holds the inflated bytes."""
     co = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     chunk = b"\x00" * 2**20
@@ -177,13 +178,28 @@ def _huge_field(path: tuple, value) -> callable:
     return mutate
 
 
-def _raw_header_edit(model: dict, old: str, new: str) -> bytes:
-    """Edit the artifact's JSON header as text (for numbers JSON can write but Python would not: 1e400)."""
-    b = artifact_bytes(model)
+def _with_scores(h: dict) -> None:
+    h["scores"] = [0.5] * len(h["kept"])
+
+
+def _scored(model: dict, mutate=None) -> bytes:
+    """A valid artifact with per-patch scores (0.5 each), then ``mutate`` applied to its header."""
+    def both(h):
+        _with_scores(h)
+        if mutate is not None:
+            mutate(h)
+    return rebuild_artifact(artifact_bytes(model), both)
+
+
+def _raw_header_edit(model, old: str, new: str) -> bytes:
+    """Edit the artifact's JSON header as text (for numbers JSON can write but Python would not: 1e400).
+    ``model`` is an identity dict (a fresh artifact is made) or the artifact's bytes."""
+    b = model if isinstance(model, bytes) else artifact_bytes(model)
     hlen = struct.unpack_from("<I", b, 9)[0]
     h = b[13:13 + hlen].decode()
     assert old in h, old
     hj = h.replace(old, new, 1).encode()
+    assert hj != h.encode()
     from neural_core.artifact import MAGIC
 
     body = MAGIC + struct.pack("<HI", 1, len(hj)) + hj + b[13 + hlen:-32]
@@ -235,7 +251,7 @@ def round_two_cases() -> list[Case]:
 
     J2K_LOSSLESS, JPEG_BASE = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.50"
     # 1. deflate bombs and deflated DICOM
-    img("dicom_deflate_bomb_120mb", "deflate_bomb.dcm", deflate_bomb,
+    img("dicom_deflate_bomb_200mb", "deflate_bomb.dcm", deflate_bomb,
         ["{file}: deflated dicom data inflates to more than", "decompression bomb"])
     img("dicom_deflate_garbage", "deflate_junk.dcm", deflate_garbage, ["{file}:", "deflated dicom"])
     img("dicom_deflated_ok", "deflated.dcm", deflated_dicom, ok=True, bit_depth=12)
@@ -325,7 +341,7 @@ def round_two_cases() -> list[Case]:
         special="symlink", target="/nonexistent/neural-corpus/gone.png")
     # 16. names that try to forge output: shown escaped, on one line
     img("image_name_with_newline_and_ansi", "evil\n\x1b[31mOK analysed.png", _text,
-        ["this is a text file", "\\n\\x1b[31mok analysed.png"], surfaces=API_CLI, escaped_name=True)
+        ["this is a text file", "evil??[31mok analysed.png"], surfaces=API_CLI, escaped_name=True)
     img("image_name_with_bidi_override", "scan\u202egnp.exe.png", _text,
         ["this is a text file"], surfaces=API_CLI, escaped_name=True)
     img("image_name_with_carriage_return", "ok\rFAILED.png", _text, ["this is a text file"], surfaces=API_CLI,
@@ -363,9 +379,10 @@ def round_two_cases() -> list[Case]:
         lambda m: rebuild_artifact(artifact_bytes(m), _huge_field(("meta", "tau"), -big)),
         ["artifact meta field 'tau' must be a number in [0, 1]"])
     art("artifact_score_10e400", "score_huge.nrla",
-        lambda m: rebuild_artifact(artifact_bytes(m), lambda h: h["scores"].__setitem__(0, big)),
+        lambda m: _scored(m, lambda h: h["scores"].__setitem__(0, big)),
         ["artifact 'scores' must be null or"])
-    art("artifact_score_1e400_float", "score_inf.nrla", lambda m: _raw_header_edit(m, '"scores":"', '"scores":[1e400],"_":"'),
+    art("artifact_score_1e400_float", "score_inf.nrla",
+        lambda m: _raw_header_edit(_scored(m), '"scores": [0.5', '"scores": [1e400'),
         ["artifact header is not valid json", "out of range"])
     art("artifact_meta_keep_1e400_float", "keep_inf.nrla", lambda m: _raw_header_edit(m, '"keep":0.3', '"keep":1e400'),
         ["artifact header is not valid json", "out of range"])
@@ -419,8 +436,9 @@ def round_two_cases() -> list[Case]:
              "patch encoding 'gif' is not allowed"),
             ("artifact_section_length_zero", lambda h: h["sections"][0].__setitem__("length", 0),
              "field 'length' = 0 is outside"),
-            ("artifact_scores_wrong_length", lambda h: h["scores"].pop(), "artifact 'scores' must be null or"),
-            ("artifact_scores_negative", lambda h: h["scores"].__setitem__(0, -0.5),
+            ("artifact_scores_wrong_length", lambda h: (_with_scores(h), h["scores"].pop()),
+             "artifact 'scores' must be null or"),
+            ("artifact_scores_negative", lambda h: (_with_scores(h), h["scores"].__setitem__(0, -0.5)),
              "artifact 'scores' must be null or")):
         art(nm, nm.removeprefix("artifact_") + ".nrla",
             (lambda m, f=mutate: rebuild_artifact(artifact_bytes(m), f)), [want])

@@ -31,7 +31,7 @@ def _params(kind: str, surface: str):
 def test_corpus_reaches_150_distinct_cases_covering_every_class():
     assert len(corpus.CASES) >= 150 and len(corpus.BY_NAME) == len(corpus.CASES)
     names = set(corpus.BY_NAME)
-    for required in ("dicom_deflate_bomb_120mb", "dicom_j2k_7000_under_64", "jpeg_claims_7999x5000_in_371_bytes",
+    for required in ("dicom_deflate_bomb_200mb", "dicom_j2k_7000_under_64", "jpeg_claims_7999x5000_in_371_bytes",
                      "jpeg_cut_third_eoi_kept", "image_is_a_fifo", "artifact_is_a_fifo", "compress_input_is_fifo",
                      "compress_report_file_is_fifo", "compress_same_stem_two_folders",
                      "compress_same_stem_png_and_dcm", "decompress_16bit_to_jpg", "decompress_out_no_suffix",
