@@ -252,7 +252,7 @@ def test_reading_flow_in_chromium(tiny_bundle_dir, tmp_path):
         assert w.nonce("kept") == now, "the same keep value drew the kept view again"
 
         # 4. the correction mode switch blanks nothing
-        w.click(driver.find_element(By.XPATH, "//button[contains(., 'Correct the kept regions')]"))
+        w.click(driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Correct the kept regions')]"))
         w.check("open the corrections tab")
         attention = w.nonce("attention")
         w.click(driver.find_element(By.XPATH, "//*[@id='correction-mode']//label[contains(., 'not needed')]"))
