@@ -147,6 +147,12 @@ class Walk:
                               "document.activeElement.blur();")
         ActionChains(self.d).send_keys(text).perform()
 
+    def click(self, el) -> None:
+        """Scroll an element below the fold into view and click it, as a reader would."""
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+        time.sleep(0.3)
+        el.click()
+
     def css(self, sel: str):
         from selenium.webdriver.common.by import By
 
@@ -246,10 +252,10 @@ def test_reading_flow_in_chromium(tiny_bundle_dir, tmp_path):
         assert w.nonce("kept") == now, "the same keep value drew the kept view again"
 
         # 4. the correction mode switch blanks nothing
-        driver.find_element(By.XPATH, "//button[contains(., 'Correct the kept regions')]").click()
+        w.click(driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Correct the kept regions')]"))
         w.check("open the corrections tab")
         attention = w.nonce("attention")
-        driver.find_element(By.XPATH, "//*[@id='correction-mode']//label[contains(., 'not needed')]").click()
+        w.click(driver.find_element(By.XPATH, "//*[@id='correction-mode']//label[contains(., 'not needed')]"))
         w.check("switch the correction mode")
         assert w.nonce("attention") == attention and w.css("#grid-image img").get_attribute("src")
 
