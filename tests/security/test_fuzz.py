@@ -16,6 +16,7 @@ run many more random examples.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import warnings
@@ -286,9 +287,16 @@ def _header_and_payload(data: bytes):
 @st.composite
 def hostile_artifacts(draw):
     """A hostile writer: change header values (top level, inside a section, the kept list) and / or the payload,
-    then recompute the checksum so only validation stands in the way."""
+    then recompute the checksum so only validation stands in the way. It writes format version 2 (compact ``kept`` /
+    ``scores`` strings, as the library writes) or version 1 (the clean header's compact fields expanded to list forms
+    *before* the edits, as a version-1 writer would have written them, so the ``kept`` edits reach the list)."""
+    from neural_core.artifact import _expand_compact_fields
+
     bits = draw(st.sampled_from(sorted(ARTIFACTS)))
+    version = draw(st.sampled_from([1, 2]))
     h, payload = _header_and_payload(ARTIFACTS[bits])
+    if version == 1:
+        h = _expand_compact_fields(h)
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(["top", "section", "kept", "delete", "payload", "mosaic"]))
         if where == "top":
@@ -309,8 +317,10 @@ def hostile_artifacts(draw):
         elif where == "mosaic":
             h["mosaic"] = {"tile_rows": draw(st.integers(-1, 10**6)), "tile_cols": draw(st.integers(-1, 10**6))}
     body_header = json.dumps(h, allow_nan=True).encode()
-    return corpus.rebuild_artifact(MAGIC + struct.pack("<HI", 1, len(body_header)) + body_header + payload
-                                   + b"\x00" * 32)
+    # the checksum is computed here, not by corpus.rebuild_artifact: that one expands the header it is given, and
+    # the header here is already hostile (expanding it is the reader's job, which must refuse it)
+    body = MAGIC + struct.pack("<HI", version, len(body_header)) + body_header + payload
+    return body + hashlib.sha256(body).digest()
 
 
 @FAST
