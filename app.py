@@ -32,6 +32,7 @@ from neural_core.errors import NeuralError
 from review.controller import EXPLAIN_STEPS, OUTPUTS, ReviewController, is_noop
 from review.gallery import DEV_GALLERY, GALLERY_ENV, load_gallery
 from review.layout import CSS, HEAD, OPACITY_JS, build_layout
+from review.login_page import anonymous_page_middleware
 from review.upload_privacy import protect_uploads, stop_on_sigterm
 from review.util import warn
 
@@ -301,6 +302,8 @@ def launch_kwargs(ctrl: ReviewController) -> dict:
     if ctrl.auth_enabled:
         kw["auth"] = ctrl.authenticate
         kw["auth_message"] = "NEURAL Review: sign in with your reader account."
+        # Gradio renders the API description into the anonymous sign-in page too: emptied there
+        kw["app_kwargs"] = {"middleware": [anonymous_page_middleware()]}
     return kw
 
 
