@@ -902,7 +902,8 @@ class ReviewController:
                     import pydicom
 
                     try:
-                        evidence = pydicom.dcmread(src, stop_before_pixels=True)
+                        with open(src, "rb") as f:     # not the path: pydicom logs a path (it may name the patient)
+                            evidence = pydicom.dcmread(f, stop_before_pixels=True)
                     except Exception as exc:
                         raise ValueError(f"the source file is not readable DICOM ({exc})") from None
                     path = out_dir / f"neural_sr_annotation_{int(ann_id)}.dcm"

@@ -73,7 +73,9 @@ def dicom_windows(path: str, bit_depth: int) -> list[Window]:
     through the first. Files with a VOI LUT sequence (a non-linear curve) or without windows give none."""
     import pydicom
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    # an open file, not the path: pydicom logs a path it is given (DEBUG), and an upload's name may identify the patient
+    with open(path, "rb") as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
     if ds.get("VOILUTSequence"):
         return []
     centres, widths = _values(ds.get("WindowCenter")), _values(ds.get("WindowWidth"))
