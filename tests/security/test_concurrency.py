@@ -11,6 +11,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -101,11 +102,19 @@ def test_with_retry_backs_off_and_gives_up_only_on_lock_errors(monkeypatch):
     assert len(calls) == 1                                   # only "locked" is transient
 
 
-def _hold_write_lock(path: Path, seconds: float, started: threading.Event) -> None:
+def _hold_write_lock(path: Path, seconds: float, started: threading.Event,
+                     until: Callable[[], bool] | None = None) -> None:
+    """Hold SQLite's write lock for ``seconds`` or, with ``until``, until ``until()`` is true (at most 30 s): a
+    condition, not a duration, where a loaded machine must not change what the test sees."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     conn.execute("BEGIN IMMEDIATE")
     started.set()
-    time.sleep(seconds)
+    if until is None:
+        time.sleep(seconds)
+    else:
+        deadline = time.monotonic() + 30
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.005)
     conn.execute("COMMIT")
     conn.close()
 
@@ -137,8 +146,11 @@ def test_a_real_database_is_locked_error_is_retried(world):
         dbapi_conn.execute("PRAGMA busy_timeout = 20")
 
     started = threading.Event()
-    t = threading.Thread(target=_hold_write_lock, args=(path, 0.6, started))
     attempts = []
+    # the lock is released only once the third attempt has started, so the first two meet a real lock whatever the
+    # machine's load (a fixed 0.6 s hold could end before the first retry on a busy machine)
+    t = threading.Thread(target=_hold_write_lock, args=(path, 0.0, started),
+                         kwargs={"until": lambda: len(attempts) >= 3})
 
     def unit():
         attempts.append(time.monotonic())
