@@ -1,7 +1,6 @@
 """The pneumonia classifier: a typed message-passing network over the fused image + report graph."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,9 +11,7 @@ from torch_geometric.data import Data
 from torch_geometric.nn import RGCNConv, global_max_pool, global_mean_pool
 
 from neural_core.config import ClassifierConfig
-from neural_core.errors import ModelLoadError
 from neural_core.models.patch_encoder import PatchEncoder
-from neural_core.utils import atomic_write
 
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier_config.json"
@@ -251,17 +248,10 @@ class NeuralClassifier(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, fp16: bool = False) -> Path:
         """Write ``classifier.safetensors`` (float16 weights when ``fp16``) and ``classifier_config.json`` to
         ``directory`` (created if needed; each file written atomically). Returns the directory."""
-        from safetensors.torch import save_file
+        from .weights_io import save_model_dir
 
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        dtype = torch.float16 if fp16 else torch.float32
-        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-                 for k, v in self.state_dict().items()}
-        config = {"model_type": MODEL_TYPE, "dtype": "float16" if fp16 else "float32", **self.cfg.to_dict()}
-        atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
-        return d
+        return save_model_dir(self, directory, weights=WEIGHTS_NAME, config_name=CONFIG_NAME, model_type=MODEL_TYPE,
+                              config=self.cfg.to_dict(), fp16=fp16)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu"
@@ -272,29 +262,8 @@ class NeuralClassifier(nn.Module):
             ModelLoadError: a file is missing or unreadable, the configuration is not a classifier's, or the weights
                 do not fit it.
         """
-        from safetensors.torch import load_file
+        from .weights_io import load_model_dir
 
-        d = Path(directory)
-        wpath, cpath = d / WEIGHTS_NAME, d / CONFIG_NAME
-        for p in (cpath, wpath):
-            if not p.is_file():
-                raise ModelLoadError(f"classifier model directory {d} has no {p.name}")
-        try:
-            raw = json.loads(cpath.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"unreadable {cpath.name}: {exc}") from None
-        if not isinstance(raw, dict) or raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-            raise ModelLoadError(f"{cpath.name} does not describe a {MODEL_TYPE}")
-        try:
-            model = cls(ClassifierConfig.from_dict(raw))
-        except (TypeError, ValueError) as exc:
-            raise ModelLoadError(f"incompatible classifier configuration in {cpath.name}: {exc}") from None
-        try:
-            state = load_file(str(wpath), device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-            raise ModelLoadError(f"unreadable {wpath.name}: {exc}") from None
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"weights in {wpath.name} do not fit the configuration: {exc}") from None
-        return model.to(map_location).eval()
+        return load_model_dir(directory, weights=WEIGHTS_NAME, config_name=CONFIG_NAME, model_type=MODEL_TYPE,
+                              build=lambda raw: cls(ClassifierConfig.from_dict(raw)), what="classifier model",
+                              map_location=map_location, type_optional=True)

@@ -24,9 +24,7 @@ differently windowed files of the same anatomy give the same input.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neural_core.errors import ModelLoadError
 
 __all__ = ["CHANNELS", "ZONES", "LungConfig", "LungModel", "LungFields", "lung_fields", "zone_map",
            "patch_lung_fraction", "patch_zone_fractions", "lung_baseline_scores", "lung_gate", "peak_zone",
@@ -234,19 +231,12 @@ class LungModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, fp16: bool = True) -> Path:
         """Write ``lung.safetensors`` (float16 by default: the model is shipped) and ``lung_config.json`` to
         ``directory`` (created if needed; each file written atomically). Returns the directory."""
-        from safetensors.torch import save_file
+        from .weights_io import save_model_dir
 
         if getattr(self, "_fused", False):
             raise ValueError("this is a for_inference() copy with folded BatchNorm; save the original model")
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        dtype = torch.float16 if fp16 else torch.float32
-        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-                 for k, v in self.state_dict().items()}
-        config = {"model_type": MODEL_TYPE, "dtype": "float16" if fp16 else "float32", **self.cfg.to_dict()}
-        _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
-        return d
+        return save_model_dir(self, directory, weights=WEIGHTS_NAME, config_name=CONFIG_NAME, model_type=MODEL_TYPE,
+                              config=self.cfg.to_dict(), fp16=fp16)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu"
@@ -257,45 +247,13 @@ class LungModel(nn.Module):
             ModelLoadError: a file is missing or unreadable, the configuration is not a lung model's, or the
                 weights do not fit it.
         """
-        from safetensors.torch import load_file
+        from .weights_io import load_model_dir
 
-        d = Path(directory)
-        wpath, cpath = d / WEIGHTS_NAME, d / CONFIG_NAME
-        for p in (cpath, wpath):
-            if not p.is_file():
-                raise ModelLoadError(f"lung model directory {d} has no {p.name}")
-        try:
-            raw = json.loads(cpath.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"unreadable {cpath.name}: {exc}") from None
-        if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
-            raise ModelLoadError(f"{cpath.name} does not describe a {MODEL_TYPE}")
-        try:
-            model = cls(LungConfig.from_dict(raw))
-        except (TypeError, ValueError) as exc:
-            raise ModelLoadError(f"incompatible lung model configuration in {cpath.name}: {exc}") from None
-        try:
-            state = load_file(str(wpath), device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-            raise ModelLoadError(f"unreadable {wpath.name}: {exc}") from None
-        try:
-            state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"weights in {wpath.name} do not fit the configuration: {exc}") from None
-        return model.to(map_location).eval()
+        return load_model_dir(directory, weights=WEIGHTS_NAME, config_name=CONFIG_NAME, model_type=MODEL_TYPE,
+                              build=lambda raw: cls(LungConfig.from_dict(raw)), what="lung model",
+                              map_location=map_location)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------ inference
