@@ -127,9 +127,11 @@ def test_the_page_is_only_the_login_form_until_signed_in(auth_app):
     anon = httpx.get(auth_app.url, timeout=10)
     assert anon.status_code == 200 and "auth_required" in anon.text
     assert "submit-btn" not in anon.text and "Your verdict" not in anon.text
+    assert "/reprune" not in anon.text and "named_endpoints" in anon.text      # Gradio's API description: emptied
     raw = _login(auth_app, "alice")
     page = raw.http.get("/")
     assert "submit-btn" in page.text
+    assert "/reprune" in page.text          # a signed-in reader still gets the API description ("Use via API")
     assert raw.http.get("/config").status_code == 200
     raw.close()
 
@@ -332,3 +334,18 @@ def test_launch_kwargs_wire_the_database_login(auth_app, open_ctrl):
     assert kw["max_file_size"] == auth_app.ctrl.pipeline.limits.max_upload_bytes
     assert "auth" not in app.launch_kwargs(open_ctrl)
     assert "share" not in kw and "server_name" not in kw           # main() decides, with safe defaults
+
+
+def test_only_a_sign_in_page_loses_its_api_description():
+    from review.login_page import EMPTY_API_INFO, strip_api_info
+
+    def page(config: str) -> bytes:
+        return (b"<script>window.gradio_config = " + config.encode() + b";</script>"
+                b'<script>window.gradio_api_info = {"named_endpoints":{"/submit":{}}};</script><p>x</p>')
+
+    anon = strip_api_info(page('{"auth_required":true,"components":[]}'))
+    assert b"/submit" not in anon and EMPTY_API_INFO in anon and anon.endswith(b"</script><p>x</p>")
+    signed_in = page('{"components":[{"id":1}],"username":"alice"}')
+    assert strip_api_info(signed_in) == signed_in
+    assert b"/submit" not in strip_api_info(page("{not json"))          # unreadable config: treated as sign-in
+    assert strip_api_info(b"<html>no config</html>") == b"<html>no config</html>"
