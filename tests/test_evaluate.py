@@ -360,3 +360,17 @@ def test_cnn_bundle_reports_the_transfer_baseline_beside_neural(tiny, tmp_path):
     assert all(0.0 < p < 1.0 for p in probs) and len(set(probs)) > 1
     md = write_outputs(res, cfg.out)["md"].read_text()
     assert "transfer baseline" in md
+
+
+def test_calibration_rows_brier_and_reliability_from_per_study_probabilities():
+    from neural_core.eval.calibration import calibration_rows, render
+
+    # 10 studies, image-only: perfectly separated and confident -> Brier near 0; the baseline always says 0.5
+    per = [{"label": i % 2, "baseline": 0.5,
+            "keeps": {"1": {"image_only": 0.95 if i % 2 else 0.05}}} for i in range(10)]
+    rows = {r["condition"]: r for r in calibration_rows({"per_study": per}, bins=5)}
+    assert rows["image_only"]["brier"] == pytest.approx(0.0025)
+    assert rows["baseline"]["brier"] == pytest.approx(0.25)
+    assert [c[2] for c in rows["image_only"]["curve"]] == [5, 5]          # two non-empty bins, 5 studies each
+    assert rows["image_only"]["curve"][1][1] == 1.0 and rows["image_only"]["curve"][0][1] == 0.0
+    assert "| image_only | 1 | 10 | 0.003 |" in render(list(rows.values()))
