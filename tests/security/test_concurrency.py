@@ -229,10 +229,12 @@ def _result_with_resend(job, resend, attempts: int = 3):
     sends it again; the app's content-derived idempotency token makes the resend safe (at most one row)."""
     from concurrent.futures import CancelledError
 
+    import httpx
+
     for _ in range(attempts - 1):
         try:
             return job.result(timeout=600)
-        except CancelledError:
+        except (CancelledError, httpx.ReadTimeout):   # the event stream dropped: never acknowledged, so resent
             job = resend()
     return job.result(timeout=600)
 
@@ -283,7 +285,9 @@ def test_eight_readers_submit_fifty_annotations_each_at_once_through_the_app(tmp
         user = f"reader{i}"
         try:
             c = app.client(auth=(user, pw[user]))
-            c.predict(handle_file(str(images[i])), "", True, "keep", 0.1, 0.5, api_name="/analyze")
+            _result_with_resend(c.submit(handle_file(str(images[i])), "", True, "keep", 0.1, 0.5, api_name="/analyze"),
+                                lambda: c.submit(handle_file(str(images[i])), "", True, "keep", 0.1, 0.5,
+                                                 api_name="/analyze"))
             barrier.wait(600)
             def send(j):
                 return c.submit("agree" if j % 3 else "partly", 1 + j % 5, f"{user}-n{j}", api_name="/submit")
