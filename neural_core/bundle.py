@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ClassifierConfig, ReportModelConfig, small_report_config
+from .config import ClassifierConfig, ReportModelConfig, SalienceConfig, small_report_config
 from .errors import ModelLoadError
 from .models.classifier import NeuralClassifier
 from .models.report_model import ReportModel
@@ -67,6 +67,11 @@ class ModelBundle:
         if unknown:
             raise ValueError(f"unknown classifier name(s) {sorted(unknown)}; the registry holds {CLASSIFIER_NAMES}")
         self.classifiers = {k: v for k, v in dict(self.classifiers).items() if v is not None}
+
+    @property
+    def salience(self) -> SalienceConfig:
+        """The salience method this bundle's heatmaps use (``model.json`` ``"salience"``; default: all tokens)."""
+        return SalienceConfig.from_dict(self.info.get("salience"))
 
     @property
     def trained(self) -> bool:

@@ -196,8 +196,33 @@ class ClassifierConfig:
 
 @dataclass
 class SalienceConfig:
+    """How cross-attention becomes one map per image. Stored in a bundle's ``model.json`` under ``"salience"``
+    (chosen by ``neural validate-salience --choose``); every caller reads it from :attr:`ModelBundle.salience`."""
+
+    method: str = "attention"               # attention (all report tokens) | entity | gradient; see neural_core.salience
     layers: tuple[int, ...] | None = None   # decoder layers to aggregate; None = all
     head_reduce: str = "mean"               # mean | max
+    chosen_by: str = ""                     # provenance: how this setting was chosen (shown with the heatmap)
+
+    def label(self) -> str:
+        """Plain words for the reader: which map the heatmap shows."""
+        what = {"attention": "cross-attention over all report words",
+                "entity": "cross-attention over the report's finding words",
+                "gradient": "gradient-weighted cross-attention (Chefer et al. 2021)"}.get(self.method, self.method)
+        layers = "all decoder layers" if self.layers is None else "decoder layer(s) " + ",".join(map(str, self.layers))
+        return f"{what}, {layers}, heads {self.head_reduce}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SalienceConfig":
+        d = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__}
+        if d.get("layers") is not None:
+            d["layers"] = tuple(int(i) for i in d["layers"])
+        return cls(**d)
 
 
 #: The limits every loader uses unless given others: the defaults above, overridden by NEURAL_MAX_UPLOAD_MB,

@@ -228,7 +228,8 @@ class Pipeline:
         if todo:
             t0 = time.perf_counter()
             sals = stages.salience(self.bundle.report_model, self.bundle.tokenizer, [xrays[i].pixels for i in todo],
-                                   [reports[i] for i in todo], batch=len(todo), num_beams=num_beams)
+                                   [reports[i] for i in todo], batch=len(todo), num_beams=num_beams,
+                                   cfg=self.bundle.salience)
             share = (time.perf_counter() - t0) / len(todo)
             for i, sal in zip(todo, sals):
                 out = VLMOutput(xrays[i], sal, share)

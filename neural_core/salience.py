@@ -33,6 +33,7 @@ class SalienceResult:
     report_source: str          # "given" | "generated"
     layers: tuple[int, ...]
     raw_map: np.ndarray          # (G, G) before normalisation, sums to 1 (attention mass)
+    method: str = "attention"    # SalienceConfig.method that made it
 
 
 def normalise_map(m: np.ndarray) -> np.ndarray:
@@ -118,5 +119,5 @@ def salience_batch(model, tokenizer, pixel_values: torch.Tensor, reports: list[s
         pt = pt / np.clip(pt.sum(axis=(1, 2), keepdims=True), 1e-12, None)
         raw = maps[i].cpu().numpy()
         res.append(SalienceResult(normalise_map(raw), pt.astype(np.float32), [t for t, k in zip(toks, keep) if k],
-                                  reports[i], sources[i], layers, raw.astype(np.float32)))
+                                  reports[i], sources[i], layers, raw.astype(np.float32), cfg.method))
     return res

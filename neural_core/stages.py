@@ -74,7 +74,7 @@ def _device(model):
 
 
 def salience(report_model, tokenizer, images: Sequence[np.ndarray], reports: Sequence[str | None], *,
-             batch: int = 16, num_beams: int = 1) -> list[SalienceResult]:
+             batch: int = 16, num_beams: int = 1, cfg=None) -> list[SalienceResult]:
     """Cross-attention salience of every image, ``batch`` images per report-model pass (one encoder batch, one
     batched ``generate`` for the images whose report is ``None`` or blank).
 
@@ -85,6 +85,7 @@ def salience(report_model, tokenizer, images: Sequence[np.ndarray], reports: Seq
         reports: the report of each image, or ``None`` (the model writes one, ``report_source="generated"``).
         batch: images per pass.
         num_beams: beam size of the generation.
+        cfg: the :class:`~neural_core.config.SalienceConfig` (callers pass ``bundle.salience``); None = default.
 
     *Shapes*: ``images`` :math:`B \times (H_i, W_i)` -> :math:`B` results with ``token_map`` :math:`(G, G)`.
     """
@@ -99,7 +100,8 @@ def salience(report_model, tokenizer, images: Sequence[np.ndarray], reports: Seq
     out: list = []
     for i, j, x in _batches(report_model, images, batch, device):
         with torch.inference_mode(), autocast(device):
-            out += salience_batch(report_model, tokenizer, x, list(reports[i:j]), num_beams=num_beams)
+            out += salience_batch(report_model, tokenizer, x, list(reports[i:j]), num_beams=num_beams,
+                                  **({} if cfg is None else {"cfg": cfg}))
     return out
 
 

@@ -46,3 +46,15 @@ def test_normalise_map_constant_and_range():
     assert normalise_map(np.ones((3, 3))).max() == 0
     n = normalise_map(np.array([[1.0, 2.0], [3.0, 5.0]]))
     assert n.min() == 0 and n.max() == 1
+
+
+def test_salience_config_round_trips_through_the_bundle_info():
+    from neural_core.bundle import untrained_bundle
+
+    cfg = SalienceConfig(method="entity", layers=(-1,), head_reduce="max", chosen_by="validation")
+    back = SalienceConfig.from_dict(cfg.to_dict())
+    assert back == cfg and "finding words" in back.label() and "layer(s) -1" in back.label()
+    b = untrained_bundle()
+    assert b.salience == SalienceConfig()                  # no "salience" entry: the all-token default
+    b.info["salience"] = cfg.to_dict()
+    assert b.salience == cfg

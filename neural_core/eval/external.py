@@ -82,7 +82,8 @@ def run_external(bundle, data: Path, split: dict[str, str], thresholds: dict, *,
             if not xs:
                 continue
             sal = stages.salience(bundle.report_model, bundle.tokenizer,
-                                  [stages.model_input(x.pixels, size) for x, _ in xs], [None] * len(xs))
+                                  [stages.model_input(x.pixels, size) for x, _ in xs], [None] * len(xs),
+                                  cfg=bundle.salience)
             for (x, lab), s in zip(xs, sal):
                 grid = stages.study_grid(x)
                 scores = stages.score_patches(s.token_map, grid)

@@ -309,7 +309,8 @@ class Evaluator:
 
     # -- model calls ------------------------------------------------------------------------------------------------
     def salience(self, px: list[np.ndarray], reports: list[str | None]) -> list[SalienceResult]:
-        return stages.salience(self.bundle.report_model, self.bundle.tokenizer, px, reports, batch=self.cfg.batch)
+        return stages.salience(self.bundle.report_model, self.bundle.tokenizer, px, reports, batch=self.cfg.batch,
+                               cfg=self.bundle.salience)
 
     def generate(self, px: list[np.ndarray]) -> list[str]:
         return stages.generate_reports(self.bundle.report_model, self.bundle.tokenizer, px, batch=self.cfg.batch)

@@ -215,7 +215,7 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     for i in tqdm(range(0, len(items), batch), desc="salience", unit="batch", mininterval=5):
         chunk = items[i:i + batch]
         sal = stages.salience(bundle.report_model, bundle.tokenizer, [x.pixels for _, x, _ in chunk],
-                              [r["report"] for r, _, _ in chunk], batch=batch)
+                              [r["report"] for r, _, _ in chunk], batch=batch, cfg=bundle.salience)
         for (r, x, m), s in zip(chunk, sal):
             grid = stages.study_grid(x)
             scores = stages.score_patches(s.token_map, grid)
