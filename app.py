@@ -155,6 +155,13 @@ def build_app(pipeline=None, db_url: str | None = None, *, gallery: str | Path |
 
         L.opacity.change(None, L.opacity, None, js=OPACITY_JS, api_visibility="private")
 
+        def on_lung_gate(on, state):
+            return ui(ctrl.set_lung_gate(on, state))
+
+        L.lung_gate.change(on_lung_gate, [L.lung_gate, C["state"]],
+                           [C[k] for k in ("view_attention", "view_kept", "word_view", "lung_gate")],
+                           api_visibility="private", show_progress="hidden")
+
         def on_window(level_v, width_v, state):
             return ui(ctrl.set_window(level_v, width_v, state))
 

@@ -340,7 +340,9 @@ def find_or_record_analysis(session: Session, study: Study, *, kept_patches: Ite
 
     Readers of the same study, model, settings (``fields``: the :func:`record_analysis` keys other than the
     summary, kept patches and probability), kept patches, probability (within 1e-6) and image-only switch share
-    one row, so the agreement statistics, which compare readers per analysis, can compare them. ``known_id``: a
+    one row, so the agreement statistics, which compare readers per analysis, can compare them; so must the
+    heatmap they saw (``salience_summary["heatmap"]``: the salience method and whether the app's lung gate dimmed
+    it), when the caller records one. ``known_id``: a
     row id the caller remembered for this view (checked, not trusted). A new row is recorded when none matches;
     ``salience_summary`` is stored with it (``image_only`` is added to it).
     """
@@ -360,9 +362,11 @@ def find_or_record_analysis(session: Session, study: Study, *, kept_patches: Ite
     cols = {k: getattr(Analysis, k) for k in fields}
     q = select(Analysis).where(Analysis.study_id == study.id,
                                *[cols[k] == v if v is not None else cols[k].is_(None) for k, v in fields.items()])
+    heatmap = (salience_summary or {}).get("heatmap")   # which map the reader saw (method, lung gate)
     for row in session.scalars(q.order_by(Analysis.id)):
         if normalize_patches(row.kept_patches or []) == kept and same_probability(row.probability) and \
-                bool((row.salience_summary or {}).get("image_only")) == bool(image_only):
+                bool((row.salience_summary or {}).get("image_only")) == bool(image_only) and \
+                (row.salience_summary or {}).get("heatmap") == heatmap:
             return row
     summary = dict(salience_summary or {})
     summary["image_only"] = bool(image_only)

@@ -37,7 +37,8 @@ CSV_COLUMNS = ["annotation_id", "created_at", "is_current", "reader_id", "reader
                "display_name", "source_format", "height", "width", "was_dicom", "analysis_id", "model_version",
                "keep", "tau", "top_k", "patch_size", "rows", "cols", "probability", "report_source", "n_kept",
                "kept_patches", "top_patch", "verdict", "confidence", "comment", "missed_patches",
-               "irrelevant_patches", "time_spent_s", "campaign_item_id"]
+               "irrelevant_patches", "time_spent_s", "campaign_item_id", "salience_method", "salience_chosen_by",
+               "lung_gate"]
 
 
 def require_admin(requester: Reader | None) -> None:
@@ -102,10 +103,19 @@ def export_csv(session: Session, requester: Reader, path: str | os.PathLike | No
             "missed_patches": json.dumps(ann.missed_patches or []),
             "irrelevant_patches": json.dumps(ann.irrelevant_patches or []),
             "time_spent_s": ann.time_spent_s, "campaign_item_id": ann.campaign_item_id,
+            **_heatmap_cells(an),
         })
     text = buf.getvalue()
     _write(path, text)
     return text
+
+
+def _heatmap_cells(an: Analysis) -> dict:
+    """The heatmap the reader saw (``salience_summary["heatmap"]``, recorded by the app); empty for older rows."""
+    hm = (an.salience_summary or {}).get("heatmap") or {}
+    return {"salience_method": _cell(str(hm.get("method", ""))),
+            "salience_chosen_by": _cell(str(hm.get("chosen_by", ""))),
+            "lung_gate": "" if "lung_gate" not in hm else bool(hm["lung_gate"])}
 
 
 def annotations_dataframe(session: Session, requester: Reader, include_history: bool = True):

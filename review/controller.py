@@ -38,6 +38,7 @@ from . import render
 from .editor import brush_mask, editor_composite
 from .figures import analytics_view, graph_view
 from .gallery import GalleryEntry
+from .lung_gate import LungGate
 from .util import esc, gr_error, noop_progress, path_of, warn
 from .windowing import Window, from_level_width, presets
 
@@ -89,6 +90,8 @@ class ReviewState:
     words: Any = None               # review.render.Words of the report
     word: int | None = None         # the word whose attention is shown
     graph_all: bool = False         # draw every report term in the graph
+    lung_gate: bool = False         # the reader's lung-gate switch (display only; kept across studies)
+    gate_applied: bool = False      # the attention view on the page is drawn gated
     item_id: int | None = None      # campaign item being worked on
     campaign: str | None = None
     server_s: float | None = None   # server time of the last full analysis (load .. views drawn)
@@ -98,14 +101,14 @@ class ReviewState:
     last_study_key: str | None = None
 
     def reset(self) -> None:
-        keep = (self.db_analyses, self.renders, self.graph_all)
+        keep = (self.db_analyses, self.renders, self.graph_all, self.lung_gate)
         self.__init__()  # type: ignore[misc]
-        self.db_analyses, self.renders, self.graph_all = keep
+        self.db_analyses, self.renders, self.graph_all, self.lung_gate = keep
 
     def prune_key(self) -> tuple:
         a = self.analysis
         return (a.xray.meta.study_key, a.prune.mode(), a.prune.keep, a.prune.tau, a.prune.top_k, a.grid.patch,
-                a.report_source, a.image_only, a.model_version)
+                a.report_source, a.image_only, a.model_version, self.gate_applied)
 
     def nonce(self) -> str:
         self.renders += 1
@@ -151,6 +154,7 @@ class ReviewController:
         self.explain_steps = int(explain_steps)
         self.max_display_side = int(max_display_side)
         self.auth_enabled = self.auth_required()
+        self.lung = LungGate(getattr(pipeline.bundle, "lung", None))
 
     # ------------------------------------------------------------------ readers & auth
     def auth_required(self) -> bool:
@@ -497,6 +501,9 @@ class ReviewController:
         a = st.analysis
         summary = a.summary()
         summary["top_patch"] = list(a.top_patch)
+        # which map the reader saw: the salience method (and how it was chosen) and whether it was lung-gated
+        summary["heatmap"] = render.heatmap_record(self.pipeline.bundle.salience,
+                                                   getattr(a.salience, "method", None), st.gate_applied)
         if st.explanation is not None:
             e = st.explanation
             summary["attribution"] = {"image_share": e.image_share, "report_share": e.report_share,
@@ -640,10 +647,7 @@ class ReviewController:
             "view_original": render.view_html("original", "Original", st.base_uri, height=h, width=w,
                                               note=f"{esc(preset)} · scroll to zoom, drag to move, double-click "
                                                    "to reset", nonce=st.nonce()),
-            "view_attention": render.view_html(
-                "attention", "Attention", st.base_uri, height=h, width=w,
-                heat_uri=render.png_uri(render.heat_layer(a.salience.token_map, h, w)),
-                note="where the report model looked while reading the report", nonce=st.nonce()),
+            "view_attention": self._attention_view(st),
         }
         if kept:
             out["view_kept"] = self._kept_view(st)
@@ -654,9 +658,70 @@ class ReviewController:
         h, w = a.xray.meta.height, a.xray.meta.width
         kept = viz.retained_patches(a.artifact, context=True, max_side=self.max_display_side, window=st.window)
         marks = render.outlines_svg(render.attribution_outlines(a, st.explanation), a.grid, h, w)
+        note = render.kept_note(a, gated=st.lung_gate and self.lung.available)
         return render.view_html("kept", "Kept by the model", render.jpeg_uri(kept[:, :, 0]), height=h, width=w,
-                                marks=marks, note=render.kept_note(a) + (" · numbered: what drove the score"
-                                                                         if marks else ""), nonce=st.nonce())
+                                marks=marks, note=note + (" · numbered: what drove the score" if marks else ""),
+                                nonce=st.nonce())
+
+    # ------------------------------------------------------------------ heatmaps (which map, optional lung gate)
+    def heatmap_label(self, st: ReviewState) -> str:
+        """Which map the heatmaps are: the bundle's salience method and how it was chosen."""
+        return render.salience_label(self.pipeline.bundle.salience, getattr(st.analysis.salience, "method", None))
+
+    def _shown_map(self, st: ReviewState, score_map: np.ndarray) -> tuple[np.ndarray, bool, str]:
+        """The map to draw: gated when the reader's switch is on and the lung model gives lung fields; else the
+        model's own. Returns ``(map, gated, why not gated)``."""
+        if not st.lung_gate:
+            return score_map, False, ""
+        g = self.lung.gate(score_map, st.analysis.xray)
+        return (score_map, False, g.reason) if g.map is None else (g.map, True, "")
+
+    def _attention_view(self, st: ReviewState) -> str:
+        a = st.analysis
+        h, w = a.xray.meta.height, a.xray.meta.width
+        shown, gated, why = self._shown_map(st, a.salience.token_map)
+        st.gate_applied = gated
+        return render.view_html(
+            "attention", "Attention · lung-gated" if gated else "Attention", st.base_uri, height=h, width=w,
+            heat_uri=render.png_uri(render.heat_layer(shown, h, w)),
+            note=render.heatmap_note(self.heatmap_label(st), "where the report model looked while reading the "
+                                     "report", gated=gated, gate_reason=why), nonce=st.nonce())
+
+    def lung_gate_control(self) -> dict:
+        """The lung-gate switch's settings (``gr.Checkbox`` keywords): shown only when the bundle has a lung
+        model, off, and disabled with the reason when the lung model failed."""
+        info = "dims salience outside the lung fields — the ungated map is the model's own"
+        if self.lung.present and not self.lung.available:
+            info = f"unavailable: {self.lung.reason}"
+        return {"visible": self.lung.present, "interactive": self.lung.available, "info": info}
+
+    def set_lung_gate(self, on: Any, state: ReviewState | None):
+        """The *Lung gate* switch: redraw the heatmaps (and the kept view's note) gated or ungated from the cached
+        analysis and the study's cached lung fields; the report model, the kept regions and the score do not
+        change. No analysis yet, or nothing changes -> ``gr.skip()`` (the switch is remembered for the next
+        study). No usable lung model -> the switch is turned off and disabled, with the reason."""
+        on = bool(on)
+        st = state if isinstance(state, ReviewState) else None
+        if not self.lung.available:
+            if st is not None:
+                st.lung_gate = False
+            if not on:
+                return gr.skip()
+            warn(f"Lung gate unavailable: {self.lung.reason}.")
+            return {"lung_gate": gr.update(value=False, **self.lung_gate_control())}
+        if st is None or st.lung_gate == on:
+            return gr.skip()
+        st.lung_gate = on
+        if st.analysis is None:
+            return gr.skip()
+        out = {"view_attention": self._attention_view(st), "view_kept": self._kept_view(st)}
+        if st.words is not None and st.words.text:
+            out["word_view"] = self._word_view(st, st.word)
+        if not self.lung.available:           # the lung model failed just now: the map is shown ungated
+            st.lung_gate = False
+            warn(f"Lung gate unavailable: {self.lung.reason}.")
+            out["lung_gate"] = gr.update(value=False, **self.lung_gate_control())
+        return out
 
     def _word_view(self, st: ReviewState, i: int | None) -> str:
         a = st.analysis
@@ -664,9 +729,12 @@ class ReviewController:
         if i is None or st.words is None or not 0 <= i < len(st.words):
             return render.empty_view("word", "Attention of one word", "The report has no words to show.")
         word = st.words.text[i].strip()
-        return render.view_html("word", f"Attention of “{word}”", st.base_uri, height=h, width=w,
-                                heat_uri=render.png_uri(render.heat_layer(st.words.maps[i], h, w)),
-                                note="where the report model looked while reading this word", nonce=st.nonce())
+        shown, gated, why = self._shown_map(st, st.words.maps[i])
+        return render.view_html("word", f"Attention of “{word}”" + (" · lung-gated" if gated else ""), st.base_uri,
+                                height=h, width=w, heat_uri=render.png_uri(render.heat_layer(shown, h, w)),
+                                note=render.heatmap_note(self.heatmap_label(st), "where the report model looked "
+                                                         "while reading this word", gated=gated, gate_reason=why),
+                                nonce=st.nonce())
 
     def _banner(self, st: ReviewState) -> str:
         a = st.analysis

@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from . import render
+from .controller import ReviewState
 from .editor import BRUSH_HEX
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -43,7 +44,9 @@ def build_layout(ctrl) -> SimpleNamespace:
         who = gr.Markdown(ctrl.whoami(None), elem_id="whoami")
     C["banner"] = gr.Markdown("Pick an example or upload a study, then press **Analyze**.", elem_id="analysis-banner")
     gr.HTML("<span id='nr-wait'></span>", elem_id="nr-wait-box", padding=False)
-    C["state"] = gr.State(None, time_to_live=4 * 3600)   # a session's study is dropped after 4 idle hours
+    # a session's study is dropped after 4 idle hours; a fresh state from the start, so switches set before the
+    # first analysis (the lung gate) are remembered (Gradio deep-copies the value per session)
+    C["state"] = gr.State(ReviewState(), time_to_live=4 * 3600)
     with gr.Tabs(selected="review") as tabs:
         C["tabs"] = tabs
         # ---------------------------------------------------------------- Review
@@ -95,6 +98,9 @@ def build_layout(ctrl) -> SimpleNamespace:
                                             elem_id="tau-slider")
                             image_only = gr.Checkbox(label="Image only (score without the report)", value=False,
                                                      elem_id="image-only")
+                            # optional, off by default; display only (kept regions and score never change)
+                            C["lung_gate"] = gr.Checkbox(label="Lung gate (lung model)", value=False,
+                                                         elem_id="lung-gate", **ctrl.lung_gate_control())
                 with gr.Column(scale=3, min_width=260, elem_id="verdict-col"):
                     C["pred_md"] = gr.Markdown("No prediction yet.", elem_id="prediction")
                     verdict = gr.Radio(VERDICT_CHOICES, label="Your verdict on the attention and the score",
@@ -203,4 +209,4 @@ def build_layout(ctrl) -> SimpleNamespace:
         submit_btn=submit_btn, wl_refresh=wl_refresh, next_btn=next_btn, skip_btn=skip_btn, imp_name=imp_name,
         imp_path=imp_path, imp_file=imp_file, imp_btn=imp_btn, analytics_tab=analytics_tab, an_btn=an_btn,
         exports_tab=exports_tab, ex_csv=ex_csv, ex_ls=ex_ls, ex_coco=ex_coco, sr_dicom=sr_dicom, ex_sr=ex_sr,
-        api_trigger=api_trigger)
+        api_trigger=api_trigger, lung_gate=C["lung_gate"])

@@ -324,8 +324,54 @@ def setting_words(prune) -> str:
     return f"the top {prune.keep:.0%} of regions"
 
 
-def kept_note(a) -> str:
-    return f"{int(a.mask.sum())} of {a.mask.size} regions kept ({setting_words(a.prune)})"
+def kept_note(a, gated: bool = False) -> str:
+    note = f"{int(a.mask.sum())} of {a.mask.size} regions kept ({setting_words(a.prune)})"
+    return note + (" · chosen by the model's own, ungated map (the lung gate changes the display only)"
+                   if gated else "")
+
+
+# ------------------------------------------------------------------------------------------------ which heatmap
+
+def salience_provenance(cfg) -> str:
+    """How the bundle's salience setting was chosen, in plain words (``SalienceConfig.chosen_by``)."""
+    by = str(getattr(cfg, "chosen_by", "") or "").strip()
+    if not by:
+        return "default, not chosen by validation"
+    return by if by.lower().startswith("chosen") else f"chosen by {by}"
+
+
+def salience_label(cfg, method_used: str | None = None) -> str:
+    """Which map the heatmap is: the method's plain words (``SalienceConfig.label()``) and how it was chosen.
+    ``method_used``: ``SalienceResult.method`` of the map shown; should it differ from the bundle's setting, the
+    label names the method that made the map."""
+    if method_used and method_used != cfg.method:
+        shown = type(cfg)(method=method_used, layers=cfg.layers, head_reduce=cfg.head_reduce)
+        return f"{shown.label()} (not the bundle's setting, {cfg.method}, {salience_provenance(cfg)})"
+    return f"{cfg.label()} ({salience_provenance(cfg)})"
+
+
+GATE_WORDS = ("LUNG-GATED (lung model): salience outside the lung fields is dimmed; the ungated map is the "
+              "model's own")
+
+
+def heatmap_note(label: str, what: str, *, gated: bool = False, gate_reason: str = "") -> str:
+    """The line under a heatmap (HTML): which map it is (``label``, see :func:`salience_label`), what it shows,
+    and, when the lung gate is on, that the map is gated (or why it is shown ungated)."""
+    parts = [f"Map: {html.escape(label)}", html.escape(what)]
+    if gated:
+        parts.append(f"<b>{html.escape(GATE_WORDS)}</b>")
+    elif gate_reason:
+        parts.append(html.escape(f"lung gate on, but shown ungated: {gate_reason}"))
+    return " · ".join(parts)
+
+
+def heatmap_record(cfg, method_used: str | None, gated: bool) -> dict:
+    """What the database keeps about the heatmap a reader saw (``salience_summary["heatmap"]``)."""
+    d = cfg.to_dict()
+    d["method"] = method_used or cfg.method
+    d["label"] = salience_label(cfg, method_used)
+    d["lung_gate"] = bool(gated)
+    return d
 
 
 def corrections_md(a, missed: set, irrelevant: set) -> str:
