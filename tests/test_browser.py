@@ -1,5 +1,6 @@
 """End to end in a real browser: ``python app.py`` (tiny untrained bundle, open mode) driven by headless Debian
 Chromium at 1366 x 768 the way a reader works: pick an example, look at the first view, move the keep slider,
+switch the lung gate on and off (when the bundle has a lung model),
 switch the correction mode, upload a study with a report, analyse it, answer with the keyboard, submit and land on
 the next study with a fresh form. Every step fails on an "Error" badge or toast and on a field left over from the
 previous study.
@@ -192,6 +193,13 @@ def test_reading_flow_in_chromium(tiny_bundle_dir, tmp_path):
     from selenium.webdriver.common.by import By
 
     model_dir = Path(os.environ.get("NEURAL_BROWSER_MODEL") or tiny_bundle_dir)
+    shipped_lung = ROOT / "assets" / "default_model" / "lung"
+    if not (model_dir / "lung").is_dir() and shipped_lung.is_dir():
+        # the tiny bundle plus the shipped lung model, so the page offers the lung gate (step 3b)
+        with_lung = tmp_path / "bundle-with-lung"
+        shutil.copytree(model_dir, with_lung)
+        shutil.copytree(shipped_lung, with_lung / "lung")
+        model_dir = with_lung
     app = AppServer(model_dir, tmp_path)
     driver = None
     try:
@@ -250,6 +258,20 @@ def test_reading_flow_in_chromium(tiny_bundle_dir, tmp_path):
         driver.execute_script(SET_SLIDER_JS, "#keep-slider", 0.3)
         w.check("keep slider to 0.3 again")
         assert w.nonce("kept") == now, "the same keep value drew the kept view again"
+
+        # 3b. the optional lung gate (More settings): the heatmap is redrawn and labelled gated, then back
+        if (model_dir / "lung").is_dir():
+            w.click(driver.find_element(By.XPATH, "//button[contains(., 'More settings')]"))
+            time.sleep(0.5)
+            kept = w.nonce("kept")
+            for on in (True, False):
+                old = w.nonce("attention")
+                w.click(w.css("#lung-gate input[type=checkbox]"))
+                w.new_picture("attention", old, f"the attention view with the lung gate {'on' if on else 'off'}")
+                w.check(f"lung gate {'on' if on else 'off'}")
+                note = w.css("#view-attention .nr-view").text
+                assert "Map: " in note and (("LUNG-GATED" in note) == on or "shown ungated" in note), note
+            assert w.nonce("kept") != kept and "regions kept" in w.css("#view-kept .nr-view").text
 
         # 4. the correction mode switch blanks nothing
         w.click(driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Correct the kept regions')]"))
