@@ -342,8 +342,8 @@ def find_or_record_analysis(session: Session, study: Study, *, kept_patches: Ite
     summary, kept patches and probability), kept patches, probability (within 1e-6) and image-only switch share
     one row, so the agreement statistics, which compare readers per analysis, can compare them; so must the
     heatmap they saw (``salience_summary["heatmap"]``: the salience method and whether the app's lung gate dimmed
-    it), when the caller records one. ``known_id``: a
-    row id the caller remembered for this view (checked, not trusted). A new row is recorded when none matches;
+    it), when the caller records one. ``known_id``: a row id the caller remembered for this view (checked, not
+    trusted). A new row is recorded when none matches;
     ``salience_summary`` is stored with it (``image_only`` is added to it).
     """
     unknown = set(fields) - set(_SHARED_KEYS)
