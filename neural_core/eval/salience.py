@@ -200,6 +200,10 @@ def region_measures(scores: np.ndarray, ctx: dict) -> dict:
     """Every keep-independent measure of one scorer on one image (see the module docstring); ``ctx`` holds the
     image's patch counts (``counts``, ``border``, ``lung``, ``circle``), ``grid``, ``pzones`` and ``named``."""
     g = ctx["grid"]
+    scores = np.asarray(scores, np.float64)
+    lo, hi = float(scores.min()), float(scores.max())
+    # masses need a non-negative map: every scorer is min-max normalised, as score_patches does for salience
+    scores = (scores - lo) / (hi - lo) if hi - lo > 1e-12 else np.ones_like(scores)
     out = {"pointing": pointing_hit(scores, ctx["counts"]),
            "mass_in_mask": salience_mass_in_mask(scores, ctx["counts"], g),
            "border_mass": salience_mass_in_mask(scores, ctx["border"], g),
@@ -658,14 +662,16 @@ def write_outputs(res: dict, out: str | Path) -> tuple[Path, Path]:
 
 def add_arguments(p) -> None:
     p.add_argument("manifest", nargs="+", help="CSV(s) with image,mask[,label][,report][,x,y,diameter_px] (paths "
-                   "relative to the CSV allowed); with --choose these are the validation sets")
+                   "relative to the CSV allowed); with --choose these are the validation sets. A saved "
+                   "salience_results.json is reused as it is (all its runs), not scored again")
     p.add_argument("--model", default=None, help="model bundle directory (default: assets/default_model)")
     p.add_argument("--out", default="salience_out", help="output folder (default: salience_out/)")
     p.add_argument("--keeps", default=",".join(fmt_keep(k) for k in DEFAULT_KEEPS))
     p.add_argument("--methods", default="bundle", help="salience variants to score: 'bundle' (the bundle's setting; "
                    "default), 'all' (every method x layer x head reduction) or methods, e.g. 'entity,gradient'")
     p.add_argument("--test", nargs="+", default=[], metavar="MANIFEST",
-                   help="test manifests: scored and reported separately, never used by --choose")
+                   help="test manifests (or saved salience_results.json files): scored and reported "
+                   "separately, never used by --choose")
     p.add_argument("--choose", action="store_true", help="rank the variants on the validation manifests ("
                    + OBJECTIVE + "; tie-break zone agreement)")
     p.add_argument("--write-bundle", default=None, metavar="DIR",
@@ -682,9 +688,24 @@ def cmd_validate_salience(a) -> int:
     if a.write_bundle and not a.choose:
         raise NeuralError("--write-bundle needs --choose")
     keeps = parse_keeps(a.keeps)
-    bundle = load_bundle(a.model, device=a.device)
-    kw = dict(bundle=bundle, keeps=keeps, seed=a.seed, draws=a.draws, batch=a.batch, methods=a.methods)
-    out = {"validation": [validate(m, **kw) for m in a.manifest], "test": [validate(m, **kw) for m in a.test]}
+    kw = dict(keeps=keeps, seed=a.seed, draws=a.draws, batch=a.batch, methods=a.methods)
+    if any(not str(m).lower().endswith(".json") for m in list(a.manifest) + list(a.test)):
+        kw["bundle"] = load_bundle(a.model, device=a.device)
+
+    def run(paths, part):
+        res = []
+        for m in paths:
+            if str(m).lower().endswith(".json"):      # a saved salience_results.json: reuse, do not re-score
+                try:
+                    saved = json.loads(Path(m).read_text())
+                    res += saved["validation"] + saved.get("test", [])
+                except (OSError, ValueError, KeyError, TypeError) as err:
+                    raise NeuralError(f"{m} is not a salience_results.json: {err}") from None
+            else:
+                res.append(validate(m, **kw))
+        return res
+
+    out = {"validation": run(a.manifest, "validation"), "test": run(a.test, "test")}
     if a.choose:
         cfg, ranked = chosen_config([r for r in out["validation"] if r["n_images"]])
         out["choice"] = {"objective": OBJECTIVE, "winner": ranked[0]["variant"], "config": cfg.to_dict(),
