@@ -511,6 +511,13 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
 OBJECTIVE = "mean over the validation manifests of (mass in mask + pointing game) / 2"
 
 
+def objective(results: list[dict], name: str) -> tuple[float, float]:
+    """(:data:`OBJECTIVE`, mean zone agreement) of scorer ``name`` (a variant or a baseline) over ``results``."""
+    rows = [r["scorers"][name] for r in results if name in r["scorers"]]
+    obj = _mean([(s["mass_in_mask"] + s["pointing"]) / 2.0 for s in rows if s["n"]])
+    return obj, _mean([s["zone_agreement"] for s in rows if s.get("n_zone_agreement")])
+
+
 def rank_variants(results: list[dict]) -> list[dict]:
     """Every salience variant scored on all of ``results`` (validation runs of the same variants), best first:
     ``objective`` (:data:`OBJECTIVE`), then mean ``zone_agreement`` (over the runs where any report named a zone;
@@ -520,11 +527,8 @@ def rank_variants(results: list[dict]) -> list[dict]:
     names = [n for n in results[0]["variants"] if all(n in r["scorers"] for r in results)]
     ranked = []
     for order, n in enumerate(names):
-        parts = [(r["scorers"][n]["mass_in_mask"] + r["scorers"][n]["pointing"]) / 2.0 for r in results
-                 if r["scorers"][n]["n"]]
-        zones = [r["scorers"][n]["zone_agreement"] for r in results if r["scorers"][n]["n_zone_agreement"]]
-        obj = _mean(parts)
-        ranked.append({"variant": n, "objective": obj, "zone_agreement": _mean(zones),
+        obj, zone = objective(results, n)
+        ranked.append({"variant": n, "objective": obj, "zone_agreement": zone,
                        "config": results[0]["variant_configs"][n], "order": order})
 
     def key(v):
@@ -641,9 +645,14 @@ def render_markdown(out: dict) -> str:
         L += ["## Choice", "", f"Objective: {ch['objective']}. Winner: `{ch['winner']}`"
               + (f", written to `{ch['written_to']}`." if ch.get("written_to") else " (not written: no "
                  "--write-bundle)."), "", f"chosen_by: {ch['config']['chosen_by']}", "",
-              "| rank | variant | objective | zone agreement |", "|---|---|---|---|"]
+              "| rank | variant | objective (val) | zone agreement (val) | objective (test, not used) |",
+              "|---|---|---|---|---|"]
         for i, v in enumerate(ch["ranking"], 1):
-            L.append(f"| {i} | `{v['variant']}` | {_f(v['objective'])} | {_f(v['zone_agreement'])} |")
+            L.append(f"| {i} | `{v['variant']}` | {_f(v['objective'])} | {_f(v['zone_agreement'])} "
+                     f"| {_f(v.get('test_objective'))} |")
+        for b, v in ch.get("baselines", {}).items():
+            L.append(f"| - | {_SCORER_LABEL.get(b, b)} | {_f(v['objective'])} | {_f(v['zone_agreement'])} "
+                     f"| {_f(v.get('test_objective'))} |")
     return "\n".join(L) + "\n"
 
 
@@ -708,8 +717,15 @@ def cmd_validate_salience(a) -> int:
     out = {"validation": run(a.manifest, "validation"), "test": run(a.test, "test")}
     if a.choose:
         cfg, ranked = chosen_config([r for r in out["validation"] if r["n_images"]])
+        val = [r for r in out["validation"] if r["n_images"]]
+        test = [r for r in out["test"] if r["n_images"]]
+        for v in ranked:          # reported beside the choice, never used by it
+            v["test_objective"] = objective(test, v["variant"])[0] if test else None
         out["choice"] = {"objective": OBJECTIVE, "winner": ranked[0]["variant"], "config": cfg.to_dict(),
-                         "ranking": ranked}
+                         "ranking": ranked, "baselines": {b: dict(zip(("objective", "zone_agreement"),
+                                                                      objective(val, b)))
+                                                             | {"test_objective": objective(test, b)[0] if test else None}
+                                                             for b in BASELINES}}
         if a.write_bundle:
             out["choice"]["written_to"] = str(write_choice(a.write_bundle, cfg))
     j, m = write_outputs(out, a.out)
