@@ -5,7 +5,7 @@
     neural decompress ARTIFACT --out PNG [--fill blank|context]
     neural info ARTIFACT
     neural evaluate [--quick] [--model DIR] [--out DIR] ...
-    neural validate-salience MANIFEST.csv [--model DIR] [--out DIR]
+    neural validate-salience MANIFEST.csv [MANIFEST ...] [--model DIR] [--out DIR] [--methods all] [--choose]
 
 Training is not a sub-command: ``python -m neural_core.train.stage1`` / ``python -m neural_core.train.stage2``.
 
@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_run.add_arguments(p)
     p.set_defaults(fn=eval_run.cmd_evaluate)
 
-    p = sub.add_parser("validate-salience", help="salience vs hand-drawn masks: recall of kept patches, pointing "
-                       "game, random and lung-field baselines")
+    p = sub.add_parser("validate-salience", help="salience vs hand-drawn masks: every salience variant and baseline "
+                       "(recall of kept patches, pointing game, border / outside-lung mass, zone agreement, nodule "
+                       "check); --choose picks the variant by validation")
     eval_salience.add_arguments(p)
     p.set_defaults(fn=eval_salience.cmd_validate_salience)
     return ap

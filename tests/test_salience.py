@@ -58,3 +58,159 @@ def test_salience_config_round_trips_through_the_bundle_info():
     assert b.salience == SalienceConfig()                  # no "salience" entry: the all-token default
     b.info["salience"] = cfg.to_dict()
     assert b.salience == cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods: entity tokens, gradient relevance, variants
+# ----------------------------------------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from neural_core.salience import (SALIENCE_METHODS, finding_token_mask, gradient_relevance,  # noqa: E402
+                                  salience_variants, variant_grid)
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_model" / "report" / "tokenizer"
+
+
+def test_finding_token_mask_overlap_rule():
+    # tokens: "no"(0,2) "patchy"(3,9) "opacity"(10,17) "."(17,18) </s>(0,0)
+    offsets = [(0, 2), (3, 9), (10, 17), (17, 18), (0, 0)]
+    real = [True, True, True, True, False]
+    assert finding_token_mask(offsets, [(3, 17)], real) == [False, True, True, False, False]
+    assert finding_token_mask(offsets, [(12, 14)], real) == [False, False, True, False, False]  # inside a token
+    assert finding_token_mask(offsets, [], real) == [False] * 5
+    assert finding_token_mask(offsets, [(0, 18)], [False] * 5) == [False] * 5  # never a special/padding token
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    if not (TOKENIZER_DIR / "tokenizer.json").exists():
+        pytest.skip(f"{TOKENIZER_DIR} is absent (no shipped bundle)")
+    from neural_core.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+def test_entity_tokens_on_the_shipped_tokenizer(real_tokenizer):
+    """Present findings map to exactly their word pieces; negated findings and anatomy do not."""
+    from types import SimpleNamespace
+
+    from neural_core.graphs.report_kg import extract
+    from neural_core.salience import _focus_masks, _tokenize, real_token_mask
+
+    reports = ["Right lower lobe consolidation. No pleural effusion.", "No pneumothorax. No effusion."]
+    fake_model = SimpleNamespace(cfg=SimpleNamespace(max_report_tokens=96))
+    labels, offsets = _tokenize(real_tokenizer, fake_model, reports, "cpu")
+    real = real_token_mask(labels, real_tokenizer.pad_token_id, real_tokenizer.eos_token_id)
+    focus, fallback = _focus_masks(reports, labels, real, offsets)
+    assert fallback == [False, True]
+    # the characters the focus tokens cover are exactly the present-finding span(s)
+    spans = [(e.start, e.end) for e in extract(reports[0]).entities
+             if e.type == "observation" and e.certainty == "present"]
+    assert spans and all("effusion" not in reports[0][a:b].lower() for a, b in spans)
+    covered = "".join(reports[0][a:b] for (a, b), f in zip(offsets[0].tolist(), focus[0].tolist()) if f)
+    assert covered.lower() == "".join(reports[0][a:b] for a, b in spans).replace(" ", "").lower()
+    assert torch.equal(focus[1], real[1])                     # no present finding: every real token
+
+
+def test_gradient_relevance_matches_a_hand_computation():
+    # one layer, one head, T=2 decoder tokens, S=3 image tokens
+    a_tt = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
+    g_tt = torch.ones_like(a_tt)
+    a_ti = torch.tensor([[[[0.2, 0.3, 0.5], [0.6, 0.4, 0.0]]]])
+    g_ti = torch.tensor([[[[1.0, -1.0, 2.0], [0.0, 1.0, 1.0]]]])
+    r = gradient_relevance([a_ti], [g_ti], [a_tt], [g_tt])
+    # A_ti-bar = (g*a)^+ = [[.2,0,1],[0,.4,0]]; R_tt = I + A_tt = [[2,0],[.5,1.5]]; its normalised form is the same
+    # (R - I has unit row sums); R_ti = R_tt-bar^T @ A_ti-bar
+    expect = torch.tensor([[2.0, 0.5], [0.0, 1.5]]) @ torch.tensor([[0.2, 0.0, 1.0], [0.0, 0.4, 0.0]])
+    torch.testing.assert_close(r[0], expect)
+    # two heads: mean vs max; a second layer that is skipped changes nothing
+    a2 = torch.cat([a_ti, a_ti.flip(-1)], 1)
+    g2 = torch.cat([g_ti, g_ti], 1)
+    s2, sg2 = torch.cat([a_tt, a_tt], 1), torch.cat([g_tt, g_tt], 1)
+    mean = gradient_relevance([a2], [g2], [s2], [sg2], heads="mean")
+    mx = gradient_relevance([a2], [g2], [s2], [sg2], heads="max")
+    assert (mx >= mean - 1e-6).all() and not torch.allclose(mx, mean)
+    only0 = gradient_relevance([a_ti, a2[:, 1:]], [g_ti, g2[:, 1:]], [a_tt, a_tt], [g_tt, g_tt], layers=[0])
+    torch.testing.assert_close(only0, r)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from neural_core.bundle import untrained_bundle
+    from neural_core.config import tiny_report_config
+
+    b = untrained_bundle(tiny_report_config())
+    torch.manual_seed(1)
+    return b.report_model, b.tokenizer, torch.randn(2, 1, 56, 56) * 300
+
+
+REPORTS2 = ["Focal airspace consolidation in the right lower lobe. No effusion.", "No focal consolidation."]
+
+
+def test_every_variant_is_a_finite_distribution_and_gradient_differs(tiny_model):
+    model, tok, x = tiny_model
+    cfgs = variant_grid(model.t5.config.num_decoder_layers)
+    assert len(cfgs) == len(SALIENCE_METHODS) * 2               # one decoder layer: "all" only, x mean/max
+    with torch.inference_mode():                                 # as stages.salience calls it
+        out = salience_variants(model, tok, x, REPORTS2, cfgs)
+    by = {(c.method, c.head_reduce): r for c, r in zip(cfgs, out)}
+    for res in out:
+        for r in res:
+            assert np.isfinite(r.raw_map).all() and r.raw_map.min() >= 0
+            np.testing.assert_allclose(r.raw_map.sum(), 1.0, atol=1e-5)
+    att, grad, ent = by[("attention", "mean")], by[("gradient", "mean")], by[("entity", "mean")]
+    assert not np.allclose(att[0].raw_map, grad[0].raw_map, atol=1e-4)
+    assert ent[0].entity_fallback is False and ent[1].entity_fallback is True and att[0].entity_fallback is None
+    assert "consolidation" in ent[0].focus_tokens and "effusion" not in ent[0].focus_tokens
+    assert not np.allclose(att[0].raw_map, ent[0].raw_map)      # fewer tokens, another map
+    np.testing.assert_allclose(att[1].raw_map, ent[1].raw_map, atol=1e-6)   # fallback: all tokens, same map
+
+
+def test_gradient_method_equals_the_rule_computed_by_hand_on_a_one_layer_model(tiny_model):
+    """Independent computation with autograd on the 1-layer tiny model: R_ti = R_tt-bar^T (grad*A)^+ averaged
+    over the finding tokens, R_tt = I + (grad*A_tt)^+."""
+    from neural_core.config import SalienceConfig
+    from neural_core.salience import _focus_masks, _tokenize, real_token_mask
+
+    model, tok, x = tiny_model
+    with torch.inference_mode():
+        got = salience_variants(model, tok, x, REPORTS2, [SalienceConfig(method="gradient")])[0]
+    labels, offsets = _tokenize(tok, model, REPORTS2, "cpu")
+    real = real_token_mask(labels, tok.pad_token_id, tok.eos_token_id)
+    focus, _ = _focus_masks(REPORTS2, labels, real, offsets)
+    out = model(x, labels, output_attentions=True)
+    logp = torch.log_softmax(out.logits, -1).gather(-1, labels[..., None])[..., 0]
+    a_ti, a_tt = out.cross_attentions[0], out.decoder_attentions[0]
+    g_ti, g_tt = torch.autograd.grad((logp * focus).sum(), [a_ti, a_tt])
+    for i in range(2):
+        t = labels.shape[1]
+        r_tt = torch.eye(t) + (g_tt[i] * a_tt[i]).clamp_min(0).mean(0)
+        added = r_tt - torch.eye(t)
+        s = added.sum(-1, keepdim=True)
+        bar = torch.where(s > 0, added / s, torch.zeros_like(added)) + torch.eye(t)
+        r_ti = bar.T @ (g_ti[i] * a_ti[i]).clamp_min(0).mean(0)
+        m = r_ti[focus[i]].mean(0)
+        np.testing.assert_allclose(got[i].raw_map.ravel(), (m / m.sum()).detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_stages_salience_runs_the_gradient_method_under_inference_mode(tiny_model):
+    from neural_core import stages
+    from neural_core.config import SalienceConfig
+
+    model, tok, x = tiny_model
+    imgs = [x[0, 0].numpy(), x[1, 0].numpy()]
+    res = stages.salience(model, tok, imgs, REPORTS2, cfg=SalienceConfig(method="gradient", head_reduce="max"))
+    assert [r.method for r in res] == ["gradient"] * 2 and all(np.isfinite(r.token_map).all() for r in res)
+
+
+def test_unknown_method_and_missing_layer_are_clear_errors(tiny_model):
+    from neural_core.config import SalienceConfig
+
+    model, tok, x = tiny_model
+    with pytest.raises(ValueError, match="unknown salience method"):
+        salience_variants(model, tok, x, REPORTS2, [SalienceConfig(method="nope")])
+    with pytest.raises(ValueError, match="do not exist"):
+        salience_variants(model, tok, x, REPORTS2, [SalienceConfig(layers=(3,))])
+    assert len(variant_grid(2)) == len(SALIENCE_METHODS) * 3 * 2     # L0, L1, all x mean, max
