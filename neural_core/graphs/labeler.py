@@ -101,7 +101,9 @@ def _size_labels(text: str, concept: str) -> tuple[str, ...]:
     out = []
     if SIZE_LABELS.get(concept) == "Cardiomegaly" and t in _HEART_SIZE_TEXTS:
         out.append("Cardiomegaly")
-    if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"]):
+    # "contour" alone mentions the mediastinum only as a contour of the heart or mediastinum (not "hilar contour")
+    if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"] if w != "contour") or (
+            "contour" in t and concept in SIZE_LABELS):
         out.append("Enlarged Cardiomediastinum")
     return tuple(out)
 
