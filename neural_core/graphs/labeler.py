@@ -82,6 +82,8 @@ CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "sta
 #: enlarged but stable", "stable enlargement of the cardiac silhouette": cardiomegaly, 59 of 60 such IU train/val
 #: reports agree). For the mediastinum CheXpert's rule stands: a "stable" contour is uncertain, enlarged or not.
 ENLARGED_BEATS_STABLE = frozenset({"Cardiomegaly"})
+#: Concepts that are each a kind of lung opacity (what "A or B" between two of them still asserts).
+OPACITY_KINDS = frozenset({"opacity", "airspace_disease", "infiltrate", "consolidation", "atelectasis", "pneumonia"})
 #: Vocabulary concepts the labeler reads as another one.
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
@@ -160,6 +162,11 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                     if others:
                         near = min(others, key=lambda x: (gap(o, x), x.start))
                         scope[o.id] = list(scope[near.id])
+        # "Atelectasis or scarring in the left base", "opacities, atelectasis versus scarring": two (or more) kinds
+        # of lung opacity offered as alternatives leave the cause uncertain, not the opacity itself.
+        alt = {c for o, c in core if o.certainty == "uncertain" and c in OPACITY_KINDS}
+        if len(alt) >= 2:
+            votes["Lung Opacity"].append(1.0)
         size_votes: dict[str, dict[str, list[float]]] = {}
         for o, concept in core:
             val = _VALUE[o.certainty]
