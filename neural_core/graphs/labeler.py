@@ -11,12 +11,18 @@ uncertainty rules. Where the IU labels (made by it) follow a rule, so does this 
   "cannot be excluded", "secondary to" make it uncertain (the cue lists are negspacy termsets in ``report_kg``);
 - "vascular congestion" / "vascular prominence" are uncertain Edema, "CHF" / "heart failure" Edema and uncertain
   Cardiomegaly; every "infection" is a Pneumonia mention; a calcified nodule is no Lung Lesion;
-- a mention of the heart size or of the mediastinum / any contour takes its value from what the sentence says of
-  it: normal (also "at the upper limits of normal", "top normal") 0, "stable" / "unchanged" -1 (also "enlarged but
-  stable"), enlarged or "upper limits of normal" 1; when the sentence says nothing of its size, the mention is
-  positive ("the heart and lungs have [changed] in the interval", "clips in the mediastinum");
+- a mention of the heart size or of the mediastinum / a cardiac or mediastinal contour takes its value from what the
+  sentence says of it: normal (also "at the upper limits of normal", "top normal", "within limits") 0, "stable" /
+  "unchanged" -1, enlarged or "upper limits of normal" 1; when the sentence says nothing of its size, the mention
+  is positive ("the heart and lungs have [changed] in the interval", "clips in the mediastinum"). An enlarged heart
+  stays cardiomegaly when also called stable ("enlarged but stable", "stable enlargement of the cardiac
+  silhouette"); an enlarged but stable mediastinum stays uncertain, as the IU labels have it. A side of the heart
+  ("the right heart border is obscured") and a hilar or aortic contour say nothing of either size;
+- two kinds of lung opacity offered as alternatives ("scarring or atelectasis", "opacities, atelectasis versus
+  scarring") leave the cause uncertain (Atelectasis -1) but not the opacity (Lung Opacity 1);
 - "No Finding" is 1 unless a label other than Support Devices is positive or uncertain, or another abnormal finding
-  (hernia, granuloma, degenerative change, ...) is present or uncertain.
+  (hernia, granuloma, degenerative change, ...) is present or uncertain; technique (low volumes, bronchovascular
+  crowding) and post-surgical change (clips, sternotomy) are no pathology.
 
 CheXpert rules deliberately *not* copied, because they contradict the report: "no displaced rib fractures" stays a
 negated fracture and an "endplate" is no support device ("plate"), although the IU labels often say otherwise.
@@ -79,8 +85,9 @@ LOCATED_LABELS: dict[tuple[str, str], str] = {
 CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "stable": -1.0, "borderline": -1.0,
                                            "upper_normal": 1.0}
 #: Labels for which a stated enlargement stays positive when the sentence also calls it stable ("the heart is
-#: enlarged but stable", "stable enlargement of the cardiac silhouette": cardiomegaly, 59 of 60 such IU train/val
-#: reports agree). For the mediastinum CheXpert's rule stands: a "stable" contour is uncertain, enlarged or not.
+#: enlarged but stable", "stable enlargement of the cardiac silhouette", "stable cardiomegaly": the IU train/val
+#: labels say Cardiomegaly 1 for all but one such report). For the mediastinum CheXpert's rule stands: a "stable"
+#: contour is uncertain, enlarged or not ("stable enlarged cardiomediastinal silhouette" is -1 in the IU labels).
 ENLARGED_BEATS_STABLE = frozenset({"Cardiomegaly"})
 #: Concepts that are each a kind of lung opacity (what "A or B" between two of them still asserts).
 OPACITY_KINDS = frozenset({"opacity", "airspace_disease", "infiltrate", "consolidation", "atelectasis", "pneumonia"})
@@ -88,10 +95,11 @@ OPACITY_KINDS = frozenset({"opacity", "airspace_disease", "infiltrate", "consoli
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
 NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device"}
-#: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes) and words the
+#: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes, the bronchovascular
+#: crowding they cause), post-surgical change (clips, sternotomy; like a support device, no pathology) and words the
 #: CheXpert No Finding list does not hold ("spondylosis", vascular "engorgement"); every other present or uncertain
 #: finding (a hernia, a granuloma, degenerative change, scoliosis ...) makes "No Finding" 0.
-NO_FINDING_NEUTRAL_CONCEPTS = frozenset({"low_volume", "postsurgical"})
+NO_FINDING_NEUTRAL_CONCEPTS = frozenset({"low_volume", "crowding", "postsurgical"})
 NO_FINDING_NEUTRAL_WORDS: tuple[str, ...] = ("spondylosis", "engorge")
 _VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 
@@ -199,7 +207,7 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                 size_votes.setdefault(label, {}).setdefault("bare", []).append(1.0)
         for label, d in size_votes.items():
             # "normal and unchanged" is normal: "stable" alone (size not stated) is what makes a size uncertain;
-            # "enlarged but stable" is uncertain too (CheXpert).
+            # "enlarged but stable" is cardiomegaly, but an uncertain mediastinum (ENLARGED_BEATS_STABLE).
             if "normal" in d or ("enlarged" in d and label in ENLARGED_BEATS_STABLE):
                 d.pop("stable", None)
             elif "stable" in d:
