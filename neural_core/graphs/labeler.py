@@ -11,12 +11,18 @@ uncertainty rules. Where the IU labels (made by it) follow a rule, so does this 
   "cannot be excluded", "secondary to" make it uncertain (the cue lists are negspacy termsets in ``report_kg``);
 - "vascular congestion" / "vascular prominence" are uncertain Edema, "CHF" / "heart failure" Edema and uncertain
   Cardiomegaly; every "infection" is a Pneumonia mention; a calcified nodule is no Lung Lesion;
-- a mention of the heart size or of the mediastinum / any contour takes its value from what the sentence says of
-  it: normal (also "at the upper limits of normal", "top normal") 0, "stable" / "unchanged" -1 (also "enlarged but
-  stable"), enlarged or "upper limits of normal" 1; when the sentence says nothing of its size, the mention is
-  positive ("the heart and lungs have [changed] in the interval", "clips in the mediastinum");
+- a mention of the heart size or of the mediastinum / a cardiac or mediastinal contour takes its value from what the
+  sentence says of it: normal (also "at the upper limits of normal", "top normal", "within limits") 0, "stable" /
+  "unchanged" -1, enlarged or "upper limits of normal" 1; when the sentence says nothing of its size, the mention
+  is positive ("the heart and lungs have [changed] in the interval", "clips in the mediastinum"). An enlarged heart
+  stays cardiomegaly when also called stable ("enlarged but stable", "stable enlargement of the cardiac
+  silhouette"); an enlarged but stable mediastinum stays uncertain, as the IU labels have it. A side of the heart
+  ("the right heart border is obscured") and a hilar or aortic contour say nothing of either size;
+- two kinds of lung opacity offered as alternatives ("scarring or atelectasis", "opacities, atelectasis versus
+  scarring") leave the cause uncertain (Atelectasis -1) but not the opacity (Lung Opacity 1);
 - "No Finding" is 1 unless a label other than Support Devices is positive or uncertain, or another abnormal finding
-  (hernia, granuloma, degenerative change, ...) is present or uncertain.
+  (hernia, granuloma, degenerative change, ...) is present or uncertain; technique (low volumes, bronchovascular
+  crowding) and post-surgical change (clips, sternotomy) are no pathology.
 
 CheXpert rules deliberately *not* copied, because they contradict the report: "no displaced rib fractures" stays a
 negated fracture and an "endplate" is no support device ("plate"), although the IU labels often say otherwise.
@@ -78,14 +84,22 @@ LOCATED_LABELS: dict[tuple[str, str], str] = {
 #: the upper limits of normal" and "top normal" are in the vocabulary as "normal".
 CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "stable": -1.0, "borderline": -1.0,
                                            "upper_normal": 1.0}
+#: Labels for which a stated enlargement stays positive when the sentence also calls it stable ("the heart is
+#: enlarged but stable", "stable enlargement of the cardiac silhouette", "stable cardiomegaly": the IU train/val
+#: labels say Cardiomegaly 1 for all but one such report). For the mediastinum CheXpert's rule stands: a "stable"
+#: contour is uncertain, enlarged or not ("stable enlarged cardiomediastinal silhouette" is -1 in the IU labels).
+ENLARGED_BEATS_STABLE = frozenset({"Cardiomegaly"})
+#: Concepts that are each a kind of lung opacity (what "A or B" between two of them still asserts).
+OPACITY_KINDS = frozenset({"opacity", "airspace_disease", "infiltrate", "consolidation", "atelectasis", "pneumonia"})
 #: Vocabulary concepts the labeler reads as another one.
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
 NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device"}
-#: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes) and words the
+#: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes, the bronchovascular
+#: crowding they cause), post-surgical change (clips, sternotomy; like a support device, no pathology) and words the
 #: CheXpert No Finding list does not hold ("spondylosis", vascular "engorgement"); every other present or uncertain
 #: finding (a hernia, a granuloma, degenerative change, scoliosis ...) makes "No Finding" 0.
-NO_FINDING_NEUTRAL_CONCEPTS = frozenset({"low_volume"})
+NO_FINDING_NEUTRAL_CONCEPTS = frozenset({"low_volume", "crowding", "postsurgical"})
 NO_FINDING_NEUTRAL_WORDS: tuple[str, ...] = ("spondylosis", "engorge")
 _VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 
@@ -97,7 +111,9 @@ def _size_labels(text: str, concept: str) -> tuple[str, ...]:
     out = []
     if SIZE_LABELS.get(concept) == "Cardiomegaly" and t in _HEART_SIZE_TEXTS:
         out.append("Cardiomegaly")
-    if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"]):
+    # "contour" alone mentions the mediastinum only as a contour of the heart or mediastinum (not "hilar contour")
+    if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"] if w != "contour") or (
+            "contour" in t and concept in SIZE_LABELS):
         out.append("Enlarged Cardiomediastinum")
     return tuple(out)
 
@@ -154,6 +170,11 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                     if others:
                         near = min(others, key=lambda x: (gap(o, x), x.start))
                         scope[o.id] = list(scope[near.id])
+        # "Atelectasis or scarring in the left base", "opacities, atelectasis versus scarring": two (or more) kinds
+        # of lung opacity offered as alternatives leave the cause uncertain, not the opacity itself.
+        alt = {c for o, c in core if o.certainty == "uncertain" and c in OPACITY_KINDS}
+        if len(alt) >= 2:
+            votes["Lung Opacity"].append(1.0)
         size_votes: dict[str, dict[str, list[float]]] = {}
         for o, concept in core:
             val = _VALUE[o.certainty]
@@ -186,8 +207,8 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                 size_votes.setdefault(label, {}).setdefault("bare", []).append(1.0)
         for label, d in size_votes.items():
             # "normal and unchanged" is normal: "stable" alone (size not stated) is what makes a size uncertain;
-            # "enlarged but stable" is uncertain too (CheXpert).
-            if "normal" in d:
+            # "enlarged but stable" is cardiomegaly, but an uncertain mediastinum (ENLARGED_BEATS_STABLE).
+            if "normal" in d or ("enlarged" in d and label in ENLARGED_BEATS_STABLE):
                 d.pop("stable", None)
             elif "stable" in d:
                 d.pop("enlarged", None)

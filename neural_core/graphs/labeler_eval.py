@@ -3,7 +3,8 @@
 Usage::
 
     python -m neural_core.graphs.labeler_eval --split test            # or train / val / all; several allowed
-    python -m neural_core.graphs.labeler_eval --split val --errors Edema   # list the disagreements of one label
+    python -m neural_core.graphs.labeler_eval --split train val --errors Edema   # disagreements of one label
+                                                                   # (train/val only: test reports are not listed)
     python -m neural_core.graphs.labeler_eval --split test all --json out.json
 
 Scoring rule (written once here, used by the test that holds the achieved level):
@@ -166,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="../shared/data", help="shared data folder holding iu-reports/")
     p.add_argument("--split", nargs="+", default=["test"], choices=SPLITS)
     p.add_argument("--json", dest="json_out", help="also write the scores as JSON here")
-    p.add_argument("--errors", metavar="LABEL", help="print the studies where LABEL's positive class disagrees")
+    p.add_argument("--errors", metavar="LABEL",
+                   help="print the train/val studies where LABEL's positive class disagrees (test is held out: its "
+                        "reports are never listed, unless --show-test-errors)")
+    p.add_argument("--show-test-errors", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=int, default=40, help="at most this many disagreements with --errors")
     args = p.parse_args(argv)
     if args.errors and args.errors not in CHEXPERT_LABELS:
@@ -184,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         print(res.table())
         if args.errors:
             rows = [s for s in studies if split == "all" or s.split == split]
-            print(_errors(rows, pred, args.errors, args.limit))
+            # Tuning reads train/val only: the disagreements of test studies stay hidden (also inside "all").
+            keep = [i for i, s in enumerate(rows) if s.split != "test" or args.show_test_errors]
+            if len(keep) < len(rows):
+                print(f"({len(rows) - len(keep)} test studies held out of the disagreement list)")
+            print(_errors([rows[i] for i in keep], [pred[i] for i in keep], args.errors, args.limit))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0

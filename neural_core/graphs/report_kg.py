@@ -150,7 +150,9 @@ ANATOMY: dict[str, tuple[str, ...]] = {
     "hilum": ("hilum", "hila", "hilar", "perihilar", "bihilar", "hilar region", "hilar contour"),
     "heart": ("heart", "heart size", "cardiac silhouette", "cardiac size", "cardiac contour", "cardiac shadow",
               "cardiac", "heart shadow", "cardiac border", "heart border", "cardiopericardial silhouette",
-              "ventricle", "atrium", "atrial", "ventricular"),
+              "ventricle", "atrium", "atrial", "ventricular",
+              # a side of the heart is a place ("obscures the right heart border"), not a statement of its size
+              "right heart", "left heart", "right heart border", "left heart border"),
     "mediastinum": ("mediastinum", "mediastinal", "mediastinal contour", "mediastinal silhouette",
                     "mediastinal structure", "mediastinal width", "cardiomediastinal silhouette",
                     "cardiomediastinal contour", "cardiomediastinal", "cardiomediastinum",
@@ -171,7 +173,7 @@ ANATOMY: dict[str, tuple[str, ...]] = {
     "rib": ("rib", "right rib", "left rib", "posterior rib", "anterior rib", "lateral rib"),
     "bone": ("osseous structure", "bony structure", "bone", "skeletal structure", "osseous", "bony", "skeleton",
              "skeletal", "clavicle", "sternum", "scapula", "humerus", "humeral", "shoulder", "glenohumeral",
-             "acromioclavicular"),
+             "acromioclavicular", "scapular tip", "tip of the scapula"),
     "soft_tissue": ("soft tissue", "soft tissues", "subcutaneous tissue"),
     "trachea": ("trachea", "tracheal", "airway", "central airway", "bronchus", "bronchi", "carina", "bronchial"),
     "abdomen": ("abdomen", "upper abdomen", "stomach", "bowel", "subdiaphragmatic", "colon", "liver", "spleen"),
@@ -182,7 +184,8 @@ ANATOMY: dict[str, tuple[str, ...]] = {
 
 OBSERVATIONS: dict[str, tuple[str, ...]] = {
     # Normal / unchanged / size words, read together with their anatomy (see CONTEXT_VALUES).
-    "normal": ("normal", "within normal limits", "normal limits", "within limits of normal", "unremarkable",
+    "normal": ("normal", "within normal limits", "normal limits", "within limits of normal", "within limits",
+               "unremarkable",
                "clear", "grossly normal",
                "grossly clear", "intact", "well expanded", "well aerated", "normally expanded", "normal size",
                "normal in size", "normal caliber", "normal contour", "appropriate", "well-inflated"),
@@ -351,7 +354,7 @@ NEGATION_ADD: dict[str, list[str]] = {
         "not seen", "not identified", "not visualized", "not present", "is absent", "are absent", "absent",
         "has resolved", "have resolved", "resolved", "not appreciated", "not evident", "not demonstrated",
         "has been removed", "have been removed", "not visible", "not detected", "not noted", "is not seen",
-        "are not seen", "not apparent", "not likely", "not definitely seen",
+        "are not seen", "not apparent", "not likely", "not definitely seen", "has cleared", "have cleared",
     ],
     "pseudo_negations": [
         "not excluded", "cannot exclude", "can not exclude", "cannot be excluded", "can not be excluded",

@@ -77,3 +77,15 @@ def test_cli_bad_input(tmp_path, capsys):
     _write_iu(tmp_path)
     assert main(["--data", str(tmp_path), "--errors", "Edemaa"]) == 2
     assert "unknown label" in capsys.readouterr().err
+
+
+def test_cli_errors_hold_out_test(tmp_path, capsys):
+    _write_iu(tmp_path)
+    # study C (test) disagrees on Lung Opacity: reference 1, "Right lower lobe pneumonia." names no opacity
+    args = ["--data", str(tmp_path), "--split", "test", "all", "--errors", "Lung Opacity"]
+    assert main(args + ["--show-test-errors"]) == 0
+    assert "Right lower lobe pneumonia" in capsys.readouterr().out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test studies held out" in out
+    assert "Right lower lobe pneumonia" not in out and " C:" not in out   # test reports are never printed

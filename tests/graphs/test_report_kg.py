@@ -280,10 +280,23 @@ def test_chexpert_label_names():
     ("The heart is top normal in size.", {"Cardiomegaly": 0.0}),
     ("Borderline heart size.", {"Cardiomegaly": -1.0}),
     ("Borderline enlarged heart.", {"Cardiomegaly": 1.0}),
-    ("The heart is mildly enlarged but stable.", {"Cardiomegaly": -1.0}),
+    # a stated enlargement of the heart stays cardiomegaly when it is stable; a stable mediastinum stays uncertain
+    ("The heart is mildly enlarged but stable.", {"Cardiomegaly": 1.0}),
+    ("Stable enlargement of the cardiac silhouette.", {"Cardiomegaly": 1.0}),
+    ("Stable enlarged cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": -1.0}),
+    ("Heart size upper limits of normal but stable.", {"Cardiomegaly": -1.0}),
     ("Stable mediastinal and hilar contours.", {"Enlarged Cardiomediastinum": -1.0, "No Finding": 0.0}),
     ("Surgical clips in the mediastinum.", {"Enlarged Cardiomediastinum": 1.0}),
     ("Opacity posterior to the left heart border.", {"Cardiomegaly": None}),
+    # a side of the heart is a place, not a statement of the heart's size
+    ("The right heart XXXX appears obscured.", {"Cardiomegaly": None}),
+    ("Atelectasis posterior to the left heart.", {"Cardiomegaly": None, "Atelectasis": 1.0}),
+    ("Sternotomy wires overlie the heart.", {"Cardiomegaly": 1.0}),  # the bare mention rule is untouched
+    # "contour" mentions the mediastinum only as a cardiac / mediastinal contour
+    ("Mild prominence of the left hilar contour.", {"Enlarged Cardiomediastinum": None}),
+    ("Retrocardiac density with obscuration of the aortic contour.", {"Enlarged Cardiomediastinum": None}),
+    ("Cardiac and mediastinal contours are within normal limits.", {"Enlarged Cardiomediastinum": 0.0}),
+    ("The cardiomediastinal silhouette is within limits.", {"Enlarged Cardiomediastinum": 0.0, "No Finding": 1.0}),
     # edema: congestion is uncertain edema, CHF makes cardiomegaly uncertain; engorgement is no edema
     ("Mild pulmonary vascular congestion.", {"Edema": -1.0, "No Finding": 0.0}),
     ("No pulmonary vascular congestion.", {"Edema": 0.0}),
@@ -295,9 +308,26 @@ def test_chexpert_label_names():
     ("Calcified nodule in the right upper lobe.", {"Lung Lesion": None, "No Finding": 0.0}),
     ("New 9 mm nodule, not seen on prior exams.", {"Lung Lesion": 1.0}),
     ("Fissural thickening.", {"Pleural Other": 1.0}),
+    # the tip of the scapula is bone, not a device tip
+    ("Vague density in the right midlung, related to the scapular tip.", {"Support Devices": None}),
+    ("Right chest XXXX with tip in the mid SVC.", {"Support Devices": 1.0}),
+    # "has cleared" / "have cleared" negate what precedes them
+    ("Consolidation and atelectasis in the left lower lobe have cleared in the interval.",
+     {"Consolidation": 0.0, "Atelectasis": 0.0}),
+    ("Previously present left base airspace disease has cleared.", {"Lung Opacity": 0.0}),
+    # two kinds of lung opacity as alternatives: the cause is uncertain, the opacity is not
+    ("Minimal scarring or atelectasis in the left lung base.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+    ("Streaky opacities in the lung bases may represent atelectasis versus scarring.",
+     {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+    ("Possible small effusion or atelectasis.", {"Lung Opacity": None, "Atelectasis": -1.0}),
+    ("No atelectasis or infiltrate.", {"Lung Opacity": 0.0, "Atelectasis": 0.0}),
     # No Finding ignores technique and spondylosis, not degenerative change
     ("Low lung volumes. The lungs are clear. Thoracic spondylosis.", {"No Finding": 1.0}),
     ("The lungs are clear. Degenerative changes of the spine.", {"No Finding": 0.0}),
+    # post-surgical change and bronchovascular crowding (low volumes) are no pathology
+    ("The lungs are clear. Cholecystectomy clips overlie the right upper quadrant.", {"No Finding": 1.0}),
+    ("Median sternotomy. Normal heart size. The lungs are clear.", {"No Finding": 1.0}),
+    ("Low lung volumes with bronchovascular crowding. No focal consolidation.", {"No Finding": 1.0}),
     # what the IU labels (CheXpert's parser) often get wrong is not copied
     ("No displaced rib fractures.", {"Fracture": 0.0}),
     ("Degenerative endplate changes of the spine.", {"Support Devices": None}),
@@ -397,19 +427,21 @@ def test_thread_safety():
 # ---------------------------------------------------------------------------------------------------------------
 
 # Agreement with the CheXpert labels of the IU reports, scored by neural_core.graphs.labeler_eval (positive class =
-# label 1; -1 counts as not positive on both sides). Tuned on train/val only. Measured at the commit that set these
-# floors (python -m neural_core.graphs.labeler_eval --split train val test all):
-#   val  (296): macro F1 0.855 over the 9 labels with >= 5 positives, mean 4-way agreement 0.958, No Finding 0.966
-#   test (590): mean F1 0.828 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
-#   all (2955): mean F1 0.866; Pneumonia 0.867, Consolidation 0.973, Edema 0.774, Pleural Effusion 0.949
-# (before this labeler revision: test 0.668, all 0.763). The floors sit just under the measured values: a change of
-# the vocabulary or the rules that loses agreement fails here. Pneumonia / Consolidation / Edema have 1 / 2 / 4
-# positives in test: one error there moves F1 by 0.2 or more.
-IU_VAL_MIN_MACRO_F1_POS = 0.84
+# label 1; -1 counts as not positive on both sides). Tuned on train/val only (`--errors` never lists test reports).
+# Measured at the commit that set these floors (python -m neural_core.graphs.labeler_eval --split train val test all):
+#   val  (296): mean F1 0.820; macro F1 over the 9 labels with >= 5 positives 0.869, mean acc4 0.959, No Finding acc4 0.966
+#   test (590): mean F1 0.833 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
+#   all (2955): mean F1 0.873; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.949
+# (previous revision: test 0.828, all 0.866; before that: test 0.668, all 0.763). The floors sit just under the
+# measured values: a change of the vocabulary or the rules that loses agreement fails here. Pneumonia / Consolidation /
+# Edema have 1 / 2 / 4 positives in test: one error there moves F1 by 0.2 or more. What keeps the means lower: the
+# reference's own parser errors, which are not copied (train/val: 20 "no displaced rib fracture(s)" labelled
+# Fracture 1, 20 "endplate" / "platelike" labelled Support Devices 1).
+IU_VAL_MIN_MACRO_F1_POS = 0.86
 IU_VAL_MIN_MEAN_ACC4 = 0.95
 IU_VAL_MIN_NO_FINDING_ACC = 0.95
-IU_TEST_MIN_MEAN_F1 = 0.82
-IU_ALL_MIN_MEAN_F1 = 0.86
+IU_TEST_MIN_MEAN_F1 = 0.83
+IU_ALL_MIN_MEAN_F1 = 0.87
 IU_KEY_LABELS = ("Pneumonia", "Consolidation", "Edema", "Pleural Effusion")
 IU_TEST_MIN_KEY_F1 = {"Pneumonia": 0.8, "Consolidation": 0.8, "Edema": 0.8, "Pleural Effusion": 0.8}
 IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.93}
