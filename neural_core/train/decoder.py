@@ -32,6 +32,7 @@ field and the pointing game (top cell mostly lung). Best validation objective (t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -95,7 +96,8 @@ def zone_target(zones: np.ndarray, named: set, lung_t: np.ndarray, grid: int, *,
     return (dilate(core, grid, dilation) if dilation else core) & lung_t
 
 
-def sentence_zones(text: str) -> list[tuple[int, int, frozenset]]:
+@functools.lru_cache(maxsize=16384)
+def sentence_zones(text: str) -> tuple[tuple[int, int, frozenset], ...]:
     """``(start, end, zones)`` character spans of the sentences of ``text`` that name a (non-negated) zone, zones
     as ``(side, level)`` pairs (:func:`neural_core.graphs.zones.zone_mentions`). Sentences end at ``.``, ``!``,
     ``?`` or a line break."""
@@ -105,13 +107,13 @@ def sentence_zones(text: str) -> list[tuple[int, int, frozenset]]:
 
     mentions = [m for m in zone_mentions(text) if not m.negated]
     if not mentions:
-        return []
+        return ()
     out = []
     for s in re.finditer(r"[^.!?\n]+[.!?]*", text):
         named = frozenset(p for m in mentions if s.start() <= m.start < s.end() for p in m.pairs)
         if named:
             out.append((s.start(), s.end(), named))
-    return out
+    return tuple(out)      # memoised per text (templates and oversampled notes repeat every epoch)
 
 
 def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, grid: int, max_len: int, *,

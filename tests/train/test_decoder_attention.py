@@ -91,7 +91,7 @@ def test_sentence_zones_spans_and_negation():
     start, end, named = got[0]
     assert text[start:end] == "Consolidation in the left upper lobe."
     assert named == {("left", "upper")}
-    assert sentence_zones("Normal chest.") == []
+    assert sentence_zones("Normal chest.") == ()
 
 
 def test_token_targets_give_zone_tokens_their_zone():
