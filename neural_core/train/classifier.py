@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     "JSRT nodule films as adult negatives), each with _train/_val parts")
     ap.add_argument("--extra-views", type=int, default=4, help="views per study of the extra training sets")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-only", default="", help="only cache the views of these splits (comma list, e.g. "
+                    "val,jsrt_train,jsrt_val) and exit: a second process fills them while the first does train")
     ap.add_argument("--zone-features", action=argparse.BooleanOptionalAction, default=True,
                     help="give every image node its patch's six lung-zone fractions (the lung model on the artifact)")
     ap.add_argument("--lung", default="assets/default_model/lung", help="lung model for --zone-features (ship the "
@@ -186,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
 
     def logline(**kw):
         with (out / "log.jsonl").open("a") as fh:
@@ -205,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     data = {}
     extra = [e for e in args.extra.split(",") if e]
     splits = ["train", "val"] + [f"{e}_{w}" for e in extra for w in ("train", "val")]
-    for which in splits:
+    only = [w for w in args.cache_only.split(",") if w]
+    for which in (only or splits):
+        # one generator per split: the views do not depend on which process cached the other splits
+        rng = np.random.default_rng([args.seed, splits.index(which)])
         tokens, pooled, recs = load_features(Path(args.features), which)
         keep = [i for i, r in enumerate(recs) if r["pneumonia"] is not None]
         tokens, pooled, recs = tokens[keep], pooled[keep], [recs[i] for i in keep]
@@ -225,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
                                    logline=logline)
-            torch.save((maps, texts, views), vf)
+            tmp = vf.with_name(f"{vf.stem}.{os.getpid()}.tmp")
+            torch.save((maps, texts, views), tmp)
+            tmp.replace(vf)
         data[which] = (recs, pooled, maps, texts, views)
         logline(event="views_ready", split=which, n=len(views),
                 distinct_reports=len(set(texts)))
+    if only:
+        return 0
 
     def joined(part: str):
         recs, pooled, texts, views = [], [], [], []
