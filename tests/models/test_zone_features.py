@@ -146,3 +146,28 @@ def test_real_lung_model_zone_rows_are_lung_fractions():
     right = z[:, [ZONES.index(("right", lv)) for lv in ("upper", "middle", "lower")]].sum(1)
     left = z[:, [ZONES.index(("left", lv)) for lv in ("upper", "middle", "lower")]].sum(1)
     assert right[cols < 4].sum() > right[cols >= 4].sum() and left[cols >= 4].sum() > left[cols < 4].sum()
+
+
+def test_shipped_bundle_feeds_zone_features_from_its_own_lung_model():
+    import neural_core.models.patch_features as pf
+    from neural_core.bundle import DEFAULT_BUNDLE, load_bundle
+
+    if not (DEFAULT_BUNDLE / "model.json").exists():
+        pytest.skip(f"no shipped bundle at {DEFAULT_BUNDLE}")
+    b = load_bundle(DEFAULT_BUNDLE, device="cpu")
+    clf = b.classifiers["image"]
+    if not clf.cfg.zone_features:
+        pytest.skip("the shipped bundle's classifiers were trained without zone features")
+    assert b.lung is not None
+    from neural_core.phantoms import phantom_array
+
+    raw, _ = phantom_array(3, height=256, width=256)
+    art = _artifact([(r, c) for r in range(4) for c in range(8)], size=256, patch=32, raw=raw)
+    g = stages.visual_graph(art, clf.cfg)
+    assert g.pos.shape == (32, 10) and float(g.pos[:, 4:].sum()) > 0
+    # the registered featurizer is the bundle's own lung model (same zone fractions as computed from it directly)
+    own = ZoneFeaturizer(b.lung.for_inference()).compute(art)
+    torch.testing.assert_close(pf.get_zone_featurizer().zones_of(art), own)
+    torch.testing.assert_close(g.pos[:, 4:], own)
+    p = stages.predict(clf, [stages.fuse_graphs(g, None)])
+    assert p.shape == (1,) and 0.0 <= p[0] <= 1.0
