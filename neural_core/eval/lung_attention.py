@@ -38,7 +38,8 @@ import numpy as np
 def write_manifests(data: str | Path, split_file: str | Path, out: str | Path) -> dict:
     import cv2
 
-    data, out = Path(data), Path(out)
+    # absolute paths: validate-salience resolves relative ones against the manifest's own folder
+    data, out = Path(data).resolve(), Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     split = json.loads(Path(split_file).read_text())["patients"]
     pid = {"images/" + r["filename"]: "covid-" + r["patientid"]
