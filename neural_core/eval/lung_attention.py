@@ -151,8 +151,9 @@ def val_check(decoders: list[str], features: str | Path) -> dict:
 def shortcut_check(decoders: list[str], features: str | Path, n: int = 120, seed: int = 0) -> dict:
     from ..io import load_image
     from ..models.backbones import create_backbone
+    import torch
+
     from ..models.patch_features import burn_in
-    from ..train.features import encode_tokens
     from ..transforms import resize_square
 
     z = np.load(Path(features) / "features_val.npz")
@@ -169,7 +170,9 @@ def shortcut_check(decoders: list[str], features: str | Path, n: int = 120, seed
         big = resize_square(load_image(recs[i]["image"]).pixels, 384)
         b2 = burn_in(big, np.random.default_rng([7, int(i)]))
         marks.append((np.abs(b2 - big) > 1).reshape(G, cell, G, cell).any(axis=(1, 3)).reshape(-1))
-        aug.append(encode_tokens(bb, [b2])[0])
+        with torch.inference_mode():     # the report model's encoder tokens, as the feature cache stores them
+            t = bb(torch.from_numpy(b2)[None, None], stop_at="s16")["s16"]
+        aug.append(t.flatten(2).transpose(1, 2)[0].float().numpy().astype(np.float16))
     aug, marks = np.stack(aug), np.stack(marks)
     has = marks.any(1)
     lung = z["lung"][idx].astype(np.float32)
