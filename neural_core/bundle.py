@@ -136,6 +136,10 @@ ModelBundle.to = _to  # type: ignore[attr-defined]
 
 def register_backbone_features(bundle: ModelBundle) -> None:
     """Make the report model's frozen CNN encoder the feature source of the classifiers configured for it."""
+    if bundle.lung is not None and any(getattr(c.cfg, "zone_features", False) for c in bundle.classifiers.values()):
+        from .models.patch_features import register_lung_model
+
+        register_lung_model(bundle.lung)      # zone features come from the bundle's own lung model
     cnn = getattr(bundle.report_model, "cnn", None)
     if cnn is None:
         return

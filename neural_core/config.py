@@ -171,7 +171,11 @@ class ClassifierConfig:
 
     ``patch_encoder``: ``"cnn"`` (a small CNN on each kept patch resized to ``patch_pixels``; the first release) or
     ``"backbone"`` (features of the frozen pretrained backbone over the artifact canvas, ``feature_dim`` wide, see
-    :mod:`neural_core.models.patch_features`; the node input is then those features, not pixels)."""
+    :mod:`neural_core.models.patch_features`; the node input is then those features, not pixels).
+
+    ``zone_features``: each image node also gets the six anatomical zone fractions of its patch (the lung model on
+    the artifact's reconstruction, :class:`~neural_core.models.patch_features.ZoneFeaturizer`), appended to its
+    ``pos``. False (the default, and what older bundles' configs mean) keeps the first five node inputs only."""
 
     patch_encoder: str = "cnn"
     backbone: str = "efficientnet_lite0"   # patch_encoder="backbone": which registered backbone
@@ -185,6 +189,12 @@ class ClassifierConfig:
     dropout: float = 0.2
     num_node_types: int = 3         # 0 image patch, 1 anatomy, 2 observation
     num_edge_types: int = 5         # 0 spatial, 1 located_at, 2 suggestive_of, 3 modify, 4 bridge
+    zone_features: bool = False     # + 6 lung-zone fractions per image node (pos columns 4..9)
+
+    @property
+    def pos_dim(self) -> int:
+        """Width of a visual graph's ``pos``: 4 geometric columns, + 6 zone fractions with ``zone_features``."""
+        return 4 + (6 if self.zone_features else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)

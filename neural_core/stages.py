@@ -175,21 +175,28 @@ def make_artifact(raw: np.ndarray, bit_depth: int, grid: PatchGrid, scores: np.n
 # graphs
 # ------------------------------------------------------------------------------------------------------------------
 
-def visual_graph(artifact: Artifact, ccfg: ClassifierConfig, *, features=None) -> Data:
+def visual_graph(artifact: Artifact, ccfg: ClassifierConfig, *, features=None, zones=None) -> Data:
     """The kept patches as a graph (8-neighbour spatial edges); see
     :func:`~neural_core.graphs.visual.build_visual_graph`. For a classifier whose patch encoder is the pretrained
     backbone (``ccfg.patch_encoder == "backbone"``) the node inputs are the backbone's features of the artifact
     canvas (:mod:`neural_core.models.patch_features`); ``features`` passes them when already computed (the trainer
-    computes them batched, with augmentation).
+    computes them batched, with augmentation). With ``ccfg.zone_features`` every node also gets its patch's six
+    lung-zone fractions from the lung model run on the artifact's reconstruction (the bundle's lung model,
+    :func:`~neural_core.models.patch_features.get_zone_featurizer`, memoised per artifact); ``zones`` passes them
+    when already computed.
 
-    *Shapes*: ``features`` :math:`(K, D)` for the artifact's :math:`K` kept patches."""
+    *Shapes*: ``features`` :math:`(K, D)`, ``zones`` :math:`(K, 6)` for the artifact's :math:`K` kept patches."""
     from .graphs.visual import build_visual_graph
 
     if ccfg.patch_encoder == "backbone" and features is None:
         from .models.patch_features import get_featurizer
 
         features = get_featurizer(ccfg).features_of(artifact)
-    return build_visual_graph(artifact, ccfg, features=features)
+    if getattr(ccfg, "zone_features", False) and zones is None:
+        from .models.patch_features import get_zone_featurizer
+
+        zones = get_zone_featurizer().zones_of(artifact)
+    return build_visual_graph(artifact, ccfg, features=features, zones=zones)
 
 
 def report_data(report_graph, text_encoder) -> Data | None:

@@ -89,7 +89,8 @@ def spatial_edges(coords: np.ndarray, cols: int) -> np.ndarray:
     return np.stack([src[perm], dst[perm]]).astype(np.int64)
 
 
-def build_visual_graph(artifact: Any, cfg: ClassifierConfig, features: torch.Tensor | None = None) -> Data:
+def build_visual_graph(artifact: Any, cfg: ClassifierConfig, features: torch.Tensor | None = None,
+                       zones: torch.Tensor | np.ndarray | None = None) -> Data:
     r"""Build the visual graph of one pruned radiograph from its artifact.
 
     Node :math:`i` is the :math:`i`-th kept patch. Two nodes are joined (both directions, edge type 0 "spatial")
@@ -108,6 +109,8 @@ def build_visual_graph(artifact: Any, cfg: ClassifierConfig, features: torch.Ten
         cfg: the classifier configuration (``patch_pixels`` is used).
         features: for ``cfg.patch_encoder == "backbone"``: the kept patches' backbone features
             (:class:`~neural_core.models.patch_features.BackboneFeaturizer` of this artifact), stored as ``patch``.
+        zones: for ``cfg.zone_features``: each kept patch's six zone fractions
+            (:class:`~neural_core.models.patch_features.ZoneFeaturizer` of this artifact), appended to ``pos``.
 
     Returns:
         :class:`torch_geometric.data.Data` with ``patch``, ``pos``, ``score``, ``coords``, ``node_type``,
@@ -116,7 +119,9 @@ def build_visual_graph(artifact: Any, cfg: ClassifierConfig, features: torch.Ten
     *Shapes*:
         - ``patch``: :math:`(K, 1, p, p)` float32 in [-1, 1], :math:`p` = ``cfg.patch_pixels``; or
           :math:`(K, D)` backbone features (``cfg.patch_encoder == "backbone"``)
-        - ``pos``: :math:`(K, 4)` float32: centre y / H, centre x / W, :math:`h_i/H`, :math:`w_i/W`, all in [0, 1]
+        - ``pos``: :math:`(K, 4)` float32: centre y / H, centre x / W, :math:`h_i/H`, :math:`w_i/W`, all in [0, 1];
+          :math:`(K, 10)` with ``cfg.zone_features``: then columns 4..9 are the patch's shares in the zones
+          right upper/middle/lower, left upper/middle/lower (:data:`neural_core.models.lung.ZONES`)
         - ``score``: :math:`(K, 1)` float32 salience in [0, 1] (zeros when the artifact has none)
         - ``coords``: :math:`(K, 2)` int64 (row, col) in the patch grid
         - ``node_type``: :math:`(K,)` int64, all 0
@@ -155,6 +160,12 @@ def build_visual_graph(artifact: Any, cfg: ClassifierConfig, features: torch.Ten
 
     pos = np.stack([(coords[:, 0] * P + hs / 2.0) / H, (coords[:, 1] * P + ws / 2.0) / W, hs / H, ws / W],
                    axis=1).astype(np.float32)
+    if getattr(cfg, "zone_features", False):
+        z = None if zones is None else np.asarray(zones.float() if torch.is_tensor(zones) else zones, np.float32)
+        if z is None or z.shape != (k, 6):
+            raise ArtifactError(f"zone fractions for {k} patches (shape ({k}, 6)) needed, got "
+                                f"{None if z is None else z.shape}")
+        pos = np.concatenate([pos, z], axis=1)
 
     if artifact.scores is None:
         score = np.zeros((k, 1), dtype=np.float32)

@@ -145,7 +145,8 @@ class NeuralClassifier(nn.Module):
             _use_fast_pooling(self.patch_encoder)
         else:
             raise ValueError(f"unknown patch_encoder {cfg.patch_encoder!r} (cnn | backbone)")
-        self.geo = nn.Sequential(nn.Linear(POS_DIM, GEO_DIM), nn.GELU(), nn.Linear(GEO_DIM, GEO_DIM))
+        # zone_features: pos carries 6 zone fractions after its 4 geometric columns (ClassifierConfig.pos_dim)
+        self.geo = nn.Sequential(nn.Linear(POS_DIM + cfg.pos_dim - 4, GEO_DIM), nn.GELU(), nn.Linear(GEO_DIM, GEO_DIM))
         self.img_proj = nn.Linear(cfg.patch_dim + GEO_DIM, h)
         self.txt_proj = nn.Linear(cfg.text_dim + CERTAINTY_DIM, h)
         self.type_emb = nn.Embedding(cfg.num_node_types, h)

@@ -9,6 +9,12 @@ classifier uses exactly what the artifact stored, and nothing else.
 Training adds shortcut-breaking augmentation on the canvas (:func:`shortcut_augment`): random resized crop,
 rotation, contrast and gamma, burned-in letters and borders where they carry no label. The node sampling
 positions follow the same affine map, so a node keeps its own patch's features.
+
+Anatomical zone features (``ClassifierConfig.zone_features``): :class:`ZoneFeaturizer` runs the lung-field model
+(:mod:`neural_core.models.lung`) on the same artifact reconstruction and gives every kept patch the share of its
+pixels in each of the six zones (right/left x upper/middle/lower). Like the backbone features they come from the
+artifact alone: on an artifact that kept few patches the lung model sees few patches, and says so with small
+fractions.
 """
 from __future__ import annotations
 
@@ -148,6 +154,87 @@ class BackboneFeaturizer:
             f32 = F.grid_sample(maps["s32"][b:b + 1].float(), g, align_corners=False)[0, :, :, 0].T
             out.append(torch.cat([f16, f32], dim=1).contiguous())
         return out
+
+
+class ZoneFeaturizer:
+    r"""Zone fractions :math:`z_i \in [0, 1]^6` of every kept patch :math:`i` (share of the patch's true pixels in
+    each of :data:`neural_core.models.lung.ZONES`), from the lung model's prediction on the artifact's blank-fill
+    reconstruction (:func:`neural_core.models.lung.patch_zone_fractions`). Each row sums to the patch's lung
+    fraction.
+
+    *Shapes*: :meth:`zones_of` takes one artifact and returns a :math:`(K, 6)` float32 tensor.
+    """
+
+    def __init__(self, lung_model):
+        self.lung_model = lung_model
+        self._memo: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lung_masks(self, pixels: np.ndarray):
+        """The lung model's :class:`~neural_core.models.lung.LungFields` of an ``(H, W)`` image in [-1024, 1024]."""
+        from .lung import lung_fields
+
+        return lung_fields(self.lung_model, pixels)
+
+    def compute(self, artifact) -> torch.Tensor:
+        """:math:`(K, 6)` zone fractions of the kept patches, in the artifact's ``coords`` order."""
+        from ..prune import PatchGrid
+        from .lung import patch_zone_fractions
+
+        pixels = to_float(artifact.reconstruct("blank"), artifact.bit_depth)
+        grid = PatchGrid(int(artifact.height), int(artifact.width), int(artifact.patch), int(artifact.rows),
+                         int(artifact.cols))
+        frac = patch_zone_fractions(self.lung_masks(pixels), grid)
+        rc = np.asarray(artifact.coords, dtype=np.int64).reshape(-1, 2)
+        return torch.from_numpy(frac[rc[:, 0], rc[:, 1]].astype(np.float32))
+
+    def zones_of(self, artifact) -> torch.Tensor:
+        """:meth:`compute`, remembered for the last few artifacts (same key as
+        :meth:`BackboneFeaturizer.features_of`: one study is scored under several conditions)."""
+        key = (id(artifact), artifact.coords.tobytes())
+        with self._lock:
+            hit = self._memo.get(key)
+            if hit is not None and hit[0] is artifact:
+                self._memo.move_to_end(key)
+                return hit[1]
+        z = self.compute(artifact)
+        with self._lock:
+            self._memo[key] = (artifact, z)
+            while len(self._memo) > 8:
+                self._memo.popitem(last=False)
+        return z
+
+
+_ZONE_FEATURIZER: list[ZoneFeaturizer] = []
+
+
+def register_lung_model(lung_model) -> ZoneFeaturizer:
+    """Make ``lung_model`` (a :class:`~neural_core.models.lung.LungModel`, e.g. the bundle's) the source of zone
+    features for classifiers with ``zone_features=True``; an inference copy (BatchNorm folded) is used."""
+    f = ZoneFeaturizer(lung_model.for_inference())
+    _ZONE_FEATURIZER[:] = [f]
+    return f
+
+
+def get_zone_featurizer() -> ZoneFeaturizer:
+    """The registered :class:`ZoneFeaturizer`; without one, the lung model shipped in the repository
+    (``assets/default_model/lung``, else ``assets/lung_model``).
+
+    Raises:
+        ModelLoadError: none registered and none shipped.
+    """
+    if _ZONE_FEATURIZER:
+        return _ZONE_FEATURIZER[0]
+    from pathlib import Path
+
+    from ..errors import ModelLoadError
+    from .lung import LungModel
+
+    root = Path(__file__).resolve().parents[2] / "assets"
+    for d in (root / "default_model" / "lung", root / "lung_model"):
+        if (d / "lung_config.json").is_file():
+            return register_lung_model(LungModel.from_pretrained(d))
+    raise ModelLoadError("zone features need a lung model: load a bundle with lung/ or call register_lung_model")
 
 
 # One featurizer per backbone name in a process: a bundle registers the backbone it ships (its report model's

@@ -51,13 +51,38 @@ def main(argv: list[str] | None = None) -> int:
         from ..models.lung import LungModel
 
         lung = LungModel.from_pretrained(args.lung)
+    training = {}
+    log_file = Path(args.decoder).parent / "log.jsonl"
+    if log_file.is_file():       # how the report model was trained (weak attention supervision, burned-in copies)
+        for line in log_file.read_text().splitlines():
+            ev = json.loads(line)
+            if ev.get("event") == "start":
+                a = ev.get("args", {})
+                training = {"attn_weight": a.get("attn_weight", 0.0), "attn_targets": a.get("targets"),
+                            "burn_in_copies": ev.get("burn_in_copies", 0), "aug_p": a.get("aug_p"),
+                            "epochs": a.get("epochs")}
+            elif ev.get("event") == "epoch" and "val_mass_in_lung" in ev:
+                training.setdefault("val_per_epoch", []).append(
+                    {k: ev.get(k) for k in ("epoch", "val_loss", "val_attn_loss", "val_mass_in_lung", "val_pointing")})
+    zone = sorted(n for n, c in clfs.items() if c.cfg.zone_features)
     info = {"name": "neural-lite0", "version": args.version, "trained": True, "thresholds": thresholds,
             "val_auc": val_auc, "split_file": "split.json",
             "encoder": rm.cfg.encoder, "report_model": rm.cfg.to_dict(),
+            "report_model_training": training,
             "sources": {n: str(d) for n, d in where.items() if n in clfs},
+            "classifier_zone_features": zone,
             "data": ["kermany-train (label-template reports; Kermany capped at 1300 studies per class)",
                      "covid-cxr (clinical notes)", "jsrt: the 154 nodule films as adult negatives (classifiers)",
-                     "iu-reports (tokenizer text only)"]}
+                     "iu-reports (tokenizer text only)"]
+            + (["report model: cross-attention weakly supervised towards the lung field and the zones a note names "
+                "(lung field and zones = the shipped lung model's prediction on every training image, pediatric "
+                "Kermany included; not annotations)"] if training.get("attn_weight") else [])
+            + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
+                "borders at random, both classes)"] if training.get("burn_in_copies") else [])
+            + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "
+                "artifact)"] if zone else [])}
+    if zone and lung is None:
+        raise SystemExit("classifiers with zone features need the lung model in the bundle: pass --lung")
     out = Path(args.out)
     if out.exists():
         for sub in ("report", "classifier_image", "classifier_report", "classifier_oracle", "baseline", "lung"):

@@ -9,7 +9,9 @@ frozen backbone looks at the artifact canvas with shortcut-breaking augmentation
 classifiers (``image``: visual graph only; ``report``: + the generated report's knowledge graph; ``oracle``: + the
 given report's graph, which for Kermany's label templates leaks the label) train on them for many epochs.
 Validation: the patient-level validation split at keep 0.10, no augmentation; early stopping on its ROC-AUC and
-the decision threshold (Youden) are chosen there. Also fits the transfer-learning baseline (frozen backbone,
+the decision threshold (Youden) are chosen there. With ``--zone-features`` (default) every image node also carries
+its patch's six lung-zone fractions, from the lung model (``--lung``, the one the bundle ships) run on the
+artifact's reconstruction. Also fits the transfer-learning baseline (frozen backbone,
 mean+max pooled, logistic regression with C=0.01 and balanced classes) on the same training studies.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -172,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                     "JSRT nodule films as adult negatives), each with _train/_val parts")
     ap.add_argument("--extra-views", type=int, default=4, help="views per study of the extra training sets")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-only", default="", help="only cache the views of these splits (comma list, e.g. "
+                    "val,jsrt_train,jsrt_val) and exit: a second process fills them while the first does train")
+    ap.add_argument("--zone-features", action=argparse.BooleanOptionalAction, default=True,
+                    help="give every image node its patch's six lung-zone fractions (the lung model on the artifact)")
+    ap.add_argument("--lung", default="assets/default_model/lung", help="lung model for --zone-features (ship the "
+                    "same one in the bundle)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from ..device import set_threads
@@ -180,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
 
     def logline(**kw):
         with (out / "log.jsonl").open("a") as fh:
@@ -190,17 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(Path(args.decoder) / "tokenizer")
     featurizer = BackboneFeaturizer(copy.deepcopy(model.cnn.backbone).fuse_for_inference())
     cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=featurizer.dim, canvas=featurizer.canvas,
-                           dropout=0.3)
+                           dropout=0.3, zone_features=args.zone_features)
+    if args.zone_features:
+        from ..models.lung import LungModel
+        from ..models.patch_features import register_lung_model
+
+        register_lung_model(LungModel.from_pretrained(args.lung))
     data = {}
     extra = [e for e in args.extra.split(",") if e]
     splits = ["train", "val"] + [f"{e}_{w}" for e in extra for w in ("train", "val")]
-    for which in splits:
+    only = [w for w in args.cache_only.split(",") if w]
+    for which in (only or splits):
+        # one generator per split: the views do not depend on which process cached the other splits
+        rng = np.random.default_rng([args.seed, splits.index(which)])
         tokens, pooled, recs = load_features(Path(args.features), which)
         keep = [i for i, r in enumerate(recs) if r["pneumonia"] is not None]
         tokens, pooled, recs = tokens[keep], pooled[keep], [recs[i] for i in keep]
         vf = out / f"views_{which}.pt"
         if vf.exists():
             maps, texts, views = torch.load(vf, weights_only=False)
+            if views and views[0][2].pos.shape[1] != cfg.pos_dim:
+                raise SystemExit(f"{vf} was cached with{'out' if cfg.zone_features else ''} zone features; use "
+                                 "another --out or the matching --zone-features setting")
         else:
             t0 = time.time()
             maps, texts = generated_salience(model, tok, tokens)
@@ -211,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
                                    logline=logline)
-            torch.save((maps, texts, views), vf)
+            tmp = vf.with_name(f"{vf.stem}.{os.getpid()}.tmp")
+            torch.save((maps, texts, views), tmp)
+            tmp.replace(vf)
         data[which] = (recs, pooled, maps, texts, views)
         logline(event="views_ready", split=which, n=len(views),
                 distinct_reports=len(set(texts)))
+    if only:
+        return 0
 
     def joined(part: str):
         recs, pooled, texts, views = [], [], [], []

@@ -1,4 +1,4 @@
-"""Stage 1 with a frozen pretrained encoder: train the projection and the T5 decoder on cached encoder tokens.
+r"""Stage 1 with a frozen pretrained encoder: train the projection and the T5 decoder on cached encoder tokens.
 
     python -m neural_core.train.features ...                       # once: tokens of every training image
     python -m neural_core.train.decoder --features runs/pre --out runs/decoder --epochs 8
@@ -7,11 +7,32 @@ With the encoder frozen, its tokens are a fixed function of the image, so they a
 (:mod:`neural_core.train.features`) and every epoch costs only the decoder (about 1 M parameters). Same objective
 as :mod:`neural_core.train.stage1` (teacher-forced cross-entropy, padding masked), AdamW with warmup + cosine,
 gradient clipping; token dropout (a random 10 % of the image tokens zeroed per report) keeps the decoder from
-leaning on a few tokens. Best validation loss -> ``OUT/best`` (a ReportModel directory with its tokenizer).
+leaning on a few tokens.
+
+Weak supervision of the cross-attention (``--attn-weight`` :math:`\lambda > 0`). The salience the app shows is the
+decoder's own cross-attention, averaged over heads and layers exactly as
+:func:`neural_core.salience.aggregate_cross_attention` does; nothing in the text loss tells it where to look, and
+left alone it settled outside the lungs. So the objective adds, for every real report token :math:`t` (not padding,
+not ``</s>``) with attention :math:`a_t` over the :math:`G \times G` tokens,
+
+.. math:: \mathcal{L}_{attn} = \operatorname{mean}_t \; -\log\Big(\sum_{s \in M_t} a_{t,s} + \epsilon\Big)
+
+where :math:`M_t` is the lung field (the lung model's prediction stored by :mod:`neural_core.train.features`,
+cells at least half lung, dilated by one token), or, for a token of a sentence in which
+:func:`neural_core.graphs.zones.zone_mentions` finds a named (non-negated) zone ("left upper lobe", "bilateral
+lower zones"), those zones within the lung field (``--targets lung+zone``). Total loss = text loss + lambda x attention
+loss. ``--burn-in-copies`` of :mod:`neural_core.train.features` (letters, markers, borders burned in at random)
+replace the clean tokens of a training study with probability ``--aug-p``; the anatomy does not move, so the clean
+image's lung field stays the target.
+
+Per epoch ``OUT/log.jsonl`` records the validation text loss, attention loss, the attention mass inside the lung
+field and the pointing game (top cell mostly lung). Best validation objective (text + lambda x attention) ->
+``OUT/best`` (a ReportModel directory with its tokenizer).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -40,6 +61,119 @@ def _labels(tok, texts: list[str], max_len: int) -> torch.Tensor:
     return tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")["input_ids"]
 
 
+def dilate(mask: np.ndarray, grid: int, steps: int = 1) -> np.ndarray:
+    """Grow a flat ``(G*G,)`` boolean cell mask by ``steps`` cells (8-neighbourhood).
+
+    *Shapes*: ``(G*G,)`` -> ``(G*G,)`` bool."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32).reshape(1, 1, grid, grid))
+    for _ in range(steps):
+        m = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)
+    return m.reshape(-1).numpy() > 0.5
+
+
+def lung_target(lung: np.ndarray, grid: int, *, dilation: int = 1) -> np.ndarray:
+    """The lung-field target on the token grid: cells at least half lung, dilated by ``dilation`` cells.
+
+    *Shapes*: ``lung`` :math:`(G*G,)` share of each cell inside the lung -> :math:`(G*G,)` bool."""
+    core = np.asarray(lung, dtype=np.float32) >= 0.5
+    return dilate(core, grid, dilation) if dilation and core.any() else core
+
+
+def zone_target(zones: np.ndarray, named: set, lung_t: np.ndarray, grid: int, *, dilation: int = 1) -> np.ndarray:
+    """Cells of the named zones: at least half in one of them, dilated like the lung target and kept inside it.
+    Empty when the lung model found none of the named zones.
+
+    *Shapes*: ``zones`` :math:`(6, G*G)` shares of :data:`~neural_core.models.lung.ZONES`; ``lung_t`` :math:`(G*G,)`
+    bool -> :math:`(G*G,)` bool."""
+    from ..models.lung import ZONES
+
+    idx = [ZONES.index(z) for z in named if z in ZONES]
+    if not idx:
+        return np.zeros(grid * grid, dtype=bool)
+    core = np.asarray(zones, dtype=np.float32)[idx].sum(0) >= 0.5
+    if not core.any():
+        return core
+    return (dilate(core, grid, dilation) if dilation else core) & lung_t
+
+
+@functools.lru_cache(maxsize=16384)
+def sentence_zones(text: str) -> tuple[tuple[int, int, frozenset], ...]:
+    """``(start, end, zones)`` character spans of the sentences of ``text`` that name a (non-negated) zone, zones
+    as ``(side, level)`` pairs (:func:`neural_core.graphs.zones.zone_mentions`). Sentences end at ``.``, ``!``,
+    ``?`` or a line break."""
+    import re
+
+    from ..graphs.zones import zone_mentions
+
+    mentions = [m for m in zone_mentions(text) if not m.negated]
+    if not mentions:
+        return ()
+    out = []
+    for s in re.finditer(r"[^.!?\n]+[.!?]*", text):
+        named = frozenset(p for m in mentions if s.start() <= m.start < s.end() for p in m.pairs)
+        if named:
+            out.append((s.start(), s.end(), named))
+    return tuple(out)      # memoised per text (templates and oversampled notes repeat every epoch)
+
+
+def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, grid: int, max_len: int, *,
+                  use_zones: bool, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and the per-token attention target of a batch of reports.
+
+    Every token's target is its study's lung field (:func:`lung_target`); with ``use_zones`` a token whose first
+    character lies in a sentence naming a zone (:func:`sentence_zones`) gets that sentence's zones instead
+    (:func:`zone_target`; the lung field when the lung model found none of them).
+
+    *Shapes*: ``lung`` :math:`(B, G*G)`, ``zones`` :math:`(B, 6, G*G)` -> labels :math:`(B, T)` int64 and targets
+    :math:`(B, T, G*G)` bool (as :func:`_labels`; padding rows are whatever, the loss masks them).
+    """
+    enc = tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt",
+              return_offsets_mapping=True)
+    labels = enc["input_ids"]
+    B, T = labels.shape
+    out = np.zeros((B, T, grid * grid), dtype=bool)
+    for b, text in enumerate(texts):
+        lt = lung_target(lung[b], grid, dilation=dilation)
+        out[b] = lt
+        if not use_zones:
+            continue
+        for start, end, named in sentence_zones(text):
+            zt = zone_target(zones[b], set(named), lt, grid, dilation=dilation)
+            if not zt.any():
+                continue
+            for t, (a, e) in enumerate(enc["offset_mapping"][b].tolist()):
+                if e > a and start <= a < end:
+                    out[b, t] = zt
+    return labels, torch.from_numpy(out)
+
+
+def attention_target_loss(cross_attentions, token_mask: torch.Tensor, targets: torch.Tensor, grid: tuple[int, int],
+                          *, eps: float = 1e-4) -> torch.Tensor:
+    r"""Mass-in-target loss of the aggregated cross-attention: mean over real tokens :math:`t` with a non-empty
+    target of :math:`-\log(\sum_{s \in M_t} a_{t,s} + \epsilon)`, :math:`a_t` the attention of token :math:`t`
+    averaged over heads and layers by :func:`neural_core.salience.aggregate_cross_attention` (each row sums to 1).
+
+    Args:
+        cross_attentions: L tensors :math:`(B, H, T, S)`, ``S = rows * cols`` (``output_attentions=True``, eager).
+        token_mask: :math:`(B, T)` bool, real tokens.
+        targets: :math:`(B, T, S)` bool or float in [0, 1].
+        grid: ``(rows, cols)``.
+
+    Returns:
+        a scalar tensor (0 when no token has a target).
+    """
+    from ..salience import aggregate_cross_attention
+
+    _, per_token, _ = aggregate_cross_attention(cross_attentions, token_mask, grid)
+    a = per_token.flatten(2)                                        # (B, T, S)
+    tgt = targets.to(a.dtype)
+    use = token_mask & (tgt.sum(-1) > 0)
+    if not use.any():
+        return a.sum() * 0.0
+    mass = (a * tgt).sum(-1)
+    return -torch.log(mass[use] + eps).mean()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", default="runs/pre")
@@ -52,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-dropout", type=float, default=0.1)
     ap.add_argument("--covid-oversample", type=int, default=3)
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--attn-weight", type=float, default=0.0, help="lambda of the cross-attention mass-in-target "
+                    "loss (0 = text loss only, the previous objective)")
+    ap.add_argument("--targets", choices=("lung", "lung+zone"), default="lung+zone",
+                    help="attention target: the lung field for every token, or the zones a sentence names")
+    ap.add_argument("--dilation", type=int, default=1, help="cells the lung/zone target is grown by")
+    ap.add_argument("--aug-p", type=float, default=0.5, help="probability that a training study is read from one "
+                    "of its burned-in copies (when features hold aug_tokens)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from ..device import set_threads
@@ -64,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     feats = Path(args.features)
     tr_tok, _, tr_rec = load_features(feats, "train")
     va_tok, _, va_rec = load_features(feats, "val")
+    tr_z, va_z = np.load(feats / "features_train.npz"), np.load(feats / "features_val.npz")
+    if args.attn_weight and ("lung" not in tr_z.files or "lung" not in va_z.files):
+        raise SystemExit(f"{feats} holds no lung masks: recompute it with this version of neural_core.train.features")
+    tr_lung, tr_zones = (tr_z["lung"], tr_z["zones"]) if "lung" in tr_z.files else (None, None)
+    va_lung, va_zones = (va_z["lung"], va_z["zones"]) if "lung" in va_z.files else (None, None)
+    tr_aug = tr_z["aug_tokens"] if "aug_tokens" in tr_z.files else None
     tok = load_tokenizer(args.tokenizer)
     cfg: ReportModelConfig = replace(pretrained_report_config(), vocab_size=len(tok))
     model = ReportModel(cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -87,21 +234,48 @@ def main(argv: list[str] | None = None) -> int:
         with (out / "log.jsonl").open("a") as fh:
             fh.write(json.dumps({"time": time.time(), **kw}) + "\n")
 
-    def batch_loss(tokens: np.ndarray, recs: list[dict], ids: list[int], train: bool) -> torch.Tensor:
-        x = torch.from_numpy(tokens[ids].astype(np.float32))
+    grid = model.token_grid
+    G = grid[0]
+    use_zones = args.targets == "lung+zone"
+
+    def batch_loss(tokens: np.ndarray, recs: list[dict], ids: list[int], train: bool, lung=None, zones=None,
+                   aug=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text loss, attention loss, aggregated maps (B, G*G) or None)."""
+        x = tokens[ids].astype(np.float32)
+        if train and aug is not None and args.aug_p > 0:
+            pick = rng.random(len(ids)) < args.aug_p
+            for j in np.flatnonzero(pick):
+                x[j] = aug[ids[j], rng.integers(aug.shape[1])]
+        x = torch.from_numpy(x)
         if train and args.token_dropout:
             x = x * (torch.rand(x.shape[:2]) >= args.token_dropout).unsqueeze(-1)
-        labels = _labels(tok, [recs[i]["report"] for i in ids], cfg.max_report_tokens)
-        return model(None, labels, encoder_outputs=model.encode_tokens(x)).loss
+        texts = [recs[i]["report"] for i in ids]
+        if lung is None:
+            labels = _labels(tok, texts, cfg.max_report_tokens)
+            return model(None, labels, encoder_outputs=model.encode_tokens(x)).loss, torch.zeros(()), None
+        labels, tgt = token_targets(tok, texts, lung[ids], zones[ids], G, cfg.max_report_tokens,
+                                    use_zones=use_zones, dilation=args.dilation)
+        out = model(None, labels, encoder_outputs=model.encode_tokens(x), output_attentions=True)
+        from ..salience import aggregate_cross_attention, real_token_mask
 
-    logline(event="start", train=len(idx), val=len(va_idx), total_steps=total, config=cfg.to_dict())
+        mask = real_token_mask(labels, tok.pad_token_id, tok.eos_token_id)
+        attn = attention_target_loss(out.cross_attentions, mask, tgt, grid)
+        maps = None
+        if not train:
+            maps = aggregate_cross_attention(out.cross_attentions, mask, grid)[0].flatten(1)
+        return out.loss, attn, maps
+
+    logline(event="start", train=len(idx), val=len(va_idx), total_steps=total, config=cfg.to_dict(),
+            args=vars(args), burn_in_copies=0 if tr_aug is None else int(tr_aug.shape[1]))
     best, step = float("inf"), 0
     for ep in range(args.epochs):
         model.train()
         order = rng.permutation(idx)
         t0 = time.time()
         for b in range(steps_per_epoch):
-            loss = batch_loss(tr_tok, tr_rec, list(order[b * args.batch:(b + 1) * args.batch]), True)
+            text_loss, attn_loss, _ = batch_loss(tr_tok, tr_rec, list(order[b * args.batch:(b + 1) * args.batch]),
+                                                 True, tr_lung if args.attn_weight else None, tr_zones, tr_aug)
+            loss = text_loss + args.attn_weight * attn_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -109,14 +283,29 @@ def main(argv: list[str] | None = None) -> int:
             sched.step()
             step += 1
             if step % 20 == 0:
-                logline(event="step", epoch=ep, step=step, loss=loss.item(), lr=sched.get_last_lr()[0])
+                logline(event="step", epoch=ep, step=step, loss=loss.item(), text_loss=text_loss.item(),
+                        attn_loss=attn_loss.item(), lr=sched.get_last_lr()[0])
         model.eval()
+        tl = al = 0.0
+        mass, point = [], []
         with torch.no_grad():
-            losses = [batch_loss(va_tok, va_rec, va_idx[i:i + 64], False).item() * len(va_idx[i:i + 64])
-                      for i in range(0, len(va_idx), 64)]
-        val = sum(losses) / max(1, len(va_idx))
-        logline(event="epoch", epoch=ep + 1, step=step, val_loss=val, seconds=time.time() - t0)
-        log.info("epoch %d val loss %.4f (%.0f s)", ep + 1, val, time.time() - t0)
+            for i in range(0, len(va_idx), 64):
+                ids = va_idx[i:i + 64]
+                t_l, a_l, maps = batch_loss(va_tok, va_rec, ids, False, va_lung, va_zones)
+                tl, al = tl + t_l.item() * len(ids), al + a_l.item() * len(ids)
+                if maps is not None:
+                    # attention mass in the lung (cells weighted by their lung share) and the pointing game
+                    lung = torch.from_numpy(va_lung[ids].astype(np.float32))
+                    mass += (maps * lung).sum(1).tolist()
+                    point += (lung.gather(1, maps.argmax(1, keepdim=True))[:, 0] >= 0.5).float().tolist()
+        n = max(1, len(va_idx))
+        val_text, val_attn = tl / n, al / n
+        val = val_text + args.attn_weight * val_attn
+        extra = {"val_mass_in_lung": float(np.mean(mass)), "val_pointing": float(np.mean(point))} if mass else {}
+        logline(event="epoch", epoch=ep + 1, step=step, val_loss=val_text, val_attn_loss=val_attn,
+                val_objective=val, seconds=time.time() - t0, **extra)
+        log.info("epoch %d val text loss %.4f attn loss %.4f %s (%.0f s)", ep + 1, val_text, val_attn, extra,
+                 time.time() - t0)
         model.save_pretrained(out / "last")
         tok.save_pretrained(str(out / "last" / "tokenizer"))
         if val < best:

@@ -1,0 +1,33 @@
+"""neural_core.eval.lung_attention: grouping validate-salience rows by split part (hand-made rows)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neural_core.eval.lung_attention import by_split, summarise
+
+
+def _row(name, mass, hit, recall):
+    return {"image": name, "mass_in_mask": mass, "pointing": {"neural": hit, "random": 0.5, "lung_model": True},
+            "keeps": {"0.1": {"recall": recall, "random": 0.1, "lung_prior": 0.2, "lung_model": 0.3}}}
+
+
+def test_summarise_means_and_missing_values():
+    s = summarise([_row("a", 0.8, True, 0.4), _row("b", 0.6, False, float("nan"))], ["0.1"])
+    assert s["n"] == 2 and s["mass"] == pytest.approx(0.7) and s["pointing_neural"] == pytest.approx(0.5)
+    assert s["recall@0.1"] == pytest.approx(0.4)          # NaN rows are left out of the mean
+    assert s["lung_model@0.1"] == pytest.approx(0.3)
+
+
+def test_by_split_groups_covid_images_by_patient_split(tmp_path):
+    (tmp_path / "covid-cxr").mkdir()
+    (tmp_path / "covid-cxr" / "metadata.csv").write_text("patientid,filename\n1,a.png\n2,b.png\n3,c.png\n")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"patients": {"covid-1": "val", "covid-2": "test", "covid-3": "test"}}))
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"per_image": [_row("a.png", 0.9, True, 0.3), _row("b.png", 0.5, False, 0.1),
+                                             _row("c.png", 0.7, True, 0.2), _row("x.png", 0.1, False, 0.0)]}))
+    g = by_split(res, tmp_path, split)
+    assert g["all"]["n"] == 4 and g["val"]["n"] == 1 and g["test"]["n"] == 2
+    assert g["test"]["mass"] == pytest.approx(0.6) and g["val"]["recall@0.1"] == pytest.approx(0.3)

@@ -1,0 +1,145 @@
+"""Weak supervision of the report model's cross-attention (neural_core.train.decoder): hand-made inputs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neural_core.train.decoder import (attention_target_loss, dilate, lung_target, main, sentence_zones,
+                                       token_targets, zone_target)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "assets" / "default_model" / "report" / "tokenizer"
+
+
+def test_loss_on_a_2x2_grid_is_minus_log_mass_of_the_head_and_layer_mean():
+    # B=1, T=2 tokens, 2x2 grid (S=4); two layers x two heads whose mean is known
+    l0 = torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]],
+                       [[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]])[None]   # (1, H=2, T=2, 4)
+    l1 = torch.tensor([[[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+                       [[0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0]]])[None]
+    mask = torch.tensor([[True, True]])
+    target = torch.zeros(1, 2, 4, dtype=torch.bool)
+    target[0, 0, 0] = True            # token 0: top-left cell; mean attention there (0.7+0.5+0.9+0.7)/4 = 0.7
+    target[0, 1, 2:] = True           # token 1: bottom row; mean there (0.5 + 0.5 + 1 + 1)/4 = 0.75
+    got = attention_target_loss((l0, l1), mask, target, (2, 2), eps=0.0)
+    assert got.item() == pytest.approx(-(math.log(0.7) + math.log(0.75)) / 2, rel=1e-6)
+    # a padding token and a token with an empty target do not count
+    got1 = attention_target_loss((l0, l1), torch.tensor([[True, False]]), target, (2, 2), eps=0.0)
+    assert got1.item() == pytest.approx(-math.log(0.7), rel=1e-6)
+    target[0, 1] = False
+    assert attention_target_loss((l0, l1), mask, target, (2, 2), eps=0.0).item() == pytest.approx(-math.log(0.7))
+    # all mass inside the target -> loss 0
+    full = torch.ones(1, 2, 4, dtype=torch.bool)
+    assert attention_target_loss((l0, l1), mask, full, (2, 2), eps=0.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_moves_attention_into_the_target():
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 1, 3, 4, requires_grad=True)          # one layer, one head, 3 tokens, 2x2 grid
+    target = torch.zeros(1, 3, 4, dtype=torch.bool)
+    target[..., 3] = True
+    opt = torch.optim.SGD([logits], lr=1.0)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    before = attention_target_loss((logits.softmax(-1),), mask, target, (2, 2)).item()
+    for _ in range(20):
+        loss = attention_target_loss((logits.softmax(-1),), mask, target, (2, 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before == pytest.approx(-math.log(0.25 + 1e-4), rel=1e-4)
+    assert loss.item() < 0.2 * before
+    assert (logits.softmax(-1)[..., 3] > 0.8).all()
+
+
+def test_dilate_and_lung_target():
+    g = 4
+    m = np.zeros(g * g, bool)
+    m[5] = True                                                    # (1, 1)
+    d = dilate(m, g).reshape(g, g)
+    assert d[:3, :3].all() and d.sum() == 9
+    lung = np.zeros(g * g, np.float32)
+    lung[5], lung[6] = 0.6, 0.4                                    # only (1, 1) is at least half lung
+    assert lung_target(lung, g, dilation=0).nonzero()[0].tolist() == [5]
+    assert lung_target(lung, g, dilation=1).sum() == 9
+    assert not lung_target(np.zeros(g * g), g).any()
+
+
+def test_zone_target_is_the_named_zone_inside_the_lung():
+    from neural_core.models.lung import ZONES
+
+    g = 4
+    zones = np.zeros((6, g * g), np.float32)
+    zones[ZONES.index(("left", "upper")), 2] = 1.0                 # cell (0, 2)
+    zones[ZONES.index(("right", "lower")), 12] = 1.0               # cell (3, 0)
+    lung_t = np.zeros(g * g, bool)
+    lung_t[[1, 2, 3, 6, 12]] = True
+    zt = zone_target(zones, {("left", "upper")}, lung_t, g, dilation=1)
+    assert sorted(zt.nonzero()[0].tolist()) == [1, 2, 3, 6]        # dilated, then cut to the lung target
+    assert not zone_target(zones, {("left", "middle")}, lung_t, g).any()
+    assert not zone_target(zones, set(), lung_t, g).any()
+
+
+def test_sentence_zones_spans_and_negation():
+    text = "Consolidation in the left upper lobe. Heart size normal. No opacity in the right lower zone."
+    got = sentence_zones(text)
+    assert len(got) == 1
+    start, end, named = got[0]
+    assert text[start:end] == "Consolidation in the left upper lobe."
+    assert named == {("left", "upper")}
+    assert sentence_zones("Normal chest.") == ()
+
+
+def test_token_targets_give_zone_tokens_their_zone():
+    from neural_core.models.lung import ZONES
+    from neural_core.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER)
+    g = 4
+    lung = np.zeros((2, g * g), np.float32)
+    lung[:, [5, 6, 9, 10]] = 1.0
+    zones = np.zeros((2, 6, g * g), np.float32)
+    zones[:, ZONES.index(("left", "upper")), 6] = 1.0
+    texts = ["Heart normal. Opacity in the left upper lobe.", "Normal chest."]
+    labels, tgt = token_targets(tok, texts, lung, zones, g, 32, use_zones=True, dilation=0)
+    assert tgt.shape == (2, labels.shape[1], g * g)
+    lung_cells = {5, 6, 9, 10}
+    enc = tok(texts[0], return_offsets_mapping=True)
+    first_zone_tok = next(t for t, (a, e) in enumerate(enc["offset_mapping"]) if a >= texts[0].index("Opacity") and e > a)
+    assert set(tgt[0, 0].nonzero()[:, 0].tolist()) == lung_cells          # "heart": lung field
+    assert tgt[0, first_zone_tok].nonzero()[:, 0].tolist() == [6]         # a token of the zone sentence
+    assert set(tgt[1, 0].nonzero()[:, 0].tolist()) == lung_cells
+    _, tgt_lung = token_targets(tok, texts, lung, zones, g, 32, use_zones=False, dilation=0)
+    assert set(tgt_lung[0, first_zone_tok].nonzero()[:, 0].tolist()) == lung_cells
+
+
+@pytest.mark.slow
+def test_main_trains_one_epoch_on_a_tiny_feature_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = tmp_path / "pre"
+    feats.mkdir()
+    G, C = 24, 112
+    for which, n in (("train", 8), ("val", 4)):
+        recs = [{"report": "Opacity in the left lower zone." if i % 2 else "The lungs are clear.",
+                 "dataset": "covid-cxr" if i % 2 else "kermany", "pneumonia": i % 2} for i in range(n)]
+        (feats / f"features_{which}.json").write_text(json.dumps(recs))
+        lung = np.zeros((n, G * G), np.float16)
+        lung[:, 24 * 8:24 * 16] = 1
+        zones = np.zeros((n, 6, G * G), np.float16)
+        zones[:, 5, 24 * 12:24 * 16] = 1
+        arrays = dict(tokens=rng.standard_normal((n, G * G, C)).astype(np.float16),
+                      pooled=np.zeros((n, 4), np.float16), lung=lung, zones=zones)
+        if which == "train":
+            arrays["aug_tokens"] = rng.standard_normal((n, 1, G * G, C)).astype(np.float16)
+        np.savez(feats / f"features_{which}.npz", **arrays)
+    out = tmp_path / "dec"
+    assert main(["--features", str(feats), "--out", str(out), "--epochs", "1", "--batch", "4", "--warmup", "1",
+                 "--attn-weight", "1", "--covid-oversample", "1"]) == 0
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    ep = [x for x in lines if x.get("event") == "epoch"][0]
+    assert 0.0 <= ep["val_mass_in_lung"] <= 1.0 and ep["val_attn_loss"] > 0
+    assert (out / "best" / "tokenizer").is_dir()
