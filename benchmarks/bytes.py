@@ -11,6 +11,9 @@ For each source set (Kermany 224^2 JPEGs; full-size COVID-CXR JPEG/PNG, JSRT JPE
 * **bits per kept pixel** of the patch section (the whole file in ``bpp_file``) against each registered lossless
   codec on the same mosaic (PNG, WebP, JPEG 2000, JPEG-LS, JPEG XL effort 2 and 7), on a subset of images
   (``--codec-sample``; at keep 0.10, and 1.0 for images up to 512^2). The source's own bits per pixel (file bytes x 8 / H / W) is printed alongside.
+* **where the bytes go**: the container + JSON header bytes (everything but the coded sections), and for JPEG
+  sources the kept blocks' share of the source's coded coefficients (``_content_share``; ``keep`` when the kept
+  blocks hold average detail, more when the salient blocks are the detailed ones).
 * **exactness**: every artifact is read back and its kept pixels compared with the loader's (counted; must be all).
 * **context layer**: bytes of a 32 px context thumbnail as PNG / lossy WebP / lossy JPEG XL.
 * **throughput**: building + serialising the artifact at keep 0.10 (the ``neural compress`` artifact stage, no
@@ -73,6 +76,30 @@ def _codec_bytes(mosaic: np.ndarray) -> dict[str, int]:
         if data is not None:
             out[name] = len(data)
     return out
+
+
+def _content_share(source: bytes, grid, mask: np.ndarray) -> float | None:
+    """The kept blocks' share of the source's coded luminance coefficients: bytes of the source's Y coefficients
+    with every pruned patch's blocks zeroed, minus an all-zero image, over the same for the whole Y plane (one
+    coder for all three, arithmetic). ``keep`` when the kept blocks hold average detail; above it when the salient
+    blocks hold more. None for a source the DCT path cannot read."""
+    from neural_core.artifact_codecs import jpeg_dct
+
+    dct = jpeg_dct._read_luma_dct(source) if jpeg_dct.is_jpeg(source) and grid.patch % 8 == 0 else None
+    if dct is None:
+        return None
+    Y, qt = dct
+    b = grid.patch // 8
+    bh, bw = -(-grid.height // 8), -(-grid.width // 8)
+    full = np.zeros((grid.rows * b, grid.cols * b, 8, 8), np.int16)
+    full[:bh, :bw] = Y[:bh, :bw]
+    keep = np.kron(mask, np.ones((b, b), bool))
+    cost = [jpeg_dct._write_jpeg(a, qt, arithmetic=True) for a in (full, np.where(keep[..., None, None], full, 0),
+                                                                   np.zeros_like(full))]
+    if any(c is None for c in cost):
+        return None
+    whole, kept, empty = (len(c) for c in cost)
+    return (kept - empty) / max(1, whole - empty)
 
 
 def _j2k_same_bytes(raw: np.ndarray, nbytes: int) -> float:
@@ -155,7 +182,10 @@ def main() -> None:
                 if x.source_data is not None:   # the same patches coded from the decoded pixels (version 1 path)
                     lossless_bytes = len(build_artifact(x.raw, x.meta.bit_depth, mask, grid, model=model,
                                                         meta={**meta, "keep": keep}, scores=scores[mask]).to_bytes())
+                head = len(data) - sum(sec["length"] for sec in art.header()["sections"])
+                share = _content_share(x.source_data, grid, mask) if x.source_data is not None and keep < 1 else None
                 per_keep[keep].append({"src": x.meta.source_bytes, "bytes": len(data), "enc": psec["encoding"],
+                                       "head": head, "share": share,
                                        "bpp_patch": 8 * psec["length"] / sz.kept_pixels,
                                        "bpp_file": sz.bits_per_kept_pixel, "lossless": lossless_bytes,
                                        "src_bpp": 8 * x.meta.source_bytes / (H * W),
@@ -184,12 +214,18 @@ def main() -> None:
                          f"{(nb / src).mean():.3f}", f"{nb.sum() / src.sum():.3f}",
                          f"{np.mean([r['bpp_patch'] for r in it]):.2f}", f"{np.mean([r['src_bpp'] for r in it]):.2f}",
                          f"{np.mean(ll):,.0f}" if ll else "-",
-                         f"{sum(r['target_ok'] for r in it)}/{len(it)}", "+".join(encs)])
+                         f"{sum(r['target_ok'] for r in it)}/{len(it)}", "+".join(encs),
+                         f"{np.mean([r['head'] for r in it]):,.0f}",
+                         f"{np.mean(sh):.3f}" if (sh := [r["share"] for r in it if r["share"] is not None]) else "-"])
         print(f"{set_name}: {len(files)} files done", flush=True)
 
     print()
     print(table(rows, ["set", "keep", "n", "source B", "artifact B", "art/src (mean)", "art/src (sum)",
-                       "bits/kept px", "source bits/px", "lossless-path B", "≤ keep·src+1KB", "encodings"]))
+                       "bits/kept px", "source bits/px", "lossless-path B", "≤ keep·src+1KB", "encodings",
+                       "container+header B", "kept-block share"]))
+    print("container+header B: everything but the coded sections (preamble, JSON header with the model identity, "
+          "study key, kept bitmap and scores; SHA-256). kept-block share: the kept blocks' share of the source's "
+          "coded luminance coefficients (keep when they hold average detail).")
     # per-codec comparison: bits per kept pixel of the patch section
     names = ["neural", "png", "webp", "j2k", "jpegls", "jxl-e2", "jxl-e7"]
     crow = []
