@@ -23,7 +23,7 @@ For each source set (Kermany 224^2 JPEGs; full-size COVID-CXR JPEG/PNG, JSRT JPE
 Patch selection: the default model's salience (report model run with a fixed report, ``--scores model``), or
 seeded random scores (``--scores random``, no model needed).
 
-    .venv/bin/python benchmarks/bytes.py [--quick] [--kermany 200] [--scores model|random]
+    .venv/bin/python benchmarks/bytes.py [--quick] [--kermany 200] [--scores model|random] [--sets kermany,jsrt]
 """
 from __future__ import annotations
 
@@ -40,18 +40,23 @@ KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
 MODEL_STUB = {"name": "bytes-benchmark", "version": "1", "config_hash": "0" * 16}
 
 
-def _sources(n_kermany: int, n_full: int | None) -> dict[str, list[Path]]:
+SETS = ("kermany", "covid", "jsrt", "dicom")
+
+
+def _sources(n_kermany: int, n_full: int | None, sets=SETS) -> dict[str, list[Path]]:
     k = sorted((SHARED_DATA / "kermany-train").glob("*/*.jpeg"))
     step = max(1, len(k) // max(1, n_kermany))
     covid = sorted((SHARED_DATA / "covid-cxr" / "images").glob("*"))
     jsrt = sorted((SHARED_DATA / "jsrt" / "images").glob("*"))
     dicom = sorted((SHARED_DATA / "dicom").glob("*.dcm"))
-    out = {"kermany (224² JPEG)": k[::step][:n_kermany],
-           "covid-cxr JPEG": [f for f in covid if f.suffix.lower() in (".jpg", ".jpeg")][:n_full],
-           "covid-cxr PNG": [f for f in covid if f.suffix.lower() == ".png"][:n_full],
-           "jsrt (JPEG)": jsrt[:n_full],
-           "DICOM 8-bit (JPEG baseline inside)": [f for f in dicom if "15bit" not in f.name],
-           "DICOM 15-bit (J2K inside)": [f for f in dicom if "15bit" in f.name]}
+    out = {"kermany (224² JPEG)": k[::step][:n_kermany] if "kermany" in sets else [],
+           "covid-cxr JPEG": [f for f in covid if f.suffix.lower() in (".jpg", ".jpeg")][:n_full]
+           if "covid" in sets else [],
+           "covid-cxr PNG": [f for f in covid if f.suffix.lower() == ".png"][:n_full] if "covid" in sets else [],
+           "jsrt (JPEG)": jsrt[:n_full] if "jsrt" in sets else [],
+           "DICOM 8-bit (JPEG baseline inside)": [f for f in dicom if "15bit" not in f.name]
+           if "dicom" in sets else [],
+           "DICOM 15-bit (J2K inside)": [f for f in dicom if "15bit" in f.name] if "dicom" in sets else []}
     return {name: files for name, files in out.items() if files}
 
 
@@ -121,7 +126,13 @@ def main() -> None:
     ap.add_argument("--full", type=int, default=None, help="images per full-size set (default all)")
     ap.add_argument("--codec-sample", type=int, default=8, help="images per set for the per-codec comparison")
     ap.add_argument("--scores", choices=("model", "random"), default="model")
+    ap.add_argument("--sets", default=",".join(SETS), help="source sets to measure (default: all of "
+                    f"{','.join(SETS)})")
+    ap.add_argument("--out-name", default="bytes", help="results file benchmarks/results/NAME.json")
     args = ap.parse_args()
+    sets_chosen = tuple(t for t in args.sets.split(",") if t)
+    if any(t not in SETS for t in sets_chosen):
+        raise SystemExit(f"--sets: expected some of {','.join(SETS)}")
     if args.quick:
         args.kermany, args.full, args.codec_sample, args.scores = 20, 6, 3, "random"
 
@@ -132,7 +143,7 @@ def main() -> None:
     from neural_core.io import load_image
     from neural_core.prune import grid_for, patch_scores, select, source_alignment
 
-    sets = _sources(args.kermany, args.full)
+    sets = _sources(args.kermany, args.full, sets_chosen)
     if not sets:
         raise SystemExit(f"no data under {SHARED_DATA}")
     pipe, model = None, MODEL_STUB
@@ -245,11 +256,11 @@ def main() -> None:
     print()
     print("context layer (32 px thumbnail), mean bytes: " +
           ", ".join(f"{k} {np.mean(v):.0f}" for k, v in ctx.items() if v))
-    ratio = (len(t_j2k) / sum(t_j2k)) and (sum(t_j2k) / sum(t_ours))
+    ratio = (sum(t_j2k) / sum(t_ours)) if t_ours and t_j2k else float("nan")
     print(f"artifact stage at keep 0.10: {len(t_ours) / sum(t_ours):.1f} images/s; Pillow JPEG 2000 to the same bytes: "
           f"{len(t_j2k) / sum(t_j2k):.1f} images/s; ratio {ratio:.2f}x (target >= 0.5x: {verdict(ratio >= 0.5)})")
     print(f"exact kept pixels after a write/read round trip: {exact_ok}/{exact_total}")
-    write_json("bytes", {"machine": machine(), "scores": args.scores, "table": rows, "codecs": crow,
+    write_json(args.out_name, {"machine": machine(), "scores": args.scores, "sets": sets_chosen, "table": rows, "codecs": crow,
                          "context_bytes": {k: float(np.mean(v)) for k, v in ctx.items() if v},
                          "throughput_ratio_vs_j2k": ratio, "exact": [exact_ok, exact_total],
                          "over_target_bytes": {s: {str(k): sorted(round(x["bytes"] - (k * x["src"] + 1024)) for x in v
