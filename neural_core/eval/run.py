@@ -85,7 +85,7 @@ QUICK_MAX_PIXELS = 4_000_000
 #: ``--sets fullsize --quick``: studies of the full-size set (seeded, stratified by dataset x label), among images of
 #: at most ``QUICK_FULLSIZE_MAX_PIXELS``. Sized to run in about 10 min on one core (see the model card's Bytes
 #: section for the measured time); the full run takes every study.
-QUICK_FULLSIZE = 10
+QUICK_FULLSIZE = 6
 QUICK_FULLSIZE_MAX_PIXELS = 1_100_000
 #: The study sets ``--sets`` chooses from: ``internal`` (the held-out split of the training sources, mostly 224^2
 #: Kermany JPEGs), ``fullsize`` (covid-cxr test patients + JSRT nodule-free films at full resolution; AUC vs bytes,
