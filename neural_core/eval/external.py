@@ -224,7 +224,8 @@ def bytes_by_source_type(studies: list[dict], keeps, dicom: list[dict] | None = 
     rows = []
     for st in SOURCE_TYPES:
         for keep in keeps:
-            it = [r for t, r, k in items if t == st and k == keep and r.get("artifact_bytes") is not None]
+            it = [r for t, r, k in items if t == st and k == keep and r.get("artifact_bytes") is not None
+                  and r.get("original_file_bytes")]
             if not it:
                 continue
             src = np.array([r["original_file_bytes"] for r in it], float)
