@@ -2,6 +2,7 @@
 
     neural evaluate [--model DIR] [--data ../shared/data | --manifest FILE.csv] [--split FILE] [--out eval_out/]
                     [--quick] [--limit N] [--keeps 1.0,0.25,0.10,0.05,0.023] [--bootstrap 1000] [--seed 0]
+                    [--sets internal,fullsize,dicom]
 
 What is measured (everything on the *test* part of the patient split the model was trained with, so no test
 patient was ever trained on; the split defaults to ``MODEL/split.json`` and the command refuses to run without one):
@@ -27,8 +28,15 @@ patient was ever trained on; the split defaults to ``MODEL/split.json`` and the 
   the artifact reconstructed with blank and with context fill at every keep.
 * **Fusion ablation** at keep 0.10: bridge vs multi vs none with the with-report classifier on generated reports.
 
-Outputs in ``--out``: ``results.json`` (everything, NaN written as ``null``), ``results.md`` and
-``auc_vs_bytes.html``. The Python entry point is :func:`run_evaluation` (+
+* **Full-size sources** (``--sets fullsize``, :func:`run_fullsize`): the same loop (NEURAL image-only and with the
+  generated report at every keep, every codec at the artifact's bytes, the transfer baseline) on covid-cxr images of
+  the split's test patients (pneumonia-type finding = 1, 'No Finding' = 0) and the 93 nodule-free JSRT films, with
+  sensitivity / specificity per source dataset beside the AUC - the set mixes sources, so its AUC is confounded by
+  source, and every output says so. ``--sets dicom``: the unlabelled DICOMs, artifact vs source bytes per keep.
+  Bytes per study are also tabulated by source type (JPEG 224², JPEG full-size, PNG full-size, DICOM).
+
+Outputs in ``--out``: ``results.json`` (everything, NaN written as ``null``), ``results.md``, ``bytes.md`` and
+``auc_vs_bytes.html`` / ``.png`` (one chart, every method a line). The Python entry point is :func:`run_evaluation` (+
 :func:`~neural_core.eval.report.write_outputs`). Every model call goes through :mod:`neural_core.stages`, the
 same functions the pipeline and the trainers use.
 """
