@@ -8,7 +8,7 @@ container (no pickle). The byte layout is specified in ``docs/ARTIFACT_FORMAT.md
 The payload holds the retained patches as one mosaic image and optionally a small 8-bit context layer of the whole
 image. The codecs live in :mod:`neural_core.artifact_codecs`; this module is the container. How the mosaic is coded:
 
-* **JPEG sources, DCT domain** (``encoding`` ``jpeg`` / ``jxl-jpeg``): when :func:`build_artifact` is given the
+* **JPEG sources, DCT domain** (``encoding`` ``jpeg`` / ``jpeg-arith`` / ``jxl-jpeg``): when :func:`build_artifact` is given the
   source file's bytes (``source_data``) and they are a JPEG, the kept 8x8 blocks keep the source's own quantised
   coefficients (see :mod:`neural_core.artifact_codecs.jpeg_dct`); the kept pixels decode identically to the loader's
   pixels (checked when writing; otherwise the lossless path is used) and the bytes are about ``keep`` x the source's.

@@ -78,9 +78,37 @@ def test_jpeg_source_keeps_its_own_coefficients_and_decodes_identically(shape):
     assert auto_patch_size(*shape, align=8) % 8 == 0
     for keep in (1.0, 0.25, 0.05):
         a, b, data = _roundtrip_kept(x, keep)
-        assert b.header()["sections"][0]["encoding"] in ("jpeg", "jxl-jpeg")
+        assert b.header()["sections"][0]["encoding"] in ("jpeg", "jpeg-arith", "jxl-jpeg")
         # about keep x the source, never more than keep x source + 1 kB
         assert len(data) <= keep * x.meta.source_bytes + 1024, (keep, len(data), x.meta.source_bytes)
+
+
+def test_arithmetic_coded_section_is_smaller_exact_and_checked_by_its_own_probe():
+    img = _smooth(224, 224, 8, seed=11)
+    x = load_image(_jpeg_bytes(img, 85))
+    grid = grid_for(224, 224, align=8)
+    mask = np.zeros((grid.rows, grid.cols), bool)
+    mask[2:9, 3:10] = True
+    Y, qt = jpeg_dct._read_luma_dct(x.source_data)
+    huff = jpeg_dct._write_jpeg(Y, qt)
+    arith = jpeg_dct._write_jpeg(Y, qt, arithmetic=True)
+    if arith is None:
+        pytest.skip("this jpeglib has no libjpeg-turbo build with the arithmetic coder")
+    assert b"\xff\xc9" in arith[:200] and b"\xff\xc4" not in arith[:200]          # SOF9, no Huffman tables
+    assert len(arith) < len(huff)
+    # both decode to the same pixels: the entropy coder does not touch the coefficients
+    np.testing.assert_array_equal(jpeg_dct.decode_jpeg_section("jpeg-arith", arith, (224, 224)),
+                                  jpeg_dct.decode_jpeg_section("jpeg", huff, (224, 224)))
+    a = build_artifact(x.raw, 8, mask, grid, model=MODEL, meta={}, source_data=x.source_data)
+    assert a.header()["sections"][0]["encoding"] == "jpeg-arith"
+    b = Artifact.from_bytes(a.to_bytes())
+    m = np.kron(mask, np.ones((grid.patch, grid.patch), bool))
+    np.testing.assert_array_equal(b.reconstruct()[m], x.raw[m])
+    # each encoding's probe accepts only its own frame type: a Huffman JPEG labelled jpeg-arith is refused
+    with pytest.raises(ArtifactError, match="frame"):
+        jpeg_dct.decode_jpeg_section("jpeg-arith", huff, (224, 224))
+    with pytest.raises(ArtifactError, match="frame"):
+        jpeg_dct.decode_jpeg_section("jpeg", arith, (224, 224))
 
 
 def test_jpeg_dct_path_is_much_smaller_than_recoding_the_decoded_pixels():
@@ -162,7 +190,7 @@ def _dicom_bytes(arr: np.ndarray, bits_stored: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("bits", [12, 15, 16])
 def test_deep_dicom_source_round_trip(bits):
     x = load_image(_dicom_bytes(_smooth(140, 118, bits, bits), bits))
     assert x.meta.bit_depth == bits and x.raw.dtype == np.uint16

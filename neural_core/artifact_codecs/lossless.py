@@ -241,8 +241,11 @@ def _jpegls_dims(data: bytes, dtype) -> tuple[int, int]:
     return _sof_dims(data, dtype, (0xF7,), "JPEG-LS")
 
 
-def jpeg_dims(data: bytes) -> tuple[int, int]:
-    """``(height, width)`` of an 8-bit, one-component baseline / extended / progressive Huffman JPEG."""
+def jpeg_dims(data: bytes, arithmetic: bool = False) -> tuple[int, int]:
+    """``(height, width)`` of an 8-bit, one-component baseline / extended / progressive Huffman JPEG, or (with
+    ``arithmetic``) a sequential arithmetic-coded one (SOF9); any other frame type is refused."""
+    if arithmetic:
+        return _sof_dims(data, np.uint8, (0xC9,), "arithmetic-coded JPEG")
     return _sof_dims(data, np.uint8, (0xC0, 0xC1, 0xC2), "JPEG")
 
 

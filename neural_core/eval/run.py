@@ -2,6 +2,7 @@
 
     neural evaluate [--model DIR] [--data ../shared/data | --manifest FILE.csv] [--split FILE] [--out eval_out/]
                     [--quick] [--limit N] [--keeps 1.0,0.25,0.10,0.05,0.023] [--bootstrap 1000] [--seed 0]
+                    [--sets internal,fullsize,dicom]
 
 What is measured (everything on the *test* part of the patient split the model was trained with, so no test
 patient was ever trained on; the split defaults to ``MODEL/split.json`` and the command refuses to run without one):
@@ -27,8 +28,15 @@ patient was ever trained on; the split defaults to ``MODEL/split.json`` and the 
   the artifact reconstructed with blank and with context fill at every keep.
 * **Fusion ablation** at keep 0.10: bridge vs multi vs none with the with-report classifier on generated reports.
 
-Outputs in ``--out``: ``results.json`` (everything, NaN written as ``null``), ``results.md`` and
-``auc_vs_bytes.html``. The Python entry point is :func:`run_evaluation` (+
+* **Full-size sources** (``--sets fullsize``, :func:`run_fullsize`): the same loop (NEURAL image-only and with the
+  generated report at every keep, every codec at the artifact's bytes, the transfer baseline) on covid-cxr images of
+  the split's test patients (pneumonia-type finding = 1, 'No Finding' = 0) and the 93 nodule-free JSRT films, with
+  sensitivity / specificity per source dataset beside the AUC - the set mixes sources, so its AUC is confounded by
+  source, and every output says so. ``--sets dicom``: the unlabelled DICOMs, artifact vs source bytes per keep.
+  Bytes per study are also tabulated by source type (JPEG 224², JPEG full-size, PNG full-size, DICOM).
+
+Outputs in ``--out``: ``results.json`` (everything, NaN written as ``null``), ``results.md``, ``bytes.md`` and
+``auc_vs_bytes.html`` / ``.png`` (one chart, every method a line). The Python entry point is :func:`run_evaluation` (+
 :func:`~neural_core.eval.report.write_outputs`). Every model call goes through :mod:`neural_core.stages`, the
 same functions the pipeline and the trainers use.
 """
@@ -43,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +90,15 @@ QUICK_REPORT_GENERATION = 8
 #: covid-cxr original alone costs ~4 min on 2 cores (15 codec searches + keep-1.0 graphs of ~10k nodes). The full
 #: run has no such limit.
 QUICK_MAX_PIXELS = 4_000_000
+#: ``--sets fullsize --quick``: studies of the full-size set (seeded, stratified by dataset x label), among images of
+#: at most ``QUICK_FULLSIZE_MAX_PIXELS``. Sized to run in about 10 min on one core (see the model card's Bytes
+#: section for the measured time); the full run takes every study.
+QUICK_FULLSIZE = 6
+QUICK_FULLSIZE_MAX_PIXELS = 1_100_000
+#: The study sets ``--sets`` chooses from: ``internal`` (the held-out split of the training sources, mostly 224^2
+#: Kermany JPEGs), ``fullsize`` (covid-cxr test patients + JSRT nodule-free films at full resolution; AUC vs bytes,
+#: per-source sensitivity / specificity) and ``dicom`` (the unlabelled DICOMs: bytes only).
+EVAL_SETS = ("internal", "fullsize", "dicom")
 
 UNTRAINED_WARNING = ("UNTRAINED MODEL: no trained bundle was found, so these numbers come from random weights and "
                      "mean nothing. Train one (stage 1 + stage 2) or pass --model DIR.")
@@ -93,6 +110,10 @@ SOURCES = [
     "COVID-19 image data collection, J. P. Cohen et al., arXiv:2003.11597 / 2006.11988 "
     "(per-image licences in metadata.csv: CC BY 3.0/4.0, CC BY-NC-SA, \"authorized for everyone\"); "
     "clinical notes used as reports.",
+]
+FULLSIZE_SOURCES = [
+    "JSRT database (Shiraishi et al., AJR 2000;174:71-74), 1024x1024 JPEG copies; research and education use.",
+    "DICOM samples from public DICOM test suites (SIIM-ACR sample; NEMA WG04 RG1), MIT/Apache-licensed: bytes only.",
 ]
 
 @dataclass
@@ -115,6 +136,7 @@ class EvalConfig:
     threads: int | None = None
     external: bool = True           # out-of-distribution checks (JSRT specificity, covid-cxr sensitivity)
     command: str | None = None
+    sets: tuple[str, ...] = ("internal",)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -295,8 +317,9 @@ class Evaluator:
     """The study loop. Every model call is a :mod:`neural_core.stages` function, so what is measured is what the
     pipeline computes; which classifier scores a graph is :func:`~neural_core.stages.choose_classifier`'s answer."""
 
-    def __init__(self, cfg: EvalConfig, bundle: ModelBundle, text_encoder, out: Path):
+    def __init__(self, cfg: EvalConfig, bundle: ModelBundle, text_encoder, out: Path, *, ablation: bool = True):
         self.cfg = cfg
+        self.ablation = ablation                  # the fusion ablation at ABLATION_KEEP (internal set only)
         self.bundle = bundle
         self.enc = text_encoder
         self.out = out
@@ -432,7 +455,7 @@ class Evaluator:
                 add(kk, "image_only", "generated", None, art)
                 rep = self.report(sg.report)
                 add(kk, "generated_report", "generated", rep, art)
-                if math.isclose(keep, ABLATION_KEEP):
+                if self.ablation and math.isclose(keep, ABLATION_KEEP):
                     for mode in ("multi", "none"):          # the with-report classifier, other fusion
                         add(kk, f"ablation_{mode}", "generated", rep, art, mode=mode)
             if so is not None:
@@ -475,8 +498,11 @@ class Evaluator:
         if backbone is not None:          # the baseline needs the bundle's CNN backbone (a Swin bundle has none)
             with self.timer("baseline"):
                 base_p = float(b.baseline.predict(backbone, [x.pixels])[0])
+        from .external import source_type
+
         st.out = {"study_id": rec.study_id, "dataset": rec.dataset, "label": int(rec.pneumonia),
-                  "baseline": base_p,
+                  "baseline": base_p, "source_format": x.meta.source_format,
+                  "source_type": source_type(x.meta.source_format, x.meta.width, x.meta.height),
                   "report_source": rec.report_source, "width": x.meta.width, "height": x.meta.height,
                   "bit_depth": x.meta.bit_depth, "generated_report_words": len(sg.report.split()),
                   "seconds": round(time.perf_counter() - t_study, 2), "keeps": per_keep}
@@ -501,7 +527,8 @@ def _thresholds(bundle: ModelBundle) -> tuple[dict, str]:
     return out, note
 
 
-def aggregate(studies: list[dict], cfg: EvalConfig, thresholds: dict) -> dict:
+def aggregate(studies: list[dict], cfg: EvalConfig, thresholds: dict, conditions: tuple[str, ...] = CONDITIONS,
+              ablation_rows: bool = True) -> dict:
     y = np.array([s["label"] for s in studies], dtype=np.int64)
 
     def col(kk, key, default=np.nan):
@@ -516,7 +543,7 @@ def aggregate(studies: list[dict], cfg: EvalConfig, thresholds: dict) -> dict:
     for keep in cfg.keeps:
         kk = _fmt_keep(keep)
         art_b = col(kk, "artifact_bytes")
-        for cond in CONDITIONS:
+        for cond in conditions:
             thr = thresholds[{"image_only": "image", "oracle_given_report": "oracle"}.get(cond, "report")]
             m = classification_metrics(y, col(kk, cond), thr, cfg.bootstrap, cfg.seed)
             oracle = cond == "oracle_given_report"
@@ -544,7 +571,7 @@ def aggregate(studies: list[dict], cfg: EvalConfig, thresholds: dict) -> dict:
                            "mean_quality": mean(np.array([it["quality"] for it in ok], float)),
                            "n_over_budget": int(sum(it["over_budget"] for it in ok)),
                            "max_bytes_minus_budget": max((it["bytes"] - it["budget"] for it in ok), default=None)})
-        if math.isclose(keep, ABLATION_KEEP):
+        if ablation_rows and math.isclose(keep, ABLATION_KEEP):
             for mode in FUSE_ABLATION:
                 key = "generated_report" if mode == "bridge" else f"ablation_{mode}"
                 m = classification_metrics(y, col(kk, key), thresholds["report"], cfg.bootstrap, cfg.seed)
@@ -581,8 +608,7 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
                    text_encoder=None, text_encoder_name: str | None = None) -> dict:
     """Run the whole evaluation; returns the results dict that :func:`write_outputs` writes."""
     import torch
-    from tqdm import tqdm
-    
+
     from ..device import set_threads
     from ..pipeline import inference_threads
     
@@ -605,7 +631,14 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
     else:
         split_path = resolve_split(cfg, model_dir)
     split = load_split(split_path)
-    cls, gen, sel_info = select_studies(cfg, split)
+    sets = tuple(cfg.sets) or ("internal",)
+    if "internal" in sets:
+        cls, gen, sel_info = select_studies(cfg, split)
+    else:
+        cls, gen = [], []
+        sel_info = {"record_source": "internal set not run (--sets)", "records": 0, "test_records": 0,
+                    "test_labelled": 0, "test_with_real_text": 0, "unknown_patients": 0,
+                    "subset": {"classification": "0", "report_generation": "0", "how": "internal set not run"}}
     supplied_encoder = text_encoder is not None
     if not supplied_encoder and ({"report", "oracle"} & set(bundle.classifiers)):
         text_encoder, text_encoder_name = default_text_encoder()
@@ -626,26 +659,41 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
     union = {r.study_id: r for r in cls + gen}
     studies = [_Study(r, r.study_id in cls_ids, r.study_id in gen_ids) for r in union.values()]
     ev = Evaluator(cfg, bundle, text_encoder, out)
-    log.info("evaluating %d studies (%d classification, %d report generation), keeps %s",
-             len(studies), len(cls), len(gen), cfg.keeps)
-    done: list[_Study] = []
-    with tqdm(total=len(studies), desc="evaluate", unit="study", mininterval=5) as bar:
-        for i in range(0, len(studies), max(1, cfg.batch)):
-            done += ev.run_chunk(studies[i:i + max(1, cfg.batch)], bar)
+    done = _run_studies(ev, studies, "evaluate") if studies else []
+    if studies:
+        log.info("evaluated %d studies (%d classification, %d report generation), keeps %s",
+                 len(studies), len(cls), len(gen), cfg.keeps)
     t_metrics = time.perf_counter()
     per_study = [st.out for st in done if st.in_cls and st.out]
     agg = aggregate(per_study, cfg, thresholds) if per_study else {"main": [], "codecs": [], "ablation": []}
     reports = aggregate_reports(ev.gen_texts, cfg)
     ev.timer.t["metrics"] += time.perf_counter() - t_metrics
+    fullsize = run_fullsize(cfg, bundle, text_encoder, split, thresholds, out, ev.timer) \
+        if "fullsize" in sets else None
+    dicom = None
+    if "dicom" in sets:
+        from .external import dicom_bytes
+
+        with ev.timer("dicom"):
+            dicom = dicom_bytes(bundle, Path(cfg.data), cfg.keeps, context_side=cfg.context_side)
+    from .external import bytes_by_source_type
+
+    seen, byte_studies = set(), []
+    for s_ in per_study + (fullsize["per_study"] if fullsize else []):
+        if s_["study_id"] not in seen:          # a covid-cxr test study can be in both sets: count it once
+            seen.add(s_["study_id"])
+            byte_studies.append(s_)
+    by_type = bytes_by_source_type(byte_studies, cfg.keeps, dicom)
     total = time.perf_counter() - t_start
     timings = {k: round(v, 2) for k, v in sorted(ev.timer.t.items())}
     timings["total"] = round(total, 2)
+    n_done = len(done) + (len(fullsize["per_study"]) if fullsize else 0)
     meta = {
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_version": bundle.version, "model_identity": bundle.identity, "trained": bundle.trained,
         "model_dir": str(model_dir) if model_dir else None, "model_info": bundle.info,
         "split_file": str(split_path), "split_sha256": _sha256(split_path),
-        "data": cfg.manifest or cfg.data, **sel_info,
+        "data": cfg.manifest or cfg.data, **sel_info, "sets": list(sets),
         "n_studies": {"classification": len(per_study), "report_generation": reports["n"],
                       "failed": len(ev.failed)},
         "seed": cfg.seed, "quick": cfg.quick, "limit": cfg.limit, "keeps": list(cfg.keeps),
@@ -656,11 +704,11 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
         "device": str(bundle.device), "torch_threads": torch.get_num_threads(),
         "threads_note": threads_note, "python": platform.python_version(),
         "torch": torch.__version__, "git": _git_info(), "command": cfg.command,
-        "timings_s": timings, "seconds_per_study": round(total / max(1, len(done)), 2),
+        "timings_s": timings, "seconds_per_study": round(total / max(1, n_done), 2),
         "saved_artifacts": ev.saved_artifacts,
     }
     external = None
-    if cfg.external and not cfg.manifest and bundle.trained:
+    if cfg.external and not cfg.manifest and bundle.trained and "internal" in sets:
         from .external import run_external
 
         t_ext = time.perf_counter()
@@ -669,11 +717,68 @@ def run_evaluation(cfg: EvalConfig, *, bundle: ModelBundle | None = None, model_
         meta["timings_s"]["external"] = round(time.perf_counter() - t_ext, 2)
         meta["external_note"] = "--quick: the first 30 studies of each external set" if cfg.quick else "all studies"
     res = {"warnings": warnings, "meta": meta, "sources": SOURCES, "disclaimer": NOT_CLINICAL, **agg,
-           "external": external,
+           "external": external, "fullsize": fullsize, "dicom_bytes": dicom, "bytes_by_source_type": by_type,
            "report_generation": reports, "failed": ev.failed, "per_study": per_study}
+    if fullsize or dicom:
+        res["sources"] = SOURCES + FULLSIZE_SOURCES
     if not bundle.trained:
         res["warning"] = UNTRAINED_WARNING
     return res
+
+
+def _run_studies(ev: Evaluator, studies: list[_Study], desc: str) -> list[_Study]:
+    from tqdm import tqdm
+
+    done: list[_Study] = []
+    with tqdm(total=len(studies), desc=desc, unit="study", mininterval=5) as bar:
+        for i in range(0, len(studies), max(1, ev.cfg.batch)):
+            done += ev.run_chunk(studies[i:i + max(1, ev.cfg.batch)], bar)
+    return done
+
+
+def select_fullsize(cfg: EvalConfig, split: dict[str, str]) -> tuple[list[StudyRecord], dict]:
+    """The full-size set (:func:`~neural_core.eval.external.fullsize_records`), cut to the ``--quick`` /
+    ``--limit`` subset (seeded, stratified by dataset x label)."""
+    from .external import fullsize_records
+
+    recs = fullsize_records(Path(cfg.data), split)
+    n_all = len(recs)
+    how = "every study"
+    if cfg.quick:
+        small = [r for r in recs if _pixel_count(r.image) <= QUICK_FULLSIZE_MAX_PIXELS]
+        recs = stratified_subset(small, QUICK_FULLSIZE, cfg.seed)
+        how = (f"--quick: {QUICK_FULLSIZE} studies, seeded, stratified by dataset x label, among images of "
+               f"<= {QUICK_FULLSIZE_MAX_PIXELS / 1e6:g} MP ({n_all - len(small)} larger left out)")
+    if cfg.limit:
+        recs = stratified_subset(recs, cfg.limit, cfg.seed)
+        how = f"--limit {cfg.limit}, seeded, stratified by dataset x label" + ("; " + how if cfg.quick else "")
+    count = defaultdict(int)
+    for r in recs:
+        count[f"{r.dataset} {'positive' if r.pneumonia else 'negative'}"] += 1
+    return recs, {"subset": f"{len(recs)} of {n_all}", "how": how, "composition": dict(sorted(count.items()))}
+
+
+def run_fullsize(cfg: EvalConfig, bundle: ModelBundle, text_encoder, split: dict[str, str], thresholds: dict,
+                 out: Path, timer: _Timer) -> dict:
+    """AUC vs bytes on full-resolution sources: the same study loop as the internal set (NEURAL image-only and
+    with the generated report at every keep, every codec at the artifact's bytes, the transfer baseline), without
+    the oracle (no given report) or the fusion ablation, plus sensitivity / specificity per source dataset."""
+    from .external import FULLSIZE_CONFOUND, per_source_rows
+
+    recs, info = select_fullsize(cfg, split)
+    t0 = time.perf_counter()
+    ev = Evaluator(replace(cfg, save_artifacts=0), bundle, text_encoder, out / "fullsize", ablation=False)
+    done = _run_studies(ev, [_Study(r, True, False) for r in recs], "full-size") if recs else []
+    per = [st.out for st in done if st.in_cls and st.out]
+    # no given reports on this set (no oracle) and no fusion ablation
+    agg = aggregate(per, cfg, thresholds, conditions=("image_only", "generated_report"), ablation_rows=False) \
+        if per else {"main": [], "codecs": []}
+    main = agg["main"]
+    for k, v in ev.timer.t.items():
+        timer.t[f"fullsize_{k}"] += v
+    return {"note": FULLSIZE_CONFOUND, **info, "n": len(per), "main": main, "codecs": agg["codecs"],
+            "per_source": per_source_rows(per, cfg.keeps, cfg.codecs, thresholds), "failed": ev.failed,
+            "seconds": round(time.perf_counter() - t0, 1), "per_study": per}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -685,7 +790,7 @@ def cmd_evaluate(a) -> int:
                      limit=a.limit, keeps=parse_keeps(a.keeps), bootstrap=a.bootstrap, seed=a.seed, device=a.device,
                      batch=a.batch, codecs=tuple(c for c in a.codecs.split(",") if c) if a.codecs else CODECS,
                      context_side=a.context, save_artifacts=a.save_artifacts, threads=a.threads,
-                     external=not a.no_external,
+                     external=not a.no_external, sets=parse_sets(a.sets),
                      command=" ".join(sys.argv))
     for c in cfg.codecs:
         if c not in CODECS:
@@ -695,8 +800,17 @@ def cmd_evaluate(a) -> int:
     res = run_evaluation(cfg)
     paths = write_outputs(res, cfg.out)
     print(summary_table(res))
-    print(f"wrote {paths['json']}, {paths['md']}, {paths['html']} ({res['meta']['timings_s']['total']:.0f} s)")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({res['meta']['timings_s']['total']:.0f} s)")
     return 0
+
+
+def parse_sets(text: str) -> tuple[str, ...]:
+    """``"internal,fullsize"`` -> ``("internal", "fullsize")``; ValueError for an unknown or empty list."""
+    sets = tuple(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
+    bad = [t for t in sets if t not in EVAL_SETS]
+    if bad or not sets:
+        raise ValueError(f"--sets: expected some of {','.join(EVAL_SETS)}, got {text!r}")
+    return sets
 
 
 def add_arguments(p) -> None:
@@ -721,6 +835,11 @@ def add_arguments(p) -> None:
                    help="artifact context layer side (0 = none)")
     p.add_argument("--save-artifacts", type=int, default=2,
                    help="also write the artifacts of the first N studies to OUT/artifacts (inspection)")
+    p.add_argument("--sets", default="internal",
+                   help="study sets, comma-separated: internal (held-out split of the training sources, mostly 224² "
+                        "Kermany), fullsize (covid-cxr test patients + JSRT nodule-free films at full resolution: AUC "
+                        "vs bytes, per-source sensitivity/specificity), dicom (the unlabelled DICOMs: bytes only). "
+                        "--quick applies to each")
     p.add_argument("--no-external", action="store_true",
                    help="skip the out-of-distribution checks (JSRT specificity, covid-cxr test sensitivity)")
     p.add_argument("--threads", type=int, default=None,
