@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifiers", required=True)
     ap.add_argument("--also", action="append", default=[], help="name=DIR: take classifier NAME from run DIR")
     ap.add_argument("--lung", default=None)
+    ap.add_argument("--salience", default=None, help="model.json whose \"salience\" entry (validate-salience --choose) "
+                    "the bundle keeps; pass the same file the classifier trainer's --salience read")
     ap.add_argument("--split", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--version", default="neural-lite0-" + time.strftime("%Y%m%d"))
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
             + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "
                 "artifact)"] if zone else [])}
+    if args.salience:
+        from .classifier import read_salience_config
+
+        info["salience"] = read_salience_config(args.salience).to_dict()
     if zone and lung is None:
         raise SystemExit("classifiers with zone features need the lung model in the bundle: pass --lung")
     out = Path(args.out)

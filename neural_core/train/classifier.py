@@ -29,7 +29,7 @@ import torch
 from torch_geometric.loader import DataLoader
 
 from .. import stages
-from ..config import ClassifierConfig, PruneConfig
+from ..config import ClassifierConfig, PruneConfig, SalienceConfig
 from ..io import load_image
 from ..models.classifier import NeuralClassifier
 from ..models.patch_features import BackboneFeaturizer
@@ -56,15 +56,26 @@ def _downscale(raw: np.ndarray, max_side: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def generated_salience(model: ReportModel, tok, tokens: np.ndarray, *, batch: int = 64) -> tuple[list, list]:
-    """Token maps and texts of the model's own reports, from cached encoder tokens."""
+def generated_salience(model: ReportModel, tok, tokens: np.ndarray, *, batch: int = 64,
+                       cfg: SalienceConfig | None = None) -> tuple[list, list]:
+    """Token maps and texts of the model's own reports, from cached encoder tokens; ``cfg`` = the salience method
+    the bundle will use (the artifacts the classifiers learn from must be cut by the map that cuts them at run time)."""
     maps, texts = [], []
     for i in range(0, len(tokens), batch):
         enc = model.encode_tokens(torch.from_numpy(tokens[i:i + batch].astype(np.float32)))
-        res = salience_batch(model, tok, None, [None] * enc.last_hidden_state.shape[0], encoder_outputs=enc)
+        res = salience_batch(model, tok, None, [None] * enc.last_hidden_state.shape[0], encoder_outputs=enc,
+                             cfg=cfg or SalienceConfig())
         maps += [r.token_map for r in res]
         texts += [r.report for r in res]
     return maps, texts
+
+
+def read_salience_config(path: str | None) -> SalienceConfig:
+    """The ``"salience"`` entry of a bundle's model.json, or a file holding one SalienceConfig dict; None = default."""
+    if not path:
+        return SalienceConfig()
+    d = json.loads(Path(path).read_text())
+    return SalienceConfig.from_dict(d.get("salience", d) if isinstance(d, dict) else None)
 
 
 def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
@@ -179,10 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                     "val,jsrt_train,jsrt_val) and exit: a second process fills them while the first does train")
     ap.add_argument("--zone-features", action=argparse.BooleanOptionalAction, default=True,
                     help="give every image node its patch's six lung-zone fractions (the lung model on the artifact)")
+    ap.add_argument("--salience", default=None, help="model.json (or SalienceConfig JSON file) whose \"salience\" "
+                    "entry cuts the training artifacts: run `neural validate-salience --choose --write-bundle` on the "
+                    "decoder first, so the classifiers learn from the map they will be given (default: all tokens, "
+                    "all layers, head mean)")
     ap.add_argument("--lung", default="assets/default_model/lung", help="lung model for --zone-features (ship the "
                     "same one in the bundle)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    salience_cfg = read_salience_config(args.salience)
     from ..device import set_threads
     from ..graphs.text_encoder import get_text_encoder
 
@@ -222,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "another --out or the matching --zone-features setting")
         else:
             t0 = time.time()
-            maps, texts = generated_salience(model, tok, tokens)
+            maps, texts = generated_salience(model, tok, tokens, cfg=salience_cfg)
             logline(event="salience", split=which, n=len(recs), seconds=time.time() - t0)
             if which.endswith("train"):
                 views = make_views(recs, maps, featurizer, cfg, rng=rng, desc=which, logline=logline, keeps=None,
