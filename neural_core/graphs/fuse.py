@@ -188,13 +188,14 @@ def _brandes_block_frontier(adj, srcs: np.ndarray) -> np.ndarray:
     level = np.where(np.isfinite(flat_d), flat_d, -1.0).astype(np.int32)
     src_flat = np.arange(b, dtype=np.int64) * n + srcs
     # Path counts grow exponentially with the distance (a 2-patch-wide strip doubles them at every step: 2^1024
-    # overflows float64 and inf / inf gave NaN scores). Only ratios sigma(v) / sigma(w) of consecutive levels enter
-    # the dependencies, so each level's counts are stored divided by their per-source maximum ``m`` (kept in
-    # [1/deg, 1]); the ratio is then sigma'(v) / (sigma'(w) * m_level(w)), the same number without overflow.
-    sigma = np.zeros(b * n)
-    sigma[src_flat] = 1.0
+    # overflows float64 and inf / inf gave NaN scores), and rescaling each level by its maximum is not enough either:
+    # counts within one level can differ by more than float64's range, so the small ones underflowed to 0 and a level
+    # reached only through them got 0 / 0. So counts are kept as logarithms (grouped log-sum-exp), and only the ratios
+    # sigma(v) / sigma(w) <= 1 of a predecessor v and its successor w are ever exponentiated.
+    lsig = np.full(b * n, -np.inf)
+    lsig[src_flat] = 0.0
     levels = []
-    for d in range(1, depth + 1):                    # forward: sigma of a level from its predecessors
+    for d in range(1, depth + 1):                    # forward: log sigma of a level from its predecessors
         ent = order[bounds[d]: bounds[d + 1]]
         j, w = np.divmod(ent, n)
         cnt = deg[w]
@@ -202,21 +203,22 @@ def _brandes_block_frontier(adj, srcs: np.ndarray) -> np.ndarray:
         first = np.repeat(indptr[w] - (np.cumsum(cnt) - cnt), cnt)
         cand = j[rep] * n + indices[first + np.arange(rep.size)]
         pred = level[cand] == d - 1
-        rep, cand = rep[pred], cand[pred]
-        sig = np.bincount(rep, weights=sigma[cand], minlength=ent.size)
-        # per-source maximum on this level (> 0: every reached node has a predecessor); ``order`` is stable on the
-        # flat index source * n + node, so within a level the sources ``j`` come sorted: one reduceat per level
-        starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]]) if j.size else np.zeros(0, dtype=np.int64)
-        m = np.repeat(np.maximum.reduceat(sig, starts), np.diff(np.r_[starts, j.size])) if j.size else sig
-        sigma[ent] = sig / m
-        levels.append((ent, rep, cand, m))
+        rep, cand = rep[pred], cand[pred]              # ``rep`` stays sorted: one group per node of the level
+        vals = lsig[cand]
+        top = np.full(ent.size, -np.inf)
+        if rep.size:
+            starts = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])
+            top[rep[starts]] = np.maximum.reduceat(vals, starts)
+        acc = np.bincount(rep, weights=np.exp(vals - top[rep]), minlength=ent.size)
+        with np.errstate(divide="ignore"):
+            lsig[ent] = top + np.log(acc)
+        levels.append((ent, rep, cand))
     delta = np.zeros(b * n)
     for d in range(depth, 0, -1):                    # backward: dependencies onto the previous level
-        ent, rep, cand, m = levels[d - 1]
-        coeff = (1.0 + delta[ent]) / (sigma[ent] * m)
+        ent, rep, cand = levels[d - 1]
         lo, hi = bounds[d - 1], bounds[d]
-        prev = order[lo: hi]
-        delta[prev] += sigma[prev] * np.bincount(pos[cand] - lo, weights=coeff[rep], minlength=hi - lo)
+        weights = (1.0 + delta[ent])[rep] * np.exp(lsig[cand] - lsig[ent][rep])
+        delta[order[lo: hi]] += np.bincount(pos[cand] - lo, weights=weights, minlength=hi - lo)
     delta[src_flat] = 0.0
     return delta.reshape(b, n).sum(axis=0)
 

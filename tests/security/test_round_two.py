@@ -384,6 +384,31 @@ def test_betweenness_path_counts_do_not_overflow():
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+def test_betweenness_counts_that_differ_beyond_float_range_within_one_level():
+    """A 2 x 1100 king strip (2^1100 paths to its far end) beside a 1-wide path of the same length from the same
+    source, whose far end continues alone: on one BFS level the counts differ by ~2^1100 (a per-level rescale
+    underflowed the path's to 0, and the tail beyond it got 0 / 0 = NaN, as the thin 32 x 100000 image did). Log-domain
+    counts give the exact dependencies."""
+    from scipy import sparse
+
+    from neural_core.graphs.fuse import _brandes_block
+
+    G = _king_strip(1100)
+    n0 = G.number_of_nodes()
+    path = list(range(n0, n0 + 1100 + 40))            # 1,100 nodes level with the strip, then a 40-node tail
+    G.add_edge(0, path[0])
+    for u, v in zip(path, path[1:]):
+        G.add_edge(u, v)
+    n = G.number_of_nodes()
+    e = np.array(G.edges())
+    adj = sparse.csr_matrix((np.ones(2 * len(e)), (np.r_[e[:, 0], e[:, 1]], np.r_[e[:, 1], e[:, 0]])), shape=(n, n))
+    srcs = np.array([0])
+    got = _brandes_block(adj, srcs)
+    assert np.isfinite(got).all()
+    ref = _exact_dependencies(G, srcs.tolist())
+    np.testing.assert_allclose(got, np.array([float(ref[v]) for v in range(n)]), rtol=1e-9, atol=1e-9)
+
+
 def test_betweenness_rescaling_agrees_with_networkx_on_an_irregular_graph():
     import networkx as nx
 
