@@ -12,7 +12,8 @@ Directory layout (``assets/default_model`` is the shipped one)::
                                  training text it is an oracle: the label comes from the report)
     baseline/                  optional: the transfer-learning baseline (frozen backbone + logistic regression,
                                :mod:`neural_core.models.baseline`) that every evaluation reports beside NEURAL
-    lung/                      optional: the lung-field model (:mod:`neural_core.models.lung`)
+    lung/                      optional: the lung-field model (:mod:`neural_core.models.lung`) and its
+                               density_atlas.json (:mod:`neural_core.models.density`)
 
 A report model with a pretrained CNN encoder shares that (frozen) backbone with the classifiers' patch encoder:
 loading registers it as their feature source (:func:`neural_core.models.patch_features.register_featurizer`), so
@@ -61,6 +62,7 @@ class ModelBundle:
     device: torch.device = torch.device("cpu")
     baseline: object | None = None        # neural_core.models.baseline.TransferBaseline
     lung: object | None = None            # neural_core.models.lung.LungModel
+    density: object | None = None         # neural_core.models.density.DensityAtlas (lung/density_atlas.json)
 
     def __post_init__(self):
         unknown = set(self.classifiers) - set(CLASSIFIER_NAMES)
@@ -100,6 +102,8 @@ class ModelBundle:
             self.baseline.save(out / "baseline")
         if self.lung is not None:
             self.lung.save_pretrained(out / "lung", fp16=True)
+            if self.density is not None:
+                self.density.save(out / "lung")
         atomic_write_text(out / "model.json", json.dumps(self.info, indent=2))
 
 
@@ -191,7 +195,12 @@ def load_bundle(path: str | Path | None = None, device: torch.device | str | Non
                 from .models.lung import LungModel
 
                 lung = LungModel.from_pretrained(p / "lung", map_location=dev)
-            bundle = ModelBundle(rm, tok, clfs, info, dev, baseline, lung)
+            density = None
+            if (p / "lung" / "density_atlas.json").is_file():
+                from .models.density import DensityAtlas
+
+                density = DensityAtlas.load(p / "lung")
+            bundle = ModelBundle(rm, tok, clfs, info, dev, baseline, lung, density)
             register_backbone_features(bundle)
         _CACHE[key] = bundle
         return bundle

@@ -392,6 +392,7 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     from ..bundle import load_bundle
     from ..device import set_threads
     from ..graphs.zones import zones_from_text
+    from ..models.density import density_baseline_scores
     from ..models.lung import ZONES, lung_baseline_scores, lung_fields, zone_map
     from ..pipeline import inference_threads
 
@@ -423,6 +424,8 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
             if bundle.lung is not None:       # the stronger baseline and the anatomy: the bundle's lung model
                 lf = lung_fields(bundle.lung, x.pixels)
                 scorers["lung_model"] = lung_baseline_scores(lf, grid)
+                if bundle.density is not None:
+                    scorers["lung_density"] = density_baseline_scores(bundle.density, x.pixels, lf, grid)
                 ctx["lung"] = mask_patch_counts(lf.lung, grid)
                 ctx["pzones"] = patch_zones(zone_map(lf), grid)
                 if first.report_source == "given":
@@ -562,10 +565,12 @@ def cmd_validate_salience(a) -> int:
                 print(f"WARNING: {res['warning']}")
             for r in res["summary"]:
                 print(f"keep {r['keep']:<6g} recall {_f(r['recall'])}  random {_f(r['random'])}  "
-                      f"lung prior {_f(r['lung_prior'])}  lung model {_f(r['lung_model'])}")
+                      f"lung prior {_f(r['lung_prior'])}  lung model {_f(r['lung_model'])}  "
+                      f"densest lung {_f(r.get('lung_density'))}")
             p = res["pointing_game"]
             print(f"pointing game: NEURAL {_f(p['neural'])}  random {_f(p['random'])}  "
-                  f"lung prior {_f(p['lung_prior'])}  lung model {_f(p['lung_model'])}")
+                  f"lung prior {_f(p['lung_prior'])}  lung model {_f(p['lung_model'])}  "
+                  f"densest lung {_f(p.get('lung_density'))}")
             if len(res["scorers"]) > 1 + len(BASELINES):
                 for name, r in res["scorers"].items():
                     print(f"  {name:<24} pointing {_f(r['pointing'])}  mass in mask {_f(r['mass_in_mask'])}  "

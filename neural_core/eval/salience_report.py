@@ -18,7 +18,7 @@ from ..utils import atomic_write_text, json_clean
 from . import fmt_keep
 
 #: the baseline scorers of every validate-salience run, in table order
-BASELINES = ("random", "lung_prior", "lung_model")
+BASELINES = ("random", "lung_prior", "lung_model", "lung_density")
 
 
 def _mean(v) -> float:
@@ -101,7 +101,8 @@ def _f(v) -> str:
 
 
 _SCORER_LABEL = {"random": "random (baseline)", "lung_prior": "analytic lung prior (baseline)",
-                 "lung_model": "lung model (baseline)"}
+                 "lung_model": "lung model (baseline)",
+                 "lung_density": "densest lung first (baseline; the attention teacher)"}
 
 
 def variant_table(res: dict) -> list[str]:
@@ -142,14 +143,16 @@ def render_one(res: dict, level: str = "##") -> list[str]:
                  f"{res['entity_fallback_share']:.0%}")
     L += ["", f"{level} Mask recall of kept patches", "", "Share of mask pixels inside the kept patches (mean over "
           "images); the baselines keep the same number of patches. NEURAL = the bundle's salience setting.", "",
-          "| keep | n | NEURAL | random keep | lung-field prior | lung model |", "|---|---|---|---|---|---|"]
+          "| keep | n | NEURAL | random keep | lung-field prior | lung model | densest lung |",
+          "|---|---|---|---|---|---|---|"]
     for r in res["summary"]:
         L.append(f"| {r['keep']:g} | {r['n']} | {_f(r['recall'])} | {_f(r['random'])} | {_f(r['lung_prior'])} "
-                 f"| {_f(r.get('lung_model'))} |")
+                 f"| {_f(r.get('lung_model'))} | {_f(r.get('lung_density'))} |")
     p = res["pointing_game"]
     L += ["", f"{level} Pointing game", "", "Does the single top-ranked patch overlap the mask?", "",
-          "| NEURAL | random patch | lung-field prior | lung model |", "|---|---|---|---|",
-          f"| {_f(p['neural'])} | {_f(p['random'])} | {_f(p['lung_prior'])} | {_f(p.get('lung_model'))} |",
+          "| NEURAL | random patch | lung-field prior | lung model | densest lung |", "|---|---|---|---|---|",
+          f"| {_f(p['neural'])} | {_f(p['random'])} | {_f(p['lung_prior'])} | {_f(p.get('lung_model'))} "
+          f"| {_f(p.get('lung_density'))} |",
           "", f"Salience mass inside the mask (NEURAL, mean over images): {_f(res.get('mass_in_mask'))}.",
           "", f"{level} Every variant and baseline", "",
           "Means over images (zone agreement over the images whose report names a zone, n in brackets; nodule "

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifiers", required=True)
     ap.add_argument("--also", action="append", default=[], help="name=DIR: take classifier NAME from run DIR")
     ap.add_argument("--lung", default=None)
+    ap.add_argument("--density", default=None, help="density_atlas.json (or the feature folder holding it) of "
+                    "neural_core.train.density: shipped beside the lung model for validate-salience's densest-lung "
+                    "baseline (the attention teacher of --targets lung+zone+density)")
     ap.add_argument("--salience", default=None, help="model.json whose \"salience\" entry (validate-salience --choose) "
                     "the bundle keeps; pass the same file the classifier trainer's --salience read")
     ap.add_argument("--split", required=True)
@@ -53,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         from ..models.lung import LungModel
 
         lung = LungModel.from_pretrained(args.lung)
+    density = None
+    if args.density:
+        from ..models.density import DensityAtlas
+
+        if lung is None:
+            raise SystemExit("--density ships beside the lung model: pass --lung too")
+        density = DensityAtlas.load(args.density)
     training = {}
     log_file = Path(args.decoder).parent / "log.jsonl"
     if log_file.is_file():       # how the report model was trained (weak attention supervision, burned-in copies)
@@ -62,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                 a = ev.get("args", {})
                 training = {"attn_weight": a.get("attn_weight", 0.0), "attn_targets": a.get("targets"),
                             "burn_in_copies": ev.get("burn_in_copies", 0), "aug_p": a.get("aug_p"),
-                            "epochs": a.get("epochs")}
+                            "epochs": a.get("epochs"), "covid_oversample": a.get("covid_oversample"),
+                            "density_share": a.get("density_share") if "density" in str(a.get("targets")) else None}
             elif ev.get("event") == "epoch" and "val_mass_in_lung" in ev:
                 training.setdefault("val_per_epoch", []).append(
-                    {k: ev.get(k) for k in ("epoch", "val_loss", "val_attn_loss", "val_mass_in_lung", "val_pointing")})
+                    {k: ev.get(k) for k in ("epoch", "val_loss", "val_attn_loss", "val_mass_in_lung", "val_pointing",
+                                            "val_mass_in_density") if k in ev})
     zone = sorted(n for n, c in clfs.items() if c.cfg.zone_features)
     info = {"name": "neural-lite0", "version": args.version, "trained": True, "thresholds": thresholds,
             "val_auc": val_auc, "split_file": "split.json",
@@ -79,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             + (["report model: cross-attention weakly supervised towards the lung field and the zones a note names "
                 "(lung field and zones = the shipped lung model's prediction on every training image, pediatric "
                 "Kermany included; not annotations)"] if training.get("attn_weight") else [])
+            + ([f"report model: for pneumonia-positive training studies the attention target is the densest "
+                f"{training['density_share']:.0%} of the lung (density anomaly against an atlas of normal training "
+                "films, neural_core.models.density), zones a note names kept"] if training.get("density_share") else [])
             + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
             + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         for sub in ("report", "classifier_image", "classifier_report", "classifier_oracle", "baseline", "lung"):
             shutil.rmtree(out / sub, ignore_errors=True)
-    ModelBundle(rm, tok, clfs, info, baseline=base, lung=lung).save(out, fp16=True)
+    ModelBundle(rm, tok, clfs, info, baseline=base, lung=lung, density=density).save(out, fp16=True)
     if Path(args.split).resolve() != (out / "split.json").resolve():
         shutil.copy(args.split, out / "split.json")
     print(json.dumps({"out": str(out), "classifiers": sorted(clfs), "thresholds": thresholds}, indent=1))

@@ -20,8 +20,12 @@ not ``</s>``) with attention :math:`a_t` over the :math:`G \times G` tokens,
 where :math:`M_t` is the lung field (the lung model's prediction stored by :mod:`neural_core.train.features`,
 cells at least half lung, dilated by one token), or, for a token of a sentence in which
 :func:`neural_core.graphs.zones.zone_mentions` finds a named (non-negated) zone ("left upper lobe", "bilateral
-lower zones"), those zones within the lung field (``--targets lung+zone``). Total loss = text loss + lambda x attention
-loss. ``--burn-in-copies`` of :mod:`neural_core.train.features` (letters, markers, borders burned in at random)
+lower zones"), those zones within the lung field (``--targets lung+zone``). With ``--targets lung+zone+density`` the
+target of every token of a pneumonia-positive study (outside named-zone sentences) is the densest ``--density-share``
+of its lung field instead (:meth:`neural_core.models.density.DensityAtlas.target`: cell intensity against an atlas
+of normal training films, from :mod:`neural_core.train.density`): the lung-field target taught the attention to find
+the lungs, not the opacity in them, and image labels alone do not localise (a lung-restricted multiple-instance head
+put its peak in the named zone less often than chance). Total loss = text loss + lambda x attention loss. ``--burn-in-copies`` of :mod:`neural_core.train.features` (letters, markers, borders burned in at random)
 replace the clean tokens of a training study with probability ``--aug-p``; the anatomy does not move, so the clean
 image's lung field stays the target.
 
@@ -117,14 +121,16 @@ def sentence_zones(text: str) -> tuple[tuple[int, int, frozenset], ...]:
 
 
 def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, grid: int, max_len: int, *,
-                  use_zones: bool, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  use_zones: bool, dilation: int = 1, base: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and the per-token attention target of a batch of reports.
 
-    Every token's target is its study's lung field (:func:`lung_target`); with ``use_zones`` a token whose first
+    Every token's target is its study's lung field (:func:`lung_target`), or the row of ``base`` where that row is
+    not empty (the density target of a positive study, :meth:`~neural_core.models.density.DensityAtlas.target`);
+    with ``use_zones`` a token whose first
     character lies in a sentence naming a zone (:func:`sentence_zones`) gets that sentence's zones instead
     (:func:`zone_target`; the lung field when the lung model found none of them).
 
-    *Shapes*: ``lung`` :math:`(B, G*G)`, ``zones`` :math:`(B, 6, G*G)` -> labels :math:`(B, T)` int64 and targets
+    *Shapes*: ``lung`` :math:`(B, G*G)`, ``zones`` :math:`(B, 6, G*G)`, ``base`` :math:`(B, G*G)` bool -> labels :math:`(B, T)` int64 and targets
     :math:`(B, T, G*G)` bool (as :func:`_labels`; padding rows are whatever, the loss masks them).
     """
     enc = tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt",
@@ -134,7 +140,7 @@ def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, gr
     out = np.zeros((B, T, grid * grid), dtype=bool)
     for b, text in enumerate(texts):
         lt = lung_target(lung[b], grid, dilation=dilation)
-        out[b] = lt
+        out[b] = base[b] if base is not None and base[b].any() else lt
         if not use_zones:
             continue
         for start, end, named in sentence_zones(text):
@@ -188,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--attn-weight", type=float, default=0.0, help="lambda of the cross-attention mass-in-target "
                     "loss (0 = text loss only, the previous objective)")
-    ap.add_argument("--targets", choices=("lung", "lung+zone"), default="lung+zone",
-                    help="attention target: the lung field for every token, or the zones a sentence names")
+    ap.add_argument("--targets", choices=("lung", "lung+zone", "lung+zone+density"), default="lung+zone",
+                    help="attention target: the lung field for every token, or the zones a sentence names; "
+                    "+density: the densest --density-share of the lung of a pneumonia-positive study (needs "
+                    "neural_core.train.density run on --features)")
+    ap.add_argument("--density-share", type=float, default=0.25)
     ap.add_argument("--dilation", type=int, default=1, help="cells the lung/zone target is grown by")
     ap.add_argument("--aug-p", type=float, default=0.5, help="probability that a training study is read from one "
                     "of its burned-in copies (when features hold aug_tokens)")
@@ -236,10 +245,27 @@ def main(argv: list[str] | None = None) -> int:
 
     grid = model.token_grid
     G = grid[0]
-    use_zones = args.targets == "lung+zone"
+    use_zones = args.targets in ("lung+zone", "lung+zone+density")
+    tr_base = va_base = None
+    if args.targets.endswith("+density"):
+        from ..models.density import DensityAtlas
+
+        atlas = DensityAtlas.load(feats)
+
+        def density_base(which, recs, lung, zones):
+            cells = np.load(feats / f"cells_{which}.npy")
+            base = np.zeros((len(recs), G * G), dtype=bool)
+            for i, r in enumerate(recs):
+                if r["pneumonia"]:
+                    base[i] = atlas.target(cells[i], zones[i], lung_target(lung[i], G, dilation=args.dilation),
+                                           share=args.density_share)
+            return base
+
+        tr_base = density_base("train", tr_rec, tr_lung, tr_zones)
+        va_base = density_base("val", va_rec, va_lung, va_zones)
 
     def batch_loss(tokens: np.ndarray, recs: list[dict], ids: list[int], train: bool, lung=None, zones=None,
-                   aug=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   aug=None, base=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(text loss, attention loss, aggregated maps (B, G*G) or None)."""
         x = tokens[ids].astype(np.float32)
         if train and aug is not None and args.aug_p > 0:
@@ -254,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             labels = _labels(tok, texts, cfg.max_report_tokens)
             return model(None, labels, encoder_outputs=model.encode_tokens(x)).loss, torch.zeros(()), None
         labels, tgt = token_targets(tok, texts, lung[ids], zones[ids], G, cfg.max_report_tokens,
-                                    use_zones=use_zones, dilation=args.dilation)
+                                    use_zones=use_zones, dilation=args.dilation,
+                                    base=None if base is None else base[ids])
         out = model(None, labels, encoder_outputs=model.encode_tokens(x), output_attentions=True)
         from ..salience import aggregate_cross_attention, real_token_mask
 
@@ -274,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         for b in range(steps_per_epoch):
             text_loss, attn_loss, _ = batch_loss(tr_tok, tr_rec, list(order[b * args.batch:(b + 1) * args.batch]),
-                                                 True, tr_lung if args.attn_weight else None, tr_zones, tr_aug)
+                                                 True, tr_lung if args.attn_weight else None, tr_zones, tr_aug,
+                                                 tr_base)
             loss = text_loss + args.attn_weight * attn_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,21 +315,26 @@ def main(argv: list[str] | None = None) -> int:
                         attn_loss=attn_loss.item(), lr=sched.get_last_lr()[0])
         model.eval()
         tl = al = 0.0
-        mass, point = [], []
+        mass, point, dmass = [], [], []
         with torch.no_grad():
             for i in range(0, len(va_idx), 64):
                 ids = va_idx[i:i + 64]
-                t_l, a_l, maps = batch_loss(va_tok, va_rec, ids, False, va_lung, va_zones)
+                t_l, a_l, maps = batch_loss(va_tok, va_rec, ids, False, va_lung, va_zones, base=va_base)
                 tl, al = tl + t_l.item() * len(ids), al + a_l.item() * len(ids)
                 if maps is not None:
                     # attention mass in the lung (cells weighted by their lung share) and the pointing game
                     lung = torch.from_numpy(va_lung[ids].astype(np.float32))
                     mass += (maps * lung).sum(1).tolist()
                     point += (lung.gather(1, maps.argmax(1, keepdim=True))[:, 0] >= 0.5).float().tolist()
+                    if va_base is not None:     # attention mass on the densest lung of positive studies
+                        b = torch.from_numpy(va_base[ids].astype(np.float32))
+                        dmass += [(m * t).sum().item() for m, t in zip(maps, b) if t.any()]
         n = max(1, len(va_idx))
         val_text, val_attn = tl / n, al / n
         val = val_text + args.attn_weight * val_attn
         extra = {"val_mass_in_lung": float(np.mean(mass)), "val_pointing": float(np.mean(point))} if mass else {}
+        if dmass:
+            extra["val_mass_in_density"] = float(np.mean(dmass))
         logline(event="epoch", epoch=ep + 1, step=step, val_loss=val_text, val_attn_loss=val_attn,
                 val_objective=val, seconds=time.time() - t0, **extra)
         log.info("epoch %d val text loss %.4f attn loss %.4f %s (%.0f s)", ep + 1, val_text, val_attn, extra,

@@ -143,3 +143,51 @@ def test_main_trains_one_epoch_on_a_tiny_feature_cache(tmp_path):
     ep = [x for x in lines if x.get("event") == "epoch"][0]
     assert 0.0 <= ep["val_mass_in_lung"] <= 1.0 and ep["val_attn_loss"] > 0
     assert (out / "best" / "tokenizer").is_dir()
+
+
+def test_token_targets_base_replaces_the_lung_field_but_not_named_zones():
+    from neural_core.models.lung import ZONES
+    from neural_core.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER)
+    g = 4
+    lung = np.zeros((2, g * g), np.float32)
+    lung[:, [5, 6, 9, 10]] = 1.0
+    zones = np.zeros((2, 6, g * g), np.float32)
+    zones[:, ZONES.index(("left", "upper")), 6] = 1.0
+    base = np.zeros((2, g * g), bool)
+    base[0, 10] = True                                  # study 0: positive, densest cell 10; study 1: no base
+    texts = ["Heart normal. Opacity in the left upper lobe.", "Normal chest."]
+    labels, tgt = token_targets(tok, texts, lung, zones, g, 32, use_zones=True, dilation=0, base=base)
+    enc = tok(texts[0], return_offsets_mapping=True)
+    first_zone_tok = next(t for t, (a, e) in enumerate(enc["offset_mapping"]) if a >= texts[0].index("Opacity") and e > a)
+    assert tgt[0, 0].nonzero()[:, 0].tolist() == [10]                    # density target
+    assert tgt[0, first_zone_tok].nonzero()[:, 0].tolist() == [6]         # the named zone still wins
+    assert set(tgt[1, 0].nonzero()[:, 0].tolist()) == {5, 6, 9, 10}       # empty base row: lung field
+
+
+@pytest.mark.slow
+def test_main_with_density_targets(tmp_path):
+    from neural_core.train import density as density_cli
+
+    rng = np.random.default_rng(0)
+    feats = tmp_path / "pre"
+    feats.mkdir()
+    G, C = 24, 112
+    for which, n in (("train", 8), ("val", 4)):
+        recs = [{"report": "Opacity." if i % 2 else "The lungs are clear.", "image": "x.png",
+                 "dataset": "kermany", "pneumonia": i % 2} for i in range(n)]
+        (feats / f"features_{which}.json").write_text(json.dumps(recs))
+        zones = np.zeros((n, 6, G * G), np.float16)
+        zones[:, 0, :24 * 12] = 1
+        zones[:, 3, 24 * 12:] = 1
+        np.savez(feats / f"features_{which}.npz", tokens=rng.standard_normal((n, G * G, C)).astype(np.float16),
+                 pooled=np.zeros((n, 4), np.float16), lung=zones.sum(1), zones=zones)
+        np.save(feats / f"cells_{which}.npy", rng.normal(0, 50, (n, G * G)).astype(np.float32))  # no image reads
+    assert density_cli.main(["--features", str(feats)]) == 0
+    assert (feats / "density_atlas.json").is_file()
+    out = tmp_path / "dec"
+    assert main(["--features", str(feats), "--out", str(out), "--epochs", "1", "--batch", "4", "--warmup", "1",
+                 "--attn-weight", "1", "--covid-oversample", "1", "--targets", "lung+zone+density"]) == 0
+    ep = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e.get("event") == "epoch"][0]
+    assert 0.0 <= ep["val_mass_in_density"] <= 1.0
