@@ -54,6 +54,7 @@ DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "atelectasis": ("Atelectasis",),
     "lesion": ("Lung Lesion",),
     "pneumothorax": ("Pneumothorax",),
+    "hydropneumothorax": ("Pneumothorax", "Pleural Effusion"),
     "effusion": ("Pleural Effusion",),
     "pleural_other": ("Pleural Other",),
     "fracture": ("Fracture",),

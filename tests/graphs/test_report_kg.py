@@ -331,6 +331,17 @@ def test_chexpert_label_names():
     # what the IU labels (CheXpert's parser) often get wrong is not copied
     ("No displaced rib fractures.", {"Fracture": 0.0}),
     ("Degenerative endplate changes of the spine.", {"Support Devices": None}),
+    # air and fluid (or blood) in the pleural space: a pneumothorax and an effusion
+    ("Large left hydropneumothorax.", {"Pneumothorax": 1.0, "Pleural Effusion": 1.0, "No Finding": 0.0}),
+    ("No hydropneumothorax.", {"Pneumothorax": 0.0, "Pleural Effusion": 0.0}),
+    ("Possible small right hemopneumothorax.", {"Pneumothorax": -1.0, "Pleural Effusion": -1.0}),
+    ("Small right hemothorax.", {"Pleural Effusion": 1.0, "Pneumothorax": None}),
+    ("No pneumothorax or hemothorax.", {"Pleural Effusion": 0.0, "Pneumothorax": 0.0}),
+    ("Small left pleural effusion versus hemothorax.", {"Pleural Effusion": -1.0}),
+    # volume loss (after resection as often as from collapse) is abnormal but no atelectasis
+    ("Right-sided volume loss after lobectomy.", {"Atelectasis": None, "No Finding": 0.0}),
+    ("Left lower lobe atelectasis with volume loss.", {"Atelectasis": 1.0}),
+    ("No volume loss.", {"Atelectasis": None, "No Finding": 1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
