@@ -268,7 +268,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                # the device's name is often redacted ("XXXX-A-XXXX has its tip at the cavoatrial junction")
                "tip",
                "cardiac device", "cannula", "screw", "plate", "coil", "swan-ganz catheter", "ij line",
-               "subclavian line", "dialysis catheter"),
+               "subclavian line", "dialysis catheter",
+               # radiopaque rings marking coronary bypass grafts; epicardial (temporary) pacing wires
+               "cabg marker", "bypass graft marker", "graft marker", "coronary bypass graft marker",
+               "epicardial wire", "epicardial pacing wire", "temporary pacing wire", "epicardial lead"),
     # Abnormal findings outside the 14 labels: they make "No Finding" 0.
     "hernia": ("hernia", "hiatal hernia", "hiatus hernia"),
     "granuloma": ("granuloma", "granulomata", "granulomatous", "granulomatous disease", "calcified granuloma",

@@ -342,6 +342,12 @@ def test_chexpert_label_names():
     ("Right-sided volume loss after lobectomy.", {"Atelectasis": None, "No Finding": 0.0}),
     ("Left lower lobe atelectasis with volume loss.", {"Atelectasis": 1.0}),
     ("No volume loss.", {"Atelectasis": None, "No Finding": 1.0}),
+    # bypass graft markers and epicardial pacing wires are devices; sternotomy wires and clips are post-surgical
+    ("Intact sternotomy wires and CABG markers.", {"Support Devices": 1.0, "No Finding": 1.0}),
+    ("Sternotomy sutures and bypass graft markers are present.", {"Support Devices": 1.0}),
+    ("Epicardial pacing wires have been removed.", {"Support Devices": 0.0}),
+    ("Possible retained epicardial wire fragment.", {"Support Devices": -1.0}),
+    ("Median sternotomy wires. Surgical clips in the left axilla.", {"Support Devices": None, "No Finding": 1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
