@@ -416,6 +416,10 @@ UNCERTAINTY_TERMS: dict[str, list[str]] = {
 #: are both uncertain unless negated ("no effusion or pneumothorax"). A list of anatomy ("right lower or middle
 #: lobe") is not an alternative between findings.
 ALTERNATIVE_JOINERS: frozenset[str] = frozenset({"or", "and/or", "/", "versus", "vs", "vs."})
+#: Concepts that name one chronic pleural / parenchymal scar in different words: "pleural thickening/scarring",
+#: "pleural thickening or calcification" and "fibrotic change/scarring" describe one finding, not two alternatives.
+#: (Scar words of the opacity concept count too, see :func:`_scar_like`.)
+SCAR_CONCEPTS: frozenset[str] = frozenset({"pleural_other", "pleural_calcification", "fibrotic", "thickening"})
 
 #: Cue phrases of ``suggestive_of`` (A <cue> B).
 SUGGESTIVE_CUES: tuple[str, ...] = (
@@ -740,12 +744,27 @@ def _sentence_spans(nlp, text: str) -> list[tuple[int, int]]:
     return [(x, y) for x, y in out if text[x:y].strip()]
 
 
+def _scar_like(ent) -> bool:
+    return ent.ent_id_ in SCAR_CONCEPTS or (ent.ent_id_ == "opacity" and "scar" in ent.text.lower())
+
+
+def _one_finding(a, b) -> bool:
+    """Whether two observation spans joined by "or" / "/" name one finding (a scar, a calcified pleural plaque)."""
+    if _scar_like(a) and _scar_like(b):
+        return True
+    pleural = {"pleural_other", "pleural_calcification"}
+    return {a.ent_id_, b.ent_id_} & pleural != set() and "calcification" in (a.ent_id_, b.ent_id_)
+
+
 def _alternatives(doc, local: list[tuple[Any, Entity]]) -> None:
-    """Make both sides of "A or B" (observations, modifiers between skipped) uncertain unless negated."""
+    """Make both sides of "A or B" (observations, modifiers between skipped) uncertain unless negated. Two names of
+    one scar ("pleural thickening/scarring") are no alternatives."""
     mod_tokens = {i for ent, _ in local if ent.label_ == _LABEL_MOD for i in range(ent.start, ent.end)}
     core = [(ent, e) for ent, e in local if ent.label_ == _LABEL_OBS]
     for (a, ea), (b, eb) in zip(core, core[1:]):
         between = [doc[i].lower_ for i in range(a.end, b.start) if i not in mod_tokens]
+        if _one_finding(a, b):
+            continue
         if len(between) == 1 and between[0] in ALTERNATIVE_JOINERS:
             for e in (ea, eb):
                 if e.certainty == "present":

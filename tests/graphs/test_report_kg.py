@@ -348,6 +348,12 @@ def test_chexpert_label_names():
     ("Epicardial pacing wires have been removed.", {"Support Devices": 0.0}),
     ("Possible retained epicardial wire fragment.", {"Support Devices": -1.0}),
     ("Median sternotomy wires. Surgical clips in the left axilla.", {"Support Devices": None, "No Finding": 1.0}),
+    # two names of one scar joined by "/" or "or" are one finding, not alternatives
+    ("Biapical pleural thickening/scarring.", {"Pleural Other": 1.0, "Lung Opacity": 1.0}),
+    ("Apical pleural thickening or calcification.", {"Pleural Other": 1.0}),
+    ("No pleural thickening or scarring.", {"Pleural Other": 0.0}),
+    ("Possible pleural thickening/scarring at the left apex.", {"Pleural Other": -1.0}),
+    ("Scarring or atelectasis at the left base.", {"Atelectasis": -1.0, "Lung Opacity": 1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
