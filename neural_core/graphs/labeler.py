@@ -105,16 +105,19 @@ NO_FINDING_NEUTRAL_WORDS: tuple[str, ...] = ("spondylosis", "engorge")
 _VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 
 
-def _size_labels(text: str, concept: str) -> tuple[str, ...]:
+def _size_labels(text: str, concept: str, sized: bool = False) -> tuple[str, ...]:
     """Labels whose mention the anatomy ``text`` (of ``concept``) is: a heart-size phrase exactly ("heart", not
-    "left heart"), a mediastinum phrase or any "contour" anywhere in it."""
+    "left heart"), a mediastinum phrase or any "contour" anywhere in it. With ``sized`` (a size word stands right
+    next to it) the adjective "mediastinal" alone is the mediastinum too ("mediastinal widening", "no mediastinal
+    enlargement"); otherwise it is not ("calcified mediastinal lymph nodes", "mediastinal nodes are less
+    prominent")."""
     t = " ".join(text.lower().split())
     out = []
     if SIZE_LABELS.get(concept) == "Cardiomegaly" and t in _HEART_SIZE_TEXTS:
         out.append("Cardiomegaly")
     # "contour" alone mentions the mediastinum only as a contour of the heart or mediastinum (not "hilar contour")
     if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"] if w != "contour") or (
-            "contour" in t and concept in SIZE_LABELS):
+            "contour" in t and concept in SIZE_LABELS) or (sized and t == "mediastinal"):
         out.append("Enlarged Cardiomediastinum")
     return tuple(out)
 
@@ -177,6 +180,7 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
         if len(alt) >= 2:
             votes["Lung Opacity"].append(1.0)
         size_votes: dict[str, dict[str, list[float]]] = {}
+        next_to_size = {a.id for a in anat if any(gap(a, o) <= 1 for o, c in core if c in CONTEXT_VALUES)}
         for o, concept in core:
             val = _VALUE[o.certainty]
             for label in DIRECT_LABELS.get(concept, ()):
@@ -188,7 +192,7 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                 if v is not None:
                     for a in scope[o.id]:
                         ac = info.get(a.id)
-                        for label in _size_labels(a.text, ac[1]) if ac else ():
+                        for label in _size_labels(a.text, ac[1], sized=a.id in next_to_size) if ac else ():
                             size_votes.setdefault(label, {}).setdefault(concept, []).append(v)
             for ac in anat_concepts:
                 if (concept, ac) in LOCATED_LABELS:

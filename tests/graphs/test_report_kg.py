@@ -354,6 +354,13 @@ def test_chexpert_label_names():
     ("No pleural thickening or scarring.", {"Pleural Other": 0.0}),
     ("Possible pleural thickening/scarring at the left apex.", {"Pleural Other": -1.0}),
     ("Scarring or atelectasis at the left base.", {"Atelectasis": -1.0, "Lung Opacity": 1.0}),
+    # "mediastinal" next to a size word is the mediastinum; next to anything else (lymph nodes) it is not
+    ("Mediastinal widening.", {"Enlarged Cardiomediastinum": 1.0, "No Finding": 0.0}),
+    ("There is no mediastinal widening.", {"Enlarged Cardiomediastinum": 0.0, "No Finding": 1.0}),
+    ("Possible mediastinal widening.", {"Enlarged Cardiomediastinum": -1.0}),
+    ("Mild mediastinal enlargement, stable.", {"Enlarged Cardiomediastinum": -1.0}),
+    ("Calcified mediastinal lymph nodes.", {"Enlarged Cardiomediastinum": None}),
+    ("The mediastinal lymph nodes are less prominent than previously.", {"Enlarged Cardiomediastinum": None}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
