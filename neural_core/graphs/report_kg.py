@@ -258,7 +258,11 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     # Abnormal, but no CheXpert label names it.
     "pleural_calcification": ("pleural plaque", "pleural calcification", "calcified pleural plaque"),
     "fibrotic": ("fibrotic change", "fibrotic"),
-    "fracture": ("fracture", "fractured", "fx", "compression fracture", "rib fracture"),
+    # A vertebral "compression deformity" is a compression fracture (often of unknown age); a mild "wedge
+    # deformity" / "wedging" is not called one (see "deformity").
+    "fracture": ("fracture", "fractured", "fx", "compression fracture", "rib fracture", "compression deformity",
+                 "wedge compression deformity", "vertebral compression deformity", "burst fracture",
+                 "fracture deformity", "vertebral collapse", "vertebral body collapse"),
     "device": ("catheter", "tube", "endotracheal tube", "et tube", "enteric tube", "nasogastric tube", "ng tube",
                "og tube", "feeding tube", "chest tube", "tracheostomy tube", "central line", "central venous line",
                "central venous catheter", "picc line", "picc", "port", "tracheostomy", "port-a-cath", "porta cath", "portacath",

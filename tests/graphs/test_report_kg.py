@@ -361,6 +361,13 @@ def test_chexpert_label_names():
     ("Mild mediastinal enlargement, stable.", {"Enlarged Cardiomediastinum": -1.0}),
     ("Calcified mediastinal lymph nodes.", {"Enlarged Cardiomediastinum": None}),
     ("The mediastinal lymph nodes are less prominent than previously.", {"Enlarged Cardiomediastinum": None}),
+    # fracture phrasing: healed / old rib fractures, vertebral compression deformities
+    ("Healed left 5th and 6th rib fractures.", {"Fracture": 1.0, "No Finding": 0.0}),
+    ("Old right clavicle fracture.", {"Fracture": 1.0}),
+    ("Mild compression deformity of T12, age indeterminate.", {"Fracture": 1.0, "No Finding": 0.0}),
+    ("No vertebral compression deformity.", {"Fracture": 0.0}),
+    ("Possible compression deformity of L1.", {"Fracture": -1.0}),
+    ("Mild anterior wedging of a lower thoracic vertebral body.", {"Fracture": None, "No Finding": 0.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
