@@ -379,6 +379,15 @@ NEGATION_ADD: dict[str, list[str]] = {
         # "a new nodule, not seen on prior exams": new, not absent
         "not seen on prior", "not seen on the prior", "not seen on previous", "not seen on the previous",
         "not seen previously", "not previously seen", "not present on prior", "not present on the prior",
+        # a finding seen on one view and not on the other is still there
+        *(f"not {how}{seen} {on} {the}{view}"
+          for how in ("", "well ", "definitely ", "clearly ")
+          for seen in ("seen", "identified", "visualized", "evident", "appreciated", "demonstrated", "visible",
+                       "apparent")
+          for on in ("on", "in")
+          for the in ("", "the ")
+          for view in ("lateral", "frontal", "pa", "ap", "lateral view", "frontal view", "lateral projection",
+                       "frontal projection", "pa view", "ap view")),
     ],
     "termination": ["there is", "there are", "otherwise", "however", "with the exception of", "except for", ";"],
 }

@@ -368,6 +368,12 @@ def test_chexpert_label_names():
     ("No vertebral compression deformity.", {"Fracture": 0.0}),
     ("Possible compression deformity of L1.", {"Fracture": -1.0}),
     ("Mild anterior wedging of a lower thoracic vertebral body.", {"Fracture": None, "No Finding": 0.0}),
+    # a finding seen on one view and "not identified on the lateral view" is still present
+    ("A 1.7 cm nodular density in the right base on the frontal view, not identified on the lateral view.",
+     {"Lung Lesion": 1.0, "No Finding": 0.0}),
+    ("Left basilar opacity, not well visualized on the lateral projection.", {"Lung Opacity": 1.0}),
+    ("No nodule is identified on the lateral view.", {"Lung Lesion": 0.0}),
+    ("Possible nodule, not seen on the lateral view.", {"Lung Lesion": -1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
