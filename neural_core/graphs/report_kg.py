@@ -379,6 +379,10 @@ NEGATION_ADD: dict[str, list[str]] = {
         # "a new nodule, not seen on prior exams": new, not absent
         "not seen on prior", "not seen on the prior", "not seen on previous", "not seen on the previous",
         "not seen previously", "not previously seen", "not present on prior", "not present on the prior",
+        *(f"not {seen} on {the}{prior}"
+          for seen in ("visualized", "identified", "evident", "demonstrated", "visible", "apparent", "noted")
+          for the in ("", "the ")
+          for prior in ("prior", "previous", "comparison")),
         # a finding seen on one view and not on the other is still there
         *(f"not {how}{seen} {on} {the}{view}"
           for how in ("", "well ", "definitely ", "clearly ")

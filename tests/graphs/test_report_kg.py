@@ -374,6 +374,10 @@ def test_chexpert_label_names():
     ("Left basilar opacity, not well visualized on the lateral projection.", {"Lung Opacity": 1.0}),
     ("No nodule is identified on the lateral view.", {"Lung Lesion": 0.0}),
     ("Possible nodule, not seen on the lateral view.", {"Lung Lesion": -1.0}),
+    # "not visualized on prior" makes a finding new, not absent
+    ("Left midlung opacity noted, not visualized on prior.", {"Lung Opacity": 1.0, "No Finding": 0.0}),
+    ("New right basilar consolidation, not evident on the previous study.", {"Consolidation": 1.0}),
+    ("Consolidation is not visualized.", {"Consolidation": 0.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
