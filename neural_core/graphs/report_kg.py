@@ -449,6 +449,8 @@ SUGGESTIVE_CUES: tuple[str, ...] = (
 
 #: A modifier modifies an observation at most this many tokens away.
 MODIFY_WINDOW = 4
+#: Observation concepts that are states, not findings: no modifier modifies them.
+UNMODIFIABLE: frozenset[str] = frozenset({"stable", "normal", "top_normal", "upper_normal"})
 #: Sentences longer than this (in tokens) are processed in pieces.
 MAX_SENTENCE_TOKENS = 160
 
@@ -809,10 +811,12 @@ def _relations(doc, local: list[tuple[Any, Entity]], sent_of: dict[int, int]) ->
             if anat:
                 best = min(anat, key=lambda x: (_token_gap(ent, x[0]), 0 if x[0].start > ent.start else 1))
                 rels.append(Relation(e.id, best[1].id, "located_at"))
-        # modify: the first observation after the modifier, else the nearest one before it.
+        # modify: the first observation after the modifier, else the nearest one before it. A state word
+        # ("unchanged", "normal") takes no size or severity: "the heart is large, unchanged" is a large heart.
+        targets = [(x, y) for x, y in core if x.ent_id_ not in UNMODIFIABLE]
         for ent, e in mods:
-            after = [(x, y) for x, y in core if x.start >= ent.end and x.start - ent.end <= MODIFY_WINDOW]
-            before = [(x, y) for x, y in core if x.end <= ent.start and ent.start - x.end <= MODIFY_WINDOW]
+            after = [(x, y) for x, y in targets if x.start >= ent.end and x.start - ent.end <= MODIFY_WINDOW]
+            before = [(x, y) for x, y in targets if x.end <= ent.start and ent.start - x.end <= MODIFY_WINDOW]
             if after:
                 rels.append(Relation(e.id, min(after, key=lambda x: x[0].start)[1].id, "modify"))
             elif before:

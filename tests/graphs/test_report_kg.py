@@ -378,6 +378,10 @@ def test_chexpert_label_names():
     ("Left midlung opacity noted, not visualized on prior.", {"Lung Opacity": 1.0, "No Finding": 0.0}),
     ("New right basilar consolidation, not evident on the previous study.", {"Consolidation": 1.0}),
     ("Consolidation is not visualized.", {"Consolidation": 0.0}),
+    # a size word describes a finding, never a state word: "large, unchanged" is a large heart
+    ("The heart is large, unchanged from prior exam.", {"Cardiomegaly": 1.0}),
+    ("The heart is not large, unchanged from prior exam.", {"Cardiomegaly": 0.0}),
+    ("The heart is possibly large, unchanged.", {"Cardiomegaly": -1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
