@@ -92,6 +92,8 @@ CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "sta
 ENLARGED_BEATS_STABLE = frozenset({"Cardiomegaly"})
 #: Concepts that are each a kind of lung opacity (what "A or B" between two of them still asserts).
 OPACITY_KINDS = frozenset({"opacity", "airspace_disease", "infiltrate", "consolidation", "atelectasis", "pneumonia"})
+#: Concepts that each make the cardiac silhouette large (what "A and/or B" between them still asserts).
+LARGE_SILHOUETTE_KINDS = frozenset({"cardiomegaly", "pericardial_effusion"})
 #: Vocabulary concepts the labeler reads as another one.
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
@@ -179,6 +181,9 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
         alt = {c for o, c in core if o.certainty == "uncertain" and c in OPACITY_KINDS}
         if len(alt) >= 2:
             votes["Lung Opacity"].append(1.0)
+        # Likewise "cardiomegaly and/or pericardial effusion": the cardiac silhouette is large either way.
+        if {c for o, c in core if o.certainty == "uncertain"} >= LARGE_SILHOUETTE_KINDS:
+            votes["Cardiomegaly"].append(1.0)
         size_votes: dict[str, dict[str, list[float]]] = {}
         next_to_size = {a.id for a in anat if any(gap(a, o) <= 1 for o, c in core if c in CONTEXT_VALUES)}
         for o, concept in core:

@@ -244,6 +244,11 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     # Air and fluid in the pleural space: both a pneumothorax and an effusion (see labeler.DIRECT_LABELS).
     "hydropneumothorax": ("hydropneumothorax", "hydropneumothoraces", "hemopneumothorax", "hemopneumothoraces",
                           "haemopneumothorax", "pyopneumothorax"),
+    # Fluid outside the pleural space is no pleural effusion (the IU labels, by CheXpert's bare "effusion" mention,
+    # call a pericardial effusion a pleural one; that is not copied).
+    "pericardial_effusion": ("pericardial effusion", "pericardial fluid", "pericardial fluid collection"),
+    "joint_effusion": ("joint effusion", "knee effusion", "knee joint effusion", "suprapatellar effusion",
+                       "elbow effusion", "shoulder effusion"),
     # Blood or pus in the pleural space is pleural fluid.
     "effusion": ("effusion", "pleural effusion", "pleural fluid", "hydrothorax", "fluid in the pleural space",
                  "hemothorax", "haemothorax", "hemothoraces", "pleural fluid collection",

@@ -382,6 +382,13 @@ def test_chexpert_label_names():
     ("The heart is large, unchanged from prior exam.", {"Cardiomegaly": 1.0}),
     ("The heart is not large, unchanged from prior exam.", {"Cardiomegaly": 0.0}),
     ("The heart is possibly large, unchanged.", {"Cardiomegaly": -1.0}),
+    # a pericardial or joint effusion is no pleural effusion; "cardiomegaly and/or pericardial effusion" is a large
+    # cardiac silhouette either way
+    ("Small pericardial effusion. No pleural effusion.", {"Pleural Effusion": 0.0, "No Finding": 0.0}),
+    ("There may be a pericardial effusion.", {"Pleural Effusion": None, "No Finding": 0.0}),
+    ("No knee joint effusion.", {"Pleural Effusion": None, "No Finding": 1.0}),
+    ("Cardiomegaly and/or pericardial effusion.", {"Cardiomegaly": 1.0, "Pleural Effusion": None}),
+    ("No cardiomegaly or pericardial effusion.", {"Cardiomegaly": 0.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
