@@ -57,6 +57,7 @@ DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "hydropneumothorax": ("Pneumothorax", "Pleural Effusion"),
     "effusion": ("Pleural Effusion",),
     "pleural_other": ("Pleural Other",),
+    "pleuroparenchymal_scar": ("Pleural Other", "Lung Opacity"),
     "fracture": ("Fracture",),
     "device": ("Support Devices",),
 }

@@ -234,7 +234,8 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "vascular": ("congestion", "cephalization", "kerley b line", "kerley line", "fluid overload", "volume overload",
                  "vascular engorgement", "engorgement", "engorged", "pulmonary venous hypertension",
                  "venous congestion", "pulmonary hypertension", "pulmonary arterial hypertension"),
-    "atelectasis": ("atelectasis", "atelectatic", "atelectases", "collapse", "plate-like atelectasis",
+    "atelectasis": ("atelectasis", "atelectatic", "atelectases", "collapse", "collapsed", "lobar collapse",
+                    "plate-like atelectasis",
                     "discoid atelectasis", "atelectatic change"),
     "lesion": ("nodule", "nodular", "nodular opacity", "nodular density", "mass", "lesion", "tumor", "neoplasm",
                "carcinoma", "cancer", "malignancy", "metastasis", "metastases", "metastatic disease",
@@ -253,10 +254,12 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "effusion": ("effusion", "pleural effusion", "pleural fluid", "hydrothorax", "fluid in the pleural space",
                  "hemothorax", "haemothorax", "hemothoraces", "pleural fluid collection",
                  "loculated fluid", "subpulmonic fluid"),
-    "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "fibrothorax",
-                      "pleural-parenchymal scarring", "pleuroparenchymal scarring", "pleural-parenchymal scar",
-                      "pleuroparenchymal scar", "pleural parenchymal scarring", "pleural parenchymal scar",
-                      "pleural-peripheral scarring", "pleural reaction", "pleural disease", "fissural thickening",
+    # A scar of pleura and lung together: Pleural Other and a (parenchymal) Lung Opacity, see labeler.DIRECT_LABELS.
+    "pleuroparenchymal_scar": ("pleural-parenchymal scarring", "pleural-parenchymal scar", "pleuroparenchymal scarring",
+                               "pleuroparenchymal scar", "pleural parenchymal scarring", "pleural parenchymal scar",
+                               "pleuro-parenchymal scarring", "pleuro-parenchymal scar", "pleural-peripheral scarring"),
+    "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "fibrothorax", "pleural reaction",
+                      "pleural disease", "fissural thickening",
                       "fissure thickening", "thickening of the fissure", "thickened fissure",
                       # CheXpert files fibrosis under Pleural Other.
                       "fibrosis", "pulmonary fibrosis"),
@@ -441,7 +444,8 @@ ALTERNATIVE_JOINERS: frozenset[str] = frozenset({"or", "and/or", "/", "versus", 
 #: Concepts that name one chronic pleural / parenchymal scar in different words: "pleural thickening/scarring",
 #: "pleural thickening or calcification" and "fibrotic change/scarring" describe one finding, not two alternatives.
 #: (Scar words of the opacity concept count too, see :func:`_scar_like`.)
-SCAR_CONCEPTS: frozenset[str] = frozenset({"pleural_other", "pleural_calcification", "fibrotic", "thickening"})
+SCAR_CONCEPTS: frozenset[str] = frozenset({
+    "pleural_other", "pleuroparenchymal_scar", "pleural_calcification", "fibrotic", "thickening"})
 
 #: Cue phrases of ``suggestive_of`` (A <cue> B).
 SUGGESTIVE_CUES: tuple[str, ...] = (
@@ -776,7 +780,7 @@ def _one_finding(a, b) -> bool:
     """Whether two observation spans joined by "or" / "/" name one finding (a scar, a calcified pleural plaque)."""
     if _scar_like(a) and _scar_like(b):
         return True
-    pleural = {"pleural_other", "pleural_calcification"}
+    pleural = {"pleural_other", "pleuroparenchymal_scar", "pleural_calcification"}
     return {a.ent_id_, b.ent_id_} & pleural != set() and "calcification" in (a.ent_id_, b.ent_id_)
 
 

@@ -389,6 +389,12 @@ def test_chexpert_label_names():
     ("No knee joint effusion.", {"Pleural Effusion": None, "No Finding": 1.0}),
     ("Cardiomegaly and/or pericardial effusion.", {"Cardiomegaly": 1.0, "Pleural Effusion": None}),
     ("No cardiomegaly or pericardial effusion.", {"Cardiomegaly": 0.0}),
+    # a pleural-parenchymal scar is pleura and lung: Pleural Other and Lung Opacity; a collapsed lobe is atelectasis
+    ("Stable biapical pleural-parenchymal scarring.", {"Pleural Other": 1.0, "Lung Opacity": 1.0}),
+    ("No pleuroparenchymal scarring.", {"Pleural Other": 0.0, "Lung Opacity": 0.0}),
+    ("Apical pleural thickening.", {"Pleural Other": 1.0, "Lung Opacity": None}),
+    ("The left upper lobe is collapsed.", {"Atelectasis": 1.0, "No Finding": 0.0}),
+    ("Questionable collapsed right middle lobe.", {"Atelectasis": -1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
