@@ -61,6 +61,8 @@ DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "fracture": ("Fracture",),
     "device": ("Support Devices",),
 }
+#: Observation concept -> labels it states to be absent when it is present (a negation written as one phrase).
+ABSENT_LABELS: dict[str, tuple[str, ...]] = {"clear_of_opacity": ("Lung Opacity",)}
 #: (concept, label) pairs whose positive mention is only uncertain evidence for the label (CheXpert's rules:
 #: "vascular congestion" / "vascular prominence" are uncertain edema; "CHF" / "heart failure" uncertain cardiomegaly).
 CAPPED: frozenset[tuple[str, str]] = frozenset({
@@ -98,7 +100,7 @@ LARGE_SILHOUETTE_KINDS = frozenset({"cardiomegaly", "pericardial_effusion"})
 #: Vocabulary concepts the labeler reads as another one.
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
-NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device"}
+NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device", "clear_of_opacity"}
 #: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes, the bronchovascular
 #: crowding they cause), post-surgical change (clips, sternotomy; like a support device, no pathology) and words the
 #: CheXpert No Finding list does not hold ("spondylosis", vascular "engorgement"); every other present or uncertain
@@ -191,6 +193,8 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
             val = _VALUE[o.certainty]
             for label in DIRECT_LABELS.get(concept, ()):
                 votes[label].append(-1.0 if val == 1.0 and (concept, label) in CAPPED else val)
+            for label in ABSENT_LABELS.get(concept, ()) if o.certainty == "present" else ():
+                votes[label].append(0.0)
             anat_concepts = {info[a.id][1] for a in scope[o.id] if info.get(a.id)}
             if concept in CONTEXT_VALUES:
                 cv = CONTEXT_VALUES[concept]

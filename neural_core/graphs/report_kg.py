@@ -189,6 +189,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                "clear", "grossly normal",
                "grossly clear", "intact", "well expanded", "well aerated", "normally expanded", "normal size",
                "normal in size", "normal caliber", "normal contour", "appropriate", "well-inflated"),
+    # "Clear of airspace disease" dictated without its "of" ("lungs are expanded and clear airspace disease"): a
+    # negative statement about the opacity (labeler.ABSENT_LABELS), not an opacity.
+    "clear_of_opacity": ("clear airspace disease", "clear air space disease", "clear air-space disease",
+                         "clear focal airspace disease"),
     # "Upper limits of normal" is what CheXpert labels positive; "at the upper limits of normal", "top normal" and
     # "upper limits normal" (the longer phrases win in the ruler) it labels normal.
     "upper_normal": ("upper limits of normal", "upper limit of normal"),

@@ -395,6 +395,10 @@ def test_chexpert_label_names():
     ("Apical pleural thickening.", {"Pleural Other": 1.0, "Lung Opacity": None}),
     ("The left upper lobe is collapsed.", {"Atelectasis": 1.0, "No Finding": 0.0}),
     ("Questionable collapsed right middle lobe.", {"Atelectasis": -1.0}),
+    # "clear [of] airspace disease" with the "of" dropped is a negative statement, not an opacity
+    ("Lungs are expanded and clear airspace disease.", {"Lung Opacity": 0.0, "No Finding": 1.0}),
+    ("Lungs are clear airspace disease. Patchy right lower lobe opacity.", {"Lung Opacity": 1.0}),
+    ("Right lower lobe airspace disease.", {"Lung Opacity": 1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
