@@ -20,12 +20,21 @@ uncertainty rules. Where the IU labels (made by it) follow a rule, so does this 
   ("the right heart border is obscured") and a hilar or aortic contour say nothing of either size;
 - two kinds of lung opacity offered as alternatives ("scarring or atelectasis", "opacities, atelectasis versus
   scarring") leave the cause uncertain (Atelectasis -1) but not the opacity (Lung Opacity 1);
+- clinical vocabulary beyond CheXpert's phrase lists: a hydro- / hemopneumothorax is a pneumothorax and an effusion,
+  a hemothorax pleural fluid; a pericardial or joint effusion is no pleural effusion ("cardiomegaly and/or
+  pericardial effusion" is a large cardiac silhouette either way); "volume loss" is no atelectasis, a collapsed lobe
+  is; a pleural-parenchymal scar is Pleural Other and Lung Opacity, and two names of one scar ("pleural
+  thickening/scarring") are no alternatives; a vertebral compression deformity is a fracture, mild wedging is not;
+  CABG / bypass graft markers and epicardial pacing wires are devices, sternotomy wires and clips post-surgical
+  change (as in the IU labels); "mediastinal" next to a size word ("no mediastinal widening") is a mediastinum size
+  statement; "clear airspace disease" (its "of" dropped in dictation) states no opacity;
 - "No Finding" is 1 unless a label other than Support Devices is positive or uncertain, or another abnormal finding
   (hernia, granuloma, degenerative change, ...) is present or uncertain; technique (low volumes, bronchovascular
   crowding) and post-surgical change (clips, sternotomy) are no pathology.
 
 CheXpert rules deliberately *not* copied, because they contradict the report: "no displaced rib fractures" stays a
-negated fracture and an "endplate" is no support device ("plate"), although the IU labels often say otherwise.
+negated fracture, an "endplate" is no support device ("plate"), a removed tube is no device and a pericardial
+effusion no pleural one, although the IU labels often say otherwise.
 Agreement with the IU labels: ``python -m neural_core.graphs.labeler_eval`` (see that module for the scoring rule).
 """
 from __future__ import annotations

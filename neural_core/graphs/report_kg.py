@@ -15,7 +15,7 @@ they describe. Relations are deterministic and sentence-local:
 
 - ``located_at``: every observation (but a modifier) -> the nearest anatomy in its sentence;
 - ``modify``: a modifier -> the first observation after it (within :data:`MODIFY_WINDOW` tokens), else the nearest
-  one before it;
+  one before it; a state word ("unchanged", "normal", :data:`UNMODIFIABLE`) is never modified;
 - ``suggestive_of``: observation A -> observation B when a cue such as "suggestive of", "consistent with",
   "compatible with", "may represent" stands between them ("opacity suggestive of pneumonia").
 

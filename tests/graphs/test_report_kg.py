@@ -497,22 +497,24 @@ def test_thread_safety():
 # Agreement with the CheXpert labels of the IU reports, scored by neural_core.graphs.labeler_eval (positive class =
 # label 1; -1 counts as not positive on both sides). Tuned on train/val only (`--errors` never lists test reports).
 # Measured at the commit that set these floors (python -m neural_core.graphs.labeler_eval --split train val test all):
-#   val  (296): mean F1 0.820; macro F1 over the 9 labels with >= 5 positives 0.869, mean acc4 0.959, No Finding acc4 0.966
-#   test (590): mean F1 0.833 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
-#   all (2955): mean F1 0.873; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.949
-# (previous revision: test 0.828, all 0.866; before that: test 0.668, all 0.763). The floors sit just under the
-# measured values: a change of the vocabulary or the rules that loses agreement fails here. Pneumonia / Consolidation /
-# Edema have 1 / 2 / 4 positives in test: one error there moves F1 by 0.2 or more. What keeps the means lower: the
-# reference's own parser errors, which are not copied (train/val: 20 "no displaced rib fracture(s)" labelled
-# Fracture 1, 20 "endplate" / "platelike" labelled Support Devices 1).
-IU_VAL_MIN_MACRO_F1_POS = 0.86
+#   val  (296): mean F1 0.823; macro F1 over the 9 labels with >= 5 positives 0.873, mean acc4 0.960, No Finding acc4 0.970
+#   test (590): mean F1 0.847 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
+#   all (2955): mean F1 0.881; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.964
+# (previous revisions: test 0.833 / all 0.873; test 0.828 / all 0.866; test 0.668 / all 0.763). The floors sit just
+# under the measured values: a change of the vocabulary or the rules that loses agreement fails here. Pneumonia /
+# Consolidation / Edema have 1 / 2 / 4 positives in test: one error there moves F1 by 0.2 or more. What keeps the
+# means lower: the reference's own parser errors, which are not copied (train/val: 21 of the 25 Fracture misses are
+# reports whose only fracture mention is negated, "no displaced rib fracture(s)", labelled Fracture 1; 20 of the 29
+# Support Devices misses are "endplate" / "platelike" only; 3 of the 6 Edema misses name no edema at all or a
+# resolved one, the other 3 are vascular congestion / prominence, which CheXpert's own rules make uncertain).
+IU_VAL_MIN_MACRO_F1_POS = 0.87
 IU_VAL_MIN_MEAN_ACC4 = 0.95
-IU_VAL_MIN_NO_FINDING_ACC = 0.95
-IU_TEST_MIN_MEAN_F1 = 0.83
-IU_ALL_MIN_MEAN_F1 = 0.87
+IU_VAL_MIN_NO_FINDING_ACC = 0.96
+IU_TEST_MIN_MEAN_F1 = 0.84
+IU_ALL_MIN_MEAN_F1 = 0.875
 IU_KEY_LABELS = ("Pneumonia", "Consolidation", "Edema", "Pleural Effusion")
 IU_TEST_MIN_KEY_F1 = {"Pneumonia": 0.8, "Consolidation": 0.8, "Edema": 0.8, "Pleural Effusion": 0.8}
-IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.93}
+IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.95}
 
 
 @pytest.fixture(scope="module")
