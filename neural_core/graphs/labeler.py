@@ -20,12 +20,21 @@ uncertainty rules. Where the IU labels (made by it) follow a rule, so does this 
   ("the right heart border is obscured") and a hilar or aortic contour say nothing of either size;
 - two kinds of lung opacity offered as alternatives ("scarring or atelectasis", "opacities, atelectasis versus
   scarring") leave the cause uncertain (Atelectasis -1) but not the opacity (Lung Opacity 1);
+- clinical vocabulary beyond CheXpert's phrase lists: a hydro- / hemopneumothorax is a pneumothorax and an effusion,
+  a hemothorax pleural fluid; a pericardial or joint effusion is no pleural effusion ("cardiomegaly and/or
+  pericardial effusion" is a large cardiac silhouette either way); "volume loss" is no atelectasis, a collapsed lobe
+  is; a pleural-parenchymal scar is Pleural Other and Lung Opacity, and two names of one scar ("pleural
+  thickening/scarring") are no alternatives; a vertebral compression deformity is a fracture, mild wedging is not;
+  CABG / bypass graft markers and epicardial pacing wires are devices, sternotomy wires and clips post-surgical
+  change (as in the IU labels); "mediastinal" next to a size word ("no mediastinal widening") is a mediastinum size
+  statement; "clear airspace disease" (its "of" dropped in dictation) states no opacity;
 - "No Finding" is 1 unless a label other than Support Devices is positive or uncertain, or another abnormal finding
   (hernia, granuloma, degenerative change, ...) is present or uncertain; technique (low volumes, bronchovascular
   crowding) and post-surgical change (clips, sternotomy) are no pathology.
 
 CheXpert rules deliberately *not* copied, because they contradict the report: "no displaced rib fractures" stays a
-negated fracture and an "endplate" is no support device ("plate"), although the IU labels often say otherwise.
+negated fracture, an "endplate" is no support device ("plate"), a removed tube is no device and a pericardial
+effusion no pleural one, although the IU labels often say otherwise.
 Agreement with the IU labels: ``python -m neural_core.graphs.labeler_eval`` (see that module for the scoring rule).
 """
 from __future__ import annotations
@@ -54,11 +63,15 @@ DIRECT_LABELS: dict[str, tuple[str, ...]] = {
     "atelectasis": ("Atelectasis",),
     "lesion": ("Lung Lesion",),
     "pneumothorax": ("Pneumothorax",),
+    "hydropneumothorax": ("Pneumothorax", "Pleural Effusion"),
     "effusion": ("Pleural Effusion",),
     "pleural_other": ("Pleural Other",),
+    "pleuroparenchymal_scar": ("Pleural Other", "Lung Opacity"),
     "fracture": ("Fracture",),
     "device": ("Support Devices",),
 }
+#: Observation concept -> labels it states to be absent when it is present (a negation written as one phrase).
+ABSENT_LABELS: dict[str, tuple[str, ...]] = {"clear_of_opacity": ("Lung Opacity",)}
 #: (concept, label) pairs whose positive mention is only uncertain evidence for the label (CheXpert's rules:
 #: "vascular congestion" / "vascular prominence" are uncertain edema; "CHF" / "heart failure" uncertain cardiomegaly).
 CAPPED: frozenset[tuple[str, str]] = frozenset({
@@ -91,10 +104,12 @@ CONTEXT_VALUES: dict[str, float | None] = {"enlarged": None, "normal": 0.0, "sta
 ENLARGED_BEATS_STABLE = frozenset({"Cardiomegaly"})
 #: Concepts that are each a kind of lung opacity (what "A or B" between two of them still asserts).
 OPACITY_KINDS = frozenset({"opacity", "airspace_disease", "infiltrate", "consolidation", "atelectasis", "pneumonia"})
+#: Concepts that each make the cardiac silhouette large (what "A and/or B" between them still asserts).
+LARGE_SILHOUETTE_KINDS = frozenset({"cardiomegaly", "pericardial_effusion"})
 #: Vocabulary concepts the labeler reads as another one.
 CONCEPT_ALIASES: dict[str, str] = {"top_normal": "normal"}
 #: Concepts that are not pathology themselves.
-NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device"}
+NON_FINDINGS = {"normal", "stable", "borderline", "upper_normal", "device", "clear_of_opacity"}
 #: Findings outside the 14 labels that leave "No Finding" alone: technique (low lung volumes, the bronchovascular
 #: crowding they cause), post-surgical change (clips, sternotomy; like a support device, no pathology) and words the
 #: CheXpert No Finding list does not hold ("spondylosis", vascular "engorgement"); every other present or uncertain
@@ -104,16 +119,19 @@ NO_FINDING_NEUTRAL_WORDS: tuple[str, ...] = ("spondylosis", "engorge")
 _VALUE = {"present": 1.0, "uncertain": -1.0, "absent": 0.0}
 
 
-def _size_labels(text: str, concept: str) -> tuple[str, ...]:
+def _size_labels(text: str, concept: str, sized: bool = False) -> tuple[str, ...]:
     """Labels whose mention the anatomy ``text`` (of ``concept``) is: a heart-size phrase exactly ("heart", not
-    "left heart"), a mediastinum phrase or any "contour" anywhere in it."""
+    "left heart"), a mediastinum phrase or any "contour" anywhere in it. With ``sized`` (a size word stands right
+    next to it) the adjective "mediastinal" alone is the mediastinum too ("mediastinal widening", "no mediastinal
+    enlargement"); otherwise it is not ("calcified mediastinal lymph nodes", "mediastinal nodes are less
+    prominent")."""
     t = " ".join(text.lower().split())
     out = []
     if SIZE_LABELS.get(concept) == "Cardiomegaly" and t in _HEART_SIZE_TEXTS:
         out.append("Cardiomegaly")
     # "contour" alone mentions the mediastinum only as a contour of the heart or mediastinum (not "hilar contour")
     if any(w in t for w in SIZE_MENTIONS["Enlarged Cardiomediastinum"] if w != "contour") or (
-            "contour" in t and concept in SIZE_LABELS):
+            "contour" in t and concept in SIZE_LABELS) or (sized and t == "mediastinal"):
         out.append("Enlarged Cardiomediastinum")
     return tuple(out)
 
@@ -175,11 +193,17 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
         alt = {c for o, c in core if o.certainty == "uncertain" and c in OPACITY_KINDS}
         if len(alt) >= 2:
             votes["Lung Opacity"].append(1.0)
+        # Likewise "cardiomegaly and/or pericardial effusion": the cardiac silhouette is large either way.
+        if {c for o, c in core if o.certainty == "uncertain"} >= LARGE_SILHOUETTE_KINDS:
+            votes["Cardiomegaly"].append(1.0)
         size_votes: dict[str, dict[str, list[float]]] = {}
+        next_to_size = {a.id for a in anat if any(gap(a, o) <= 1 for o, c in core if c in CONTEXT_VALUES)}
         for o, concept in core:
             val = _VALUE[o.certainty]
             for label in DIRECT_LABELS.get(concept, ()):
                 votes[label].append(-1.0 if val == 1.0 and (concept, label) in CAPPED else val)
+            for label in ABSENT_LABELS.get(concept, ()) if o.certainty == "present" else ():
+                votes[label].append(0.0)
             anat_concepts = {info[a.id][1] for a in scope[o.id] if info.get(a.id)}
             if concept in CONTEXT_VALUES:
                 cv = CONTEXT_VALUES[concept]
@@ -187,7 +211,7 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
                 if v is not None:
                     for a in scope[o.id]:
                         ac = info.get(a.id)
-                        for label in _size_labels(a.text, ac[1]) if ac else ():
+                        for label in _size_labels(a.text, ac[1], sized=a.id in next_to_size) if ac else ():
                             size_votes.setdefault(label, {}).setdefault(concept, []).append(v)
             for ac in anat_concepts:
                 if (concept, ac) in LOCATED_LABELS:

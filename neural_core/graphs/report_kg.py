@@ -15,7 +15,7 @@ they describe. Relations are deterministic and sentence-local:
 
 - ``located_at``: every observation (but a modifier) -> the nearest anatomy in its sentence;
 - ``modify``: a modifier -> the first observation after it (within :data:`MODIFY_WINDOW` tokens), else the nearest
-  one before it;
+  one before it; a state word ("unchanged", "normal", :data:`UNMODIFIABLE`) is never modified;
 - ``suggestive_of``: observation A -> observation B when a cue such as "suggestive of", "consistent with",
   "compatible with", "may represent" stands between them ("opacity suggestive of pneumonia").
 
@@ -189,6 +189,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                "clear", "grossly normal",
                "grossly clear", "intact", "well expanded", "well aerated", "normally expanded", "normal size",
                "normal in size", "normal caliber", "normal contour", "appropriate", "well-inflated"),
+    # "Clear of airspace disease" dictated without its "of" ("lungs are expanded and clear airspace disease"): a
+    # negative statement about the opacity (labeler.ABSENT_LABELS), not an opacity.
+    "clear_of_opacity": ("clear airspace disease", "clear air space disease", "clear air-space disease",
+                         "clear focal airspace disease"),
     # "Upper limits of normal" is what CheXpert labels positive; "at the upper limits of normal", "top normal" and
     # "upper limits normal" (the longer phrases win in the ruler) it labels normal.
     "upper_normal": ("upper limits of normal", "upper limit of normal"),
@@ -234,25 +238,43 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
     "vascular": ("congestion", "cephalization", "kerley b line", "kerley line", "fluid overload", "volume overload",
                  "vascular engorgement", "engorgement", "engorged", "pulmonary venous hypertension",
                  "venous congestion", "pulmonary hypertension", "pulmonary arterial hypertension"),
-    "atelectasis": ("atelectasis", "atelectatic", "atelectases", "collapse", "plate-like atelectasis",
-                    "discoid atelectasis", "volume loss", "atelectatic change"),
+    "atelectasis": ("atelectasis", "atelectatic", "atelectases", "collapse", "collapsed", "lobar collapse",
+                    "plate-like atelectasis",
+                    "discoid atelectasis", "atelectatic change"),
     "lesion": ("nodule", "nodular", "nodular opacity", "nodular density", "mass", "lesion", "tumor", "neoplasm",
                "carcinoma", "cancer", "malignancy", "metastasis", "metastases", "metastatic disease",
                "cavitary lesion", "cavitation", "cavity", "pulmonary nodule", "lung nodule", "lung mass", "masslike",
                "mass-like"),
-    "pneumothorax": ("pneumothorax", "pneumothoraces", "hydropneumothorax", "pneumothoraxes"),
-    "effusion": ("effusion", "pleural effusion", "pleural fluid", "hydrothorax", "fluid in the pleural space"),
-    "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "fibrothorax",
-                      "pleural-parenchymal scarring", "pleuroparenchymal scarring", "pleural-parenchymal scar",
-                      "pleuroparenchymal scar", "pleural parenchymal scarring", "pleural parenchymal scar",
-                      "pleural-peripheral scarring", "pleural reaction", "pleural disease", "fissural thickening",
+    "pneumothorax": ("pneumothorax", "pneumothoraces", "pneumothoraxes"),
+    # Air and fluid in the pleural space: both a pneumothorax and an effusion (see labeler.DIRECT_LABELS).
+    "hydropneumothorax": ("hydropneumothorax", "hydropneumothoraces", "hemopneumothorax", "hemopneumothoraces",
+                          "haemopneumothorax", "pyopneumothorax"),
+    # Fluid outside the pleural space is no pleural effusion (the IU labels, by CheXpert's bare "effusion" mention,
+    # call a pericardial effusion a pleural one; that is not copied).
+    "pericardial_effusion": ("pericardial effusion", "pericardial fluid", "pericardial fluid collection"),
+    "joint_effusion": ("joint effusion", "knee effusion", "knee joint effusion", "suprapatellar effusion",
+                       "elbow effusion", "shoulder effusion"),
+    # Blood or pus in the pleural space is pleural fluid.
+    "effusion": ("effusion", "pleural effusion", "pleural fluid", "hydrothorax", "fluid in the pleural space",
+                 "hemothorax", "haemothorax", "hemothoraces", "pleural fluid collection",
+                 "loculated fluid", "subpulmonic fluid"),
+    # A scar of pleura and lung together: Pleural Other and a (parenchymal) Lung Opacity, see labeler.DIRECT_LABELS.
+    "pleuroparenchymal_scar": ("pleural-parenchymal scarring", "pleural-parenchymal scar", "pleuroparenchymal scarring",
+                               "pleuroparenchymal scar", "pleural parenchymal scarring", "pleural parenchymal scar",
+                               "pleuro-parenchymal scarring", "pleuro-parenchymal scar", "pleural-peripheral scarring"),
+    "pleural_other": ("pleural thickening", "pleural scarring", "pleural scar", "fibrothorax", "pleural reaction",
+                      "pleural disease", "fissural thickening",
                       "fissure thickening", "thickening of the fissure", "thickened fissure",
                       # CheXpert files fibrosis under Pleural Other.
                       "fibrosis", "pulmonary fibrosis"),
     # Abnormal, but no CheXpert label names it.
     "pleural_calcification": ("pleural plaque", "pleural calcification", "calcified pleural plaque"),
     "fibrotic": ("fibrotic change", "fibrotic"),
-    "fracture": ("fracture", "fractured", "fx", "compression fracture", "rib fracture"),
+    # A vertebral "compression deformity" is a compression fracture (often of unknown age); a mild "wedge
+    # deformity" / "wedging" is not called one (see "deformity").
+    "fracture": ("fracture", "fractured", "fx", "compression fracture", "rib fracture", "compression deformity",
+                 "wedge compression deformity", "vertebral compression deformity", "burst fracture",
+                 "fracture deformity", "vertebral collapse", "vertebral body collapse"),
     "device": ("catheter", "tube", "endotracheal tube", "et tube", "enteric tube", "nasogastric tube", "ng tube",
                "og tube", "feeding tube", "chest tube", "tracheostomy tube", "central line", "central venous line",
                "central venous catheter", "picc line", "picc", "port", "tracheostomy", "port-a-cath", "porta cath", "portacath",
@@ -262,7 +284,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                # the device's name is often redacted ("XXXX-A-XXXX has its tip at the cavoatrial junction")
                "tip",
                "cardiac device", "cannula", "screw", "plate", "coil", "swan-ganz catheter", "ij line",
-               "subclavian line", "dialysis catheter"),
+               "subclavian line", "dialysis catheter",
+               # radiopaque rings marking coronary bypass grafts; epicardial (temporary) pacing wires
+               "cabg marker", "bypass graft marker", "graft marker", "coronary bypass graft marker",
+               "epicardial wire", "epicardial pacing wire", "temporary pacing wire", "epicardial lead"),
     # Abnormal findings outside the 14 labels: they make "No Finding" 0.
     "hernia": ("hernia", "hiatal hernia", "hiatus hernia"),
     "granuloma": ("granuloma", "granulomata", "granulomatous", "granulomatous disease", "calcified granuloma",
@@ -310,6 +335,8 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                    "hypoventilatory", "shallow inspiration", "poor inspiration", "low inspiratory volumes",
                    "decreased lung volumes", "diminished lung volumes", "reduced lung volumes"),
     "lucency": ("lucency", "lucent"),
+    # A smaller lung or lobe: after resection as often as from collapse, so it is not itself atelectasis.
+    "volume_loss": ("volume loss", "loss of volume", "lobar volume loss"),
     "free_air": ("free air", "pneumoperitoneum", "free intraperitoneal air", "free subdiaphragmatic air",
                  "subdiaphragmatic air", "pneumomediastinum", "subcutaneous emphysema", "subcutaneous air"),
     "air_fluid_level": ("air-fluid level", "air fluid level"),
@@ -364,6 +391,19 @@ NEGATION_ADD: dict[str, list[str]] = {
         # "a new nodule, not seen on prior exams": new, not absent
         "not seen on prior", "not seen on the prior", "not seen on previous", "not seen on the previous",
         "not seen previously", "not previously seen", "not present on prior", "not present on the prior",
+        *(f"not {seen} on {the}{prior}"
+          for seen in ("visualized", "identified", "evident", "demonstrated", "visible", "apparent", "noted")
+          for the in ("", "the ")
+          for prior in ("prior", "previous", "comparison")),
+        # a finding seen on one view and not on the other is still there
+        *(f"not {how}{seen} {on} {the}{view}"
+          for how in ("", "well ", "definitely ", "clearly ")
+          for seen in ("seen", "identified", "visualized", "evident", "appreciated", "demonstrated", "visible",
+                       "apparent")
+          for on in ("on", "in")
+          for the in ("", "the ")
+          for view in ("lateral", "frontal", "pa", "ap", "lateral view", "frontal view", "lateral projection",
+                       "frontal projection", "pa view", "ap view")),
     ],
     "termination": ["there is", "there are", "otherwise", "however", "with the exception of", "except for", ";"],
 }
@@ -405,6 +445,11 @@ UNCERTAINTY_TERMS: dict[str, list[str]] = {
 #: are both uncertain unless negated ("no effusion or pneumothorax"). A list of anatomy ("right lower or middle
 #: lobe") is not an alternative between findings.
 ALTERNATIVE_JOINERS: frozenset[str] = frozenset({"or", "and/or", "/", "versus", "vs", "vs."})
+#: Concepts that name one chronic pleural / parenchymal scar in different words: "pleural thickening/scarring",
+#: "pleural thickening or calcification" and "fibrotic change/scarring" describe one finding, not two alternatives.
+#: (Scar words of the opacity concept count too, see :func:`_scar_like`.)
+SCAR_CONCEPTS: frozenset[str] = frozenset({
+    "pleural_other", "pleuroparenchymal_scar", "pleural_calcification", "fibrotic", "thickening"})
 
 #: Cue phrases of ``suggestive_of`` (A <cue> B).
 SUGGESTIVE_CUES: tuple[str, ...] = (
@@ -417,6 +462,8 @@ SUGGESTIVE_CUES: tuple[str, ...] = (
 
 #: A modifier modifies an observation at most this many tokens away.
 MODIFY_WINDOW = 4
+#: Observation concepts that are states, not findings: no modifier modifies them.
+UNMODIFIABLE: frozenset[str] = frozenset({"stable", "normal", "top_normal", "upper_normal"})
 #: Sentences longer than this (in tokens) are processed in pieces.
 MAX_SENTENCE_TOKENS = 160
 
@@ -729,12 +776,27 @@ def _sentence_spans(nlp, text: str) -> list[tuple[int, int]]:
     return [(x, y) for x, y in out if text[x:y].strip()]
 
 
+def _scar_like(ent) -> bool:
+    return ent.ent_id_ in SCAR_CONCEPTS or (ent.ent_id_ == "opacity" and "scar" in ent.text.lower())
+
+
+def _one_finding(a, b) -> bool:
+    """Whether two observation spans joined by "or" / "/" name one finding (a scar, a calcified pleural plaque)."""
+    if _scar_like(a) and _scar_like(b):
+        return True
+    pleural = {"pleural_other", "pleuroparenchymal_scar", "pleural_calcification"}
+    return {a.ent_id_, b.ent_id_} & pleural != set() and "calcification" in (a.ent_id_, b.ent_id_)
+
+
 def _alternatives(doc, local: list[tuple[Any, Entity]]) -> None:
-    """Make both sides of "A or B" (observations, modifiers between skipped) uncertain unless negated."""
+    """Make both sides of "A or B" (observations, modifiers between skipped) uncertain unless negated. Two names of
+    one scar ("pleural thickening/scarring") are no alternatives."""
     mod_tokens = {i for ent, _ in local if ent.label_ == _LABEL_MOD for i in range(ent.start, ent.end)}
     core = [(ent, e) for ent, e in local if ent.label_ == _LABEL_OBS]
     for (a, ea), (b, eb) in zip(core, core[1:]):
         between = [doc[i].lower_ for i in range(a.end, b.start) if i not in mod_tokens]
+        if _one_finding(a, b):
+            continue
         if len(between) == 1 and between[0] in ALTERNATIVE_JOINERS:
             for e in (ea, eb):
                 if e.certainty == "present":
@@ -762,10 +824,12 @@ def _relations(doc, local: list[tuple[Any, Entity]], sent_of: dict[int, int]) ->
             if anat:
                 best = min(anat, key=lambda x: (_token_gap(ent, x[0]), 0 if x[0].start > ent.start else 1))
                 rels.append(Relation(e.id, best[1].id, "located_at"))
-        # modify: the first observation after the modifier, else the nearest one before it.
+        # modify: the first observation after the modifier, else the nearest one before it. A state word
+        # ("unchanged", "normal") takes no size or severity: "the heart is large, unchanged" is a large heart.
+        targets = [(x, y) for x, y in core if x.ent_id_ not in UNMODIFIABLE]
         for ent, e in mods:
-            after = [(x, y) for x, y in core if x.start >= ent.end and x.start - ent.end <= MODIFY_WINDOW]
-            before = [(x, y) for x, y in core if x.end <= ent.start and ent.start - x.end <= MODIFY_WINDOW]
+            after = [(x, y) for x, y in targets if x.start >= ent.end and x.start - ent.end <= MODIFY_WINDOW]
+            before = [(x, y) for x, y in targets if x.end <= ent.start and ent.start - x.end <= MODIFY_WINDOW]
             if after:
                 rels.append(Relation(e.id, min(after, key=lambda x: x[0].start)[1].id, "modify"))
             elif before:

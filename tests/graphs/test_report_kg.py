@@ -331,6 +331,74 @@ def test_chexpert_label_names():
     # what the IU labels (CheXpert's parser) often get wrong is not copied
     ("No displaced rib fractures.", {"Fracture": 0.0}),
     ("Degenerative endplate changes of the spine.", {"Support Devices": None}),
+    # air and fluid (or blood) in the pleural space: a pneumothorax and an effusion
+    ("Large left hydropneumothorax.", {"Pneumothorax": 1.0, "Pleural Effusion": 1.0, "No Finding": 0.0}),
+    ("No hydropneumothorax.", {"Pneumothorax": 0.0, "Pleural Effusion": 0.0}),
+    ("Possible small right hemopneumothorax.", {"Pneumothorax": -1.0, "Pleural Effusion": -1.0}),
+    ("Small right hemothorax.", {"Pleural Effusion": 1.0, "Pneumothorax": None}),
+    ("No pneumothorax or hemothorax.", {"Pleural Effusion": 0.0, "Pneumothorax": 0.0}),
+    ("Small left pleural effusion versus hemothorax.", {"Pleural Effusion": -1.0}),
+    # volume loss (after resection as often as from collapse) is abnormal but no atelectasis
+    ("Right-sided volume loss after lobectomy.", {"Atelectasis": None, "No Finding": 0.0}),
+    ("Left lower lobe atelectasis with volume loss.", {"Atelectasis": 1.0}),
+    ("No volume loss.", {"Atelectasis": None, "No Finding": 1.0}),
+    # bypass graft markers and epicardial pacing wires are devices; sternotomy wires and clips are post-surgical
+    ("Intact sternotomy wires and CABG markers.", {"Support Devices": 1.0, "No Finding": 1.0}),
+    ("Sternotomy sutures and bypass graft markers are present.", {"Support Devices": 1.0}),
+    ("Epicardial pacing wires have been removed.", {"Support Devices": 0.0}),
+    ("Possible retained epicardial wire fragment.", {"Support Devices": -1.0}),
+    ("Median sternotomy wires. Surgical clips in the left axilla.", {"Support Devices": None, "No Finding": 1.0}),
+    # two names of one scar joined by "/" or "or" are one finding, not alternatives
+    ("Biapical pleural thickening/scarring.", {"Pleural Other": 1.0, "Lung Opacity": 1.0}),
+    ("Apical pleural thickening or calcification.", {"Pleural Other": 1.0}),
+    ("No pleural thickening or scarring.", {"Pleural Other": 0.0}),
+    ("Possible pleural thickening/scarring at the left apex.", {"Pleural Other": -1.0}),
+    ("Scarring or atelectasis at the left base.", {"Atelectasis": -1.0, "Lung Opacity": 1.0}),
+    # "mediastinal" next to a size word is the mediastinum; next to anything else (lymph nodes) it is not
+    ("Mediastinal widening.", {"Enlarged Cardiomediastinum": 1.0, "No Finding": 0.0}),
+    ("There is no mediastinal widening.", {"Enlarged Cardiomediastinum": 0.0, "No Finding": 1.0}),
+    ("Possible mediastinal widening.", {"Enlarged Cardiomediastinum": -1.0}),
+    ("Mild mediastinal enlargement, stable.", {"Enlarged Cardiomediastinum": -1.0}),
+    ("Calcified mediastinal lymph nodes.", {"Enlarged Cardiomediastinum": None}),
+    ("The mediastinal lymph nodes are less prominent than previously.", {"Enlarged Cardiomediastinum": None}),
+    # fracture phrasing: healed / old rib fractures, vertebral compression deformities
+    ("Healed left 5th and 6th rib fractures.", {"Fracture": 1.0, "No Finding": 0.0}),
+    ("Old right clavicle fracture.", {"Fracture": 1.0}),
+    ("Mild compression deformity of T12, age indeterminate.", {"Fracture": 1.0, "No Finding": 0.0}),
+    ("No vertebral compression deformity.", {"Fracture": 0.0}),
+    ("Possible compression deformity of L1.", {"Fracture": -1.0}),
+    ("Mild anterior wedging of a lower thoracic vertebral body.", {"Fracture": None, "No Finding": 0.0}),
+    # a finding seen on one view and "not identified on the lateral view" is still present
+    ("A 1.7 cm nodular density in the right base on the frontal view, not identified on the lateral view.",
+     {"Lung Lesion": 1.0, "No Finding": 0.0}),
+    ("Left basilar opacity, not well visualized on the lateral projection.", {"Lung Opacity": 1.0}),
+    ("No nodule is identified on the lateral view.", {"Lung Lesion": 0.0}),
+    ("Possible nodule, not seen on the lateral view.", {"Lung Lesion": -1.0}),
+    # "not visualized on prior" makes a finding new, not absent
+    ("Left midlung opacity noted, not visualized on prior.", {"Lung Opacity": 1.0, "No Finding": 0.0}),
+    ("New right basilar consolidation, not evident on the previous study.", {"Consolidation": 1.0}),
+    ("Consolidation is not visualized.", {"Consolidation": 0.0}),
+    # a size word describes a finding, never a state word: "large, unchanged" is a large heart
+    ("The heart is large, unchanged from prior exam.", {"Cardiomegaly": 1.0}),
+    ("The heart is not large, unchanged from prior exam.", {"Cardiomegaly": 0.0}),
+    ("The heart is possibly large, unchanged.", {"Cardiomegaly": -1.0}),
+    # a pericardial or joint effusion is no pleural effusion; "cardiomegaly and/or pericardial effusion" is a large
+    # cardiac silhouette either way
+    ("Small pericardial effusion. No pleural effusion.", {"Pleural Effusion": 0.0, "No Finding": 0.0}),
+    ("There may be a pericardial effusion.", {"Pleural Effusion": None, "No Finding": 0.0}),
+    ("No knee joint effusion.", {"Pleural Effusion": None, "No Finding": 1.0}),
+    ("Cardiomegaly and/or pericardial effusion.", {"Cardiomegaly": 1.0, "Pleural Effusion": None}),
+    ("No cardiomegaly or pericardial effusion.", {"Cardiomegaly": 0.0}),
+    # a pleural-parenchymal scar is pleura and lung: Pleural Other and Lung Opacity; a collapsed lobe is atelectasis
+    ("Stable biapical pleural-parenchymal scarring.", {"Pleural Other": 1.0, "Lung Opacity": 1.0}),
+    ("No pleuroparenchymal scarring.", {"Pleural Other": 0.0, "Lung Opacity": 0.0}),
+    ("Apical pleural thickening.", {"Pleural Other": 1.0, "Lung Opacity": None}),
+    ("The left upper lobe is collapsed.", {"Atelectasis": 1.0, "No Finding": 0.0}),
+    ("Questionable collapsed right middle lobe.", {"Atelectasis": -1.0}),
+    # "clear [of] airspace disease" with the "of" dropped is a negative statement, not an opacity
+    ("Lungs are expanded and clear airspace disease.", {"Lung Opacity": 0.0, "No Finding": 1.0}),
+    ("Lungs are clear airspace disease. Patchy right lower lobe opacity.", {"Lung Opacity": 1.0}),
+    ("Right lower lobe airspace disease.", {"Lung Opacity": 1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
@@ -429,22 +497,24 @@ def test_thread_safety():
 # Agreement with the CheXpert labels of the IU reports, scored by neural_core.graphs.labeler_eval (positive class =
 # label 1; -1 counts as not positive on both sides). Tuned on train/val only (`--errors` never lists test reports).
 # Measured at the commit that set these floors (python -m neural_core.graphs.labeler_eval --split train val test all):
-#   val  (296): mean F1 0.820; macro F1 over the 9 labels with >= 5 positives 0.869, mean acc4 0.959, No Finding acc4 0.966
-#   test (590): mean F1 0.833 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
-#   all (2955): mean F1 0.873; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.949
-# (previous revision: test 0.828, all 0.866; before that: test 0.668, all 0.763). The floors sit just under the
-# measured values: a change of the vocabulary or the rules that loses agreement fails here. Pneumonia / Consolidation /
-# Edema have 1 / 2 / 4 positives in test: one error there moves F1 by 0.2 or more. What keeps the means lower: the
-# reference's own parser errors, which are not copied (train/val: 20 "no displaced rib fracture(s)" labelled
-# Fracture 1, 20 "endplate" / "platelike" labelled Support Devices 1).
-IU_VAL_MIN_MACRO_F1_POS = 0.86
+#   val  (296): mean F1 0.823; macro F1 over the 9 labels with >= 5 positives 0.873, mean acc4 0.960, No Finding acc4 0.970
+#   test (590): mean F1 0.847 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
+#   all (2955): mean F1 0.881; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.964
+# (previous revisions: test 0.833 / all 0.873; test 0.828 / all 0.866; test 0.668 / all 0.763). The floors sit just
+# under the measured values: a change of the vocabulary or the rules that loses agreement fails here. Pneumonia /
+# Consolidation / Edema have 1 / 2 / 4 positives in test: one error there moves F1 by 0.2 or more. What keeps the
+# means lower: the reference's own parser errors, which are not copied (train/val: 21 of the 25 Fracture misses are
+# reports whose only fracture mention is negated, "no displaced rib fracture(s)", labelled Fracture 1; 20 of the 29
+# Support Devices misses are "endplate" / "platelike" only; 3 of the 6 Edema misses name no edema at all or a
+# resolved one, the other 3 are vascular congestion / prominence, which CheXpert's own rules make uncertain).
+IU_VAL_MIN_MACRO_F1_POS = 0.87
 IU_VAL_MIN_MEAN_ACC4 = 0.95
-IU_VAL_MIN_NO_FINDING_ACC = 0.95
-IU_TEST_MIN_MEAN_F1 = 0.83
-IU_ALL_MIN_MEAN_F1 = 0.87
+IU_VAL_MIN_NO_FINDING_ACC = 0.96
+IU_TEST_MIN_MEAN_F1 = 0.84
+IU_ALL_MIN_MEAN_F1 = 0.875
 IU_KEY_LABELS = ("Pneumonia", "Consolidation", "Edema", "Pleural Effusion")
 IU_TEST_MIN_KEY_F1 = {"Pneumonia": 0.8, "Consolidation": 0.8, "Edema": 0.8, "Pleural Effusion": 0.8}
-IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.93}
+IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.95}
 
 
 @pytest.fixture(scope="module")
