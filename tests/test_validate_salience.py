@@ -218,3 +218,20 @@ def test_cli_choose_writes_the_winner_only_when_asked(tiny_bundle_dir, tmp_path,
     capsys.readouterr()
     assert cli_main(["validate-salience", str(man), "--write-bundle", str(bdir)]) != 0
     assert "needs --choose" in capsys.readouterr().err
+
+
+def test_validate_scores_the_densest_lung_baseline_when_the_bundle_has_an_atlas(tiny_bundle, tmp_path):
+    import dataclasses
+
+    from neural_core.models.density import DensityAtlas
+    from neural_core.models.lung import LungConfig, LungModel
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    atlas = DensityAtlas(grid=24, bins=(8, 6), mean=np.zeros((2, 8, 6)), std=np.ones((2, 8, 6)))
+    bundle = dataclasses.replace(tiny_bundle, lung=LungModel(LungConfig()).eval(), density=atlas)
+    res = validate(_manifest(tmp_path), bundle=bundle, keeps=(1.0, 0.1), methods="bundle")
+    assert {"lung_model", "lung_density"} <= set(res["scorers"])
+    row = res["scorers"]["lung_density"]
+    assert row["n"] == 3 and row["recall"]["1"] == pytest.approx(1.0)
+    assert "lung_density" in res["summary"][0] and "lung_density" in res["pointing_game"]

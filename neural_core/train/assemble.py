@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         from .classifier import read_salience_config
 
         info["salience"] = read_salience_config(args.salience).to_dict()
+    trained_with = {n: json.loads((where[n] / f"results_{n}.json").read_text()).get("salience") for n in clfs}
+    known = {json.dumps(v, sort_keys=True) for v in trained_with.values() if v}
+    if len(known) == 1:
+        info["classifier_training_salience"] = json.loads(known.pop())
+        key = ("method", "layers", "head_reduce")
+        if args.salience and [info["classifier_training_salience"].get(k) for k in key] != \
+                [info["salience"].get(k) for k in key]:
+            print("warning: the classifiers were trained on artifacts cut by another salience map than the bundle's")
     if zone and lung is None:
         raise SystemExit("classifiers with zone features need the lung model in the bundle: pass --lung")
     out = Path(args.out)

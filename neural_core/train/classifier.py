@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         clf, info = train_one(name, tr, va, cfg, epochs=args.epochs, patience=args.patience, lr=args.lr,
                               seed=args.seed, logline=logline)
         info["seconds"] = time.time() - t0
+        info["salience"] = salience_cfg.to_dict()      # the map that cut its training artifacts (assemble checks it)
         clf.save_pretrained(out / f"classifier_{name}")
         (out / f"results_{name}.json").write_text(json.dumps(info, indent=2))
         logline(event="done", classifier=name, **info)
