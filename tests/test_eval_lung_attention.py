@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from neural_core.eval.lung_attention import by_split, summarise
@@ -31,3 +33,26 @@ def test_by_split_groups_covid_images_by_patient_split(tmp_path):
     g = by_split(res, tmp_path, split)
     assert g["all"]["n"] == 4 and g["val"]["n"] == 1 and g["test"]["n"] == 2
     assert g["test"]["mass"] == pytest.approx(0.6) and g["val"]["recall@0.1"] == pytest.approx(0.3)
+
+
+def test_swap_sides_exchanges_left_and_right_keeping_case():
+    from neural_core.eval.lung_attention import swap_sides
+    from neural_core.graphs.zones import zones_from_text
+
+    assert swap_sides("Left lower zone opacity; RIGHT base clear. RUL and lll.") == \
+        "Right lower zone opacity; LEFT base clear. LUL and rll."
+    assert swap_sides("Bilateral lower zones. Bright lungs, leftover.") == "Bilateral lower zones. Bright lungs, leftover."
+    t = "Consolidation in the left upper lobe."
+    assert zones_from_text(swap_sides(t)) == {("right", "upper")} != zones_from_text(t)
+
+
+def test_peak_in_reads_the_zone_of_the_top_cell():
+    from neural_core.eval.lung_attention import _peak_in
+
+    zones = np.zeros((6, 4), np.float32)
+    zones[0, 0] = 1.0           # cell 0: right upper
+    zones[5, 1] = 0.6           # cell 1: mostly left lower
+    zones[2, 1] = 0.4
+    assert _peak_in(zones, 0, {("right", "upper")})
+    assert _peak_in(zones, 1, {("left", "lower")}) and not _peak_in(zones, 1, {("right", "lower")})
+    assert not _peak_in(zones, 3, {("right", "upper")})                 # a cell outside the lungs names no zone

@@ -2,7 +2,7 @@
 
     python -m neural_core.eval.lung_attention manifests --data ../shared/data --out runs/manifests
     python -m neural_core.eval.lung_attention by-split salience_out/salience_results.json [--data ..] [--model DIR]
-    python -m neural_core.eval.lung_attention val DECODER_DIR... [--features runs/pre]
+    python -m neural_core.eval.lung_attention val DECODER_DIR... [--features runs/pre] [--which val]
     python -m neural_core.eval.lung_attention shortcuts DECODER_DIR... [--features runs/pre] [--n 120]
 
 ``manifests``: ``image,mask`` CSVs for ``neural validate-salience``: the covid-cxr lung masks split by the bundle's
@@ -15,7 +15,9 @@ salience mass in the mask, pointing game and mask recall per keep, with the rand
 ``val``: decoders compared on the validation split of a feature cache (:mod:`neural_core.train.features`): salience
 from the cached encoder tokens, given (teacher-forced) and generated reports; attention mass in the lung field (each
 token cell weighted by its lung share from the lung model), pointing (top cell at least half lung), and zone
-agreement (covid-cxr notes that name a zone: the top cell's zone is one the note names).
+agreement (covid-cxr notes that name a zone: the top cell's zone is one the note names); the same notes with left
+and right swapped show whether the peak follows the words or the image (``swap_follows_text`` /
+``swap_keeps_image``); ``--which train`` reads the training notes (memorising shows as train >> val).
 
 ``shortcuts``: on ``--n`` validation studies (seeded), generated reports: salience mass on the image border (outer
 two token rings), outside the lung field, and on letters/markers/borders burned into a seeded copy of each image
@@ -122,14 +124,40 @@ def _maps(model, tok, tokens: np.ndarray, reports: list, batch: int = 48) -> np.
     return np.stack(out)
 
 
-def val_check(decoders: list[str], features: str | Path) -> dict:
-    from ..graphs.zones import zones_from_text
+_SWAP = {"left": "right", "right": "left", "rul": "lul", "lul": "rul", "rll": "lll", "lll": "rll"}
+
+
+def swap_sides(text: str) -> str:
+    """``text`` with the patient's sides exchanged: left <-> right, RUL <-> LUL, RLL <-> LLL (case kept as written).
+    RML and the lingula have no counterpart and stay."""
+    import re
+
+    def sub(m):
+        w = m.group(0)
+        r = _SWAP[w.lower()]
+        return r.upper() if w.isupper() else r.capitalize() if w[0].isupper() else r
+
+    return re.sub(r"\b(?:left|right|rul|lul|rll|lll)\b", sub, text, flags=re.IGNORECASE)
+
+
+def _peak_in(zones_i: np.ndarray, top: int, named: set) -> bool:
     from ..models.lung import ZONES
 
-    z = np.load(Path(features) / "features_val.npz")
-    recs = json.loads((Path(features) / "features_val.json").read_text())
+    return bool(zones_i[:, top].max() > 0 and ZONES[int(zones_i[:, top].argmax())] in named)
+
+
+def val_check(decoders: list[str], features: str | Path, which: str = "val") -> dict:
+    """See the module docstring. Besides zone agreement on the notes as written, the notes whose named zones change
+    when left and right are swapped (:func:`swap_sides`) are read swapped: ``swap_follows_text`` is the share whose
+    peak lies in a zone the swapped text names, ``swap_keeps_image`` the share still in a zone the original note
+    names. A map that reads the location words follows the text; one that finds the opacity keeps the image."""
+    from ..graphs.zones import zones_from_text
+
+    z = np.load(Path(features) / f"features_{which}.npz")
+    recs = json.loads((Path(features) / f"features_{which}.json").read_text())
     lung, zones = z["lung"].astype(np.float32), z["zones"].astype(np.float32)
     named = [zones_from_text(r["report"]) if r["dataset"] == "covid-cxr" and r["report"] else set() for r in recs]
+    sw = [i for i in range(len(recs)) if named[i] and zones_from_text(swap_sides(recs[i]["report"])) != named[i]]
     out = {}
     for d in decoders:
         model, tok = _load(d)
@@ -140,9 +168,15 @@ def val_check(decoders: list[str], features: str | Path) -> dict:
             row = {"mass_in_lung": float((maps * lung).sum(1).mean()),
                    "pointing": float((lung[np.arange(len(recs)), top] >= 0.5).mean())}
             if mode == "given":
-                agree = [bool(zones[i][:, top[i]].max() > 0 and ZONES[int(zones[i][:, top[i]].argmax())] in named[i])
-                         for i in range(len(recs)) if named[i]]
+                agree = [_peak_in(zones[i], top[i], named[i]) for i in range(len(recs)) if named[i]]
                 row.update(zone_agreement=_mean(agree), zone_n=len(agree))
+                if sw:
+                    texts = [swap_sides(recs[i]["report"]) for i in sw]
+                    st = _maps(model, tok, z["tokens"][sw], texts).argmax(1)
+                    row.update(swap_n=len(sw),
+                               swap_follows_text=_mean([_peak_in(zones[i], t, zones_from_text(x))
+                                                        for i, t, x in zip(sw, st, texts)]),
+                               swap_keeps_image=_mean([_peak_in(zones[i], t, named[i]) for i, t in zip(sw, st)]))
             res[mode] = row
         out[d] = res
     return out
@@ -205,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("decoders", nargs="+")
         p.add_argument("--features", default="runs/pre")
+        if name == "val":
+            p.add_argument("--which", default="val", help="split of the feature cache (val, or train to see memorising)")
         if name == "shortcuts":
             p.add_argument("--n", type=int, default=120)
     args = ap.parse_args(argv)
@@ -216,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "by-split":
         res = by_split(args.results, args.data, args.split)
     elif args.cmd == "val":
-        res = val_check(args.decoders, args.features)
+        res = val_check(args.decoders, args.features, args.which)
     else:
         res = shortcut_check(args.decoders, args.features, args.n)
     print(json.dumps(res, indent=1))

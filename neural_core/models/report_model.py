@@ -145,14 +145,19 @@ class ReportModel(nn.Module):
         return BaseModelOutput(last_hidden_state=self.proj(tokens.to(self.proj[0].weight.dtype)))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor, *, output_attentions: bool = False,
-                encoder_outputs: BaseModelOutput | None = None) -> Seq2SeqLMOutput:
-        """Teacher-forced pass. Padding in ``labels`` is masked out of the loss (-100)."""
+                encoder_outputs: BaseModelOutput | None = None,
+                loss_mask: torch.Tensor | None = None) -> Seq2SeqLMOutput:
+        """Teacher-forced pass. Padding in ``labels`` is masked out of the loss (-100), and so is every position
+        where ``loss_mask`` (B, T) bool is False: those tokens are still read (the decoder sees them and attends
+        from them) but never taught as text to write."""
         enc = encoder_outputs if encoder_outputs is not None else self.encode(pixel_values)
         pad = self.t5.config.pad_token_id
         decoder_input_ids = self.t5.prepare_decoder_input_ids_from_labels(labels=labels)
         decoder_mask = torch.ones_like(labels)
         decoder_mask[:, 1:] = (labels[:, :-1] != pad).long()  # position t sees token t-1; the start token is real
         loss_labels = labels.masked_fill(labels == pad, -100)
+        if loss_mask is not None:
+            loss_labels = loss_labels.masked_fill(~loss_mask.bool(), -100)
         return self.t5(encoder_outputs=enc, decoder_input_ids=decoder_input_ids,
                        decoder_attention_mask=decoder_mask, labels=loss_labels,
                        output_attentions=output_attentions, return_dict=True, use_cache=False)

@@ -101,10 +101,11 @@ def zone_target(zones: np.ndarray, named: set, lung_t: np.ndarray, grid: int, *,
 
 
 @functools.lru_cache(maxsize=16384)
-def sentence_zones(text: str) -> tuple[tuple[int, int, frozenset], ...]:
+def sentence_zones(text: str, *, from_mention: bool = False) -> tuple[tuple[int, int, frozenset], ...]:
     """``(start, end, zones)`` character spans of the sentences of ``text`` that name a (non-negated) zone, zones
     as ``(side, level)`` pairs (:func:`neural_core.graphs.zones.zone_mentions`). Sentences end at ``.``, ``!``,
-    ``?`` or a line break."""
+    ``?`` or a line break. With ``from_mention`` a span starts at the sentence's first zone mention instead: the
+    decoder is causal, so a token before the zone words ("Opacity in the ...") cannot know which zone comes."""
     import re
 
     from ..graphs.zones import zone_mentions
@@ -114,14 +115,79 @@ def sentence_zones(text: str) -> tuple[tuple[int, int, frozenset], ...]:
         return ()
     out = []
     for s in re.finditer(r"[^.!?\n]+[.!?]*", text):
-        named = frozenset(p for m in mentions if s.start() <= m.start < s.end() for p in m.pairs)
+        inside = [m for m in mentions if s.start() <= m.start < s.end()]
+        named = frozenset(p for m in inside for p in m.pairs)
         if named:
-            out.append((s.start(), s.end(), named))
+            out.append((min(m.start for m in inside) if from_mention else s.start(), s.end(), named))
     return tuple(out)      # memoised per text (templates and oversampled notes repeat every epoch)
 
 
+_FINDINGS = ("opacity", "opacities", "consolidation", "airspace opacity", "patchy opacity", "ground glass opacity",
+             "infiltrate", "nodule", "atelectasis", "airspace disease")
+_LEVEL_WORD = {"upper": "upper", "middle": "mid", "lower": "lower"}
+
+
+def synthetic_zone_sentence(rng: np.random.Generator) -> str:
+    """One sentence naming a random finding in random zone(s), in the phrasings clinical notes use ("Opacity in the
+    left upper zone.", "Bilateral lower zone consolidation.", "Nodule at the right base.").
+
+    What it is for (``--zone-aug``): a few dozen training notes name a zone, too few for the decoder to learn
+    *where the words point*: trained on them alone it memorised those images (zone agreement 0.72 on the training
+    notes, 0.18 on validation). Appended to any study, with its text loss masked so the generator never learns to
+    write it, the sentence teaches the cross-attention of zone words to go to that zone of *this* image's lungs
+    (the lung model's zones), whatever the text around it. The zone therefore comes from the text, not from
+    evidence in the image; the evaluation says so (``lung_attention val``: zone words swapped)."""
+    f = str(rng.choice(_FINDINGS))
+    side = str(rng.choice(("right", "left", "bilateral")))
+    lv = [str(x) for x in rng.choice(("upper", "middle", "lower"), size=int(rng.integers(1, 3)), replace=False)]
+    lv.sort(key=("upper", "middle", "lower").index)
+    words = " and ".join(_LEVEL_WORD[x] for x in lv)
+    plural = "s" if side == "bilateral" or len(lv) > 1 else ""
+    k = int(rng.integers(4))
+    if k == 0 and lv == ["lower"] and side != "bilateral":
+        return f"{f.capitalize()} at the {side} base."
+    if k == 1 and side == "bilateral":
+        return f"{f.capitalize()} in the {words} zones bilaterally."
+    if k == 2:
+        return f"{side.capitalize()} {words} zone{plural} {f}."
+    return f"{f.capitalize()} in the {side} {words} zone{plural}."
+
+
+def augment_reports(tok, texts: list[str], rng: np.random.Generator, p: float, max_len: int
+                    ) -> tuple[list[str], list[int | None]]:
+    """Append :func:`synthetic_zone_sentence` to each report with probability ``p`` (not to reports too long to
+    keep it whole after truncation). Returns the texts and, per text, the character where the synthetic
+    sentence starts (None when nothing was appended)."""
+    out, starts = [], []
+    for t in texts:
+        if rng.random() < p and len(tok(t)["input_ids"]) + 24 <= max_len:
+            base = t.rstrip()
+            out.append(base + " " + synthetic_zone_sentence(rng))
+            starts.append(len(base) + 1)
+        else:
+            out.append(t)
+            starts.append(None)
+    return out, starts
+
+
+def loss_mask(tok, texts: list[str], starts: list[int | None], max_len: int) -> torch.Tensor:
+    """(B, T) bool: False on the tokens of an appended synthetic sentence and on the end-of-text token after it
+    (tokenised exactly as :func:`token_targets` does)."""
+    enc = tok(texts, truncation=True, max_length=max_len, padding=True, return_offsets_mapping=True)
+    T = len(enc["input_ids"][0])
+    m = np.ones((len(texts), T), dtype=bool)
+    for b, start in enumerate(starts):
+        if start is None:
+            continue
+        for t, (a, e) in enumerate(enc["offset_mapping"][b]):
+            if a >= start or (a == e == 0 and enc["input_ids"][b][t] == tok.eos_token_id):
+                m[b, t] = False
+    return torch.from_numpy(m)
+
+
 def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, grid: int, max_len: int, *,
-                  use_zones: bool, dilation: int = 1, base: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  use_zones: bool, dilation: int = 1, base: np.ndarray | None = None, return_zone_mask: bool = False,
+                  from_mention: bool = False) -> tuple[torch.Tensor, ...]:
     """Labels and the per-token attention target of a batch of reports.
 
     Every token's target is its study's lung field (:func:`lung_target`), or the row of ``base`` where that row is
@@ -131,30 +197,35 @@ def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, gr
     (:func:`zone_target`; the lung field when the lung model found none of them).
 
     *Shapes*: ``lung`` :math:`(B, G*G)`, ``zones`` :math:`(B, 6, G*G)`, ``base`` :math:`(B, G*G)` bool -> labels :math:`(B, T)` int64 and targets
-    :math:`(B, T, G*G)` bool (as :func:`_labels`; padding rows are whatever, the loss masks them).
+    :math:`(B, T, G*G)` bool (as :func:`_labels`; padding rows are whatever, the loss masks them); with
+    ``return_zone_mask`` also :math:`(B, T)` bool, the tokens whose target is a named zone.
     """
     enc = tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt",
               return_offsets_mapping=True)
     labels = enc["input_ids"]
     B, T = labels.shape
     out = np.zeros((B, T, grid * grid), dtype=bool)
+    zmask = np.zeros((B, T), dtype=bool)
     for b, text in enumerate(texts):
         lt = lung_target(lung[b], grid, dilation=dilation)
         out[b] = base[b] if base is not None and base[b].any() else lt
         if not use_zones:
             continue
-        for start, end, named in sentence_zones(text):
+        for start, end, named in sentence_zones(text, from_mention=from_mention):
             zt = zone_target(zones[b], set(named), lt, grid, dilation=dilation)
             if not zt.any():
                 continue
             for t, (a, e) in enumerate(enc["offset_mapping"][b].tolist()):
                 if e > a and start <= a < end:
                     out[b, t] = zt
+                    zmask[b, t] = True
+    if return_zone_mask:
+        return labels, torch.from_numpy(out), torch.from_numpy(zmask)
     return labels, torch.from_numpy(out)
 
 
 def attention_target_loss(cross_attentions, token_mask: torch.Tensor, targets: torch.Tensor, grid: tuple[int, int],
-                          *, eps: float = 1e-4) -> torch.Tensor:
+                          *, eps: float = 1e-4, weights: torch.Tensor | None = None) -> torch.Tensor:
     r"""Mass-in-target loss of the aggregated cross-attention: mean over real tokens :math:`t` with a non-empty
     target of :math:`-\log(\sum_{s \in M_t} a_{t,s} + \epsilon)`, :math:`a_t` the attention of token :math:`t`
     averaged over heads and layers by :func:`neural_core.salience.aggregate_cross_attention` (each row sums to 1).
@@ -164,6 +235,7 @@ def attention_target_loss(cross_attentions, token_mask: torch.Tensor, targets: t
         token_mask: :math:`(B, T)` bool, real tokens.
         targets: :math:`(B, T, S)` bool or float in [0, 1].
         grid: ``(rows, cols)``.
+        weights: optional :math:`(B, T)` weight of each token's term (weighted mean; ``--zone-weight``).
 
     Returns:
         a scalar tensor (0 when no token has a target).
@@ -177,7 +249,11 @@ def attention_target_loss(cross_attentions, token_mask: torch.Tensor, targets: t
     if not use.any():
         return a.sum() * 0.0
     mass = (a * tgt).sum(-1)
-    return -torch.log(mass[use] + eps).mean()
+    nll = -torch.log(mass[use] + eps)
+    if weights is None:
+        return nll.mean()
+    w = weights.to(nll.dtype)[use]
+    return (w * nll).sum() / w.sum()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
                     "neural_core.train.density run on --features)")
     ap.add_argument("--density-share", type=float, default=0.25)
     ap.add_argument("--dilation", type=int, default=1, help="cells the lung/zone target is grown by")
+    ap.add_argument("--zone-aug", type=float, default=0.0, help="probability that a training report gets a "
+                    "synthetic sentence naming random zones appended (its text loss masked; its attention target "
+                    "= those zones): teaches zone words to point at their zone")
+    ap.add_argument("--zone-weight", type=float, default=1.0, help="weight of a named-zone token's attention "
+                    "term relative to the others (they are few: without it the lung field dominates)")
+    ap.add_argument("--zone-from-mention", action="store_true", help="a named-zone sentence's zone target starts "
+                    "at its first zone word (earlier tokens keep the lung field: the decoder is causal)")
+    ap.add_argument("--init", default=None, help="start from this report-model directory (with tokenizer/) "
+                    "instead of a fresh decoder: fine-tuning")
     ap.add_argument("--aug-p", type=float, default=0.5, help="probability that a training study is read from one "
                     "of its burned-in copies (when features hold aug_tokens)")
     args = ap.parse_args(argv)
@@ -220,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     tr_lung, tr_zones = (tr_z["lung"], tr_z["zones"]) if "lung" in tr_z.files else (None, None)
     va_lung, va_zones = (va_z["lung"], va_z["zones"]) if "lung" in va_z.files else (None, None)
     tr_aug = tr_z["aug_tokens"] if "aug_tokens" in tr_z.files else None
-    tok = load_tokenizer(args.tokenizer)
-    cfg: ReportModelConfig = replace(pretrained_report_config(), vocab_size=len(tok))
-    model = ReportModel(cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if args.init:
+        model = ReportModel.from_pretrained(args.init)
+        tok = load_tokenizer(Path(args.init) / "tokenizer")
+        cfg = model.cfg
+    else:
+        tok = load_tokenizer(args.tokenizer)
+        cfg: ReportModelConfig = replace(pretrained_report_config(), vocab_size=len(tok))
+        model = ReportModel(cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     idx = [i for i, r in enumerate(tr_rec) if r["report"]]
@@ -276,17 +366,23 @@ def main(argv: list[str] | None = None) -> int:
         if train and args.token_dropout:
             x = x * (torch.rand(x.shape[:2]) >= args.token_dropout).unsqueeze(-1)
         texts = [recs[i]["report"] for i in ids]
+        lmask = None
+        if train and args.zone_aug > 0 and lung is not None:
+            texts, starts = augment_reports(tok, texts, rng, args.zone_aug, cfg.max_report_tokens)
+            lmask = loss_mask(tok, texts, starts, cfg.max_report_tokens)
         if lung is None:
             labels = _labels(tok, texts, cfg.max_report_tokens)
             return model(None, labels, encoder_outputs=model.encode_tokens(x)).loss, torch.zeros(()), None
-        labels, tgt = token_targets(tok, texts, lung[ids], zones[ids], G, cfg.max_report_tokens,
-                                    use_zones=use_zones, dilation=args.dilation,
-                                    base=None if base is None else base[ids])
-        out = model(None, labels, encoder_outputs=model.encode_tokens(x), output_attentions=True)
+        labels, tgt, zmask = token_targets(tok, texts, lung[ids], zones[ids], G, cfg.max_report_tokens,
+                                           use_zones=use_zones, dilation=args.dilation,
+                                           base=None if base is None else base[ids], return_zone_mask=True,
+                                           from_mention=args.zone_from_mention)
+        out = model(None, labels, encoder_outputs=model.encode_tokens(x), output_attentions=True, loss_mask=lmask)
         from ..salience import aggregate_cross_attention, real_token_mask
 
         mask = real_token_mask(labels, tok.pad_token_id, tok.eos_token_id)
-        attn = attention_target_loss(out.cross_attentions, mask, tgt, grid)
+        weights = None if args.zone_weight == 1 else 1.0 + (args.zone_weight - 1.0) * zmask.float()
+        attn = attention_target_loss(out.cross_attentions, mask, tgt, grid, weights=weights)
         maps = None
         if not train:
             maps = aggregate_cross_attention(out.cross_attentions, mask, grid)[0].flatten(1)

@@ -191,3 +191,111 @@ def test_main_with_density_targets(tmp_path):
                  "--attn-weight", "1", "--covid-oversample", "1", "--targets", "lung+zone+density"]) == 0
     ep = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e.get("event") == "epoch"][0]
     assert 0.0 <= ep["val_mass_in_density"] <= 1.0
+
+
+def test_synthetic_zone_sentences_name_a_zone_the_parser_reads():
+    from neural_core.graphs.zones import zones_from_text
+    from neural_core.train.decoder import synthetic_zone_sentence
+
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(200):
+        s = synthetic_zone_sentence(rng)
+        z = zones_from_text(s)
+        assert z, s                      # every sentence names at least one zone
+        assert len(sentence_zones(s)) == 1
+        seen |= z
+    assert len(seen) == 6                # every zone of both lungs gets named
+
+
+def test_augment_reports_masks_the_appended_sentence_from_the_text_loss():
+    from neural_core.models.tokenizer import load_tokenizer
+    from neural_core.train.decoder import augment_reports, loss_mask
+
+    tok = load_tokenizer(TOKENIZER)
+    texts = ["The lungs are clear.", "No focal consolidation."]
+    out, starts = augment_reports(tok, texts, np.random.default_rng(0), 1.0, 96)
+    assert all(o.startswith(t) and s == len(t) + 1 for o, t, s in zip(out, texts, starts))
+    m = loss_mask(tok, out + ["The lungs are clear."], starts + [None], 96)
+    enc = tok(out + ["The lungs are clear."], padding=True, return_offsets_mapping=True)
+    for b in range(2):
+        offs = enc["offset_mapping"][b]
+        own = [t for t, (a, e) in enumerate(offs) if e > a and a < starts[b]]
+        assert m[b, own].all()                                           # the report itself is still taught
+        synth = [t for t, (a, e) in enumerate(offs) if e > a and a >= starts[b]]
+        assert synth and not m[b, synth].any()                           # the appended sentence is not
+        eos = enc["input_ids"][b].index(tok.eos_token_id)
+        assert not m[b, eos]                                             # nor the end after it
+    assert m[2].all()                                                    # nothing appended -> nothing masked
+    # a report too long to keep the sentence whole is left alone
+    long = ["opacity " * 90]
+    assert augment_reports(tok, long, np.random.default_rng(0), 1.0, 96) == (long, [None])
+
+
+def test_report_model_loss_mask_drops_masked_positions_from_the_loss():
+    from neural_core.config import ReportModelConfig
+    from neural_core.models.report_model import ReportModel
+
+    torch.manual_seed(0)
+    cfg = ReportModelConfig(encoder="efficientnet_lite0", vocab_size=50, d_model=32, d_ff=64, num_layers=1,
+                            num_heads=2, d_kv=16)
+    model = ReportModel(cfg, pretrained_encoder=False).eval()
+    enc = model.encode_tokens(torch.randn(1, 4, model.cnn.hidden_size))
+    labels = torch.tensor([[5, 6, 7, 1]])
+    full = model(None, labels, encoder_outputs=enc)
+    keep = torch.tensor([[True, True, False, False]])
+    part = model(None, labels, encoder_outputs=enc, loss_mask=keep)
+    logp = full.logits.log_softmax(-1)[0, torch.arange(4), labels[0]]
+    assert full.loss.item() == pytest.approx(-logp.mean().item(), rel=1e-5)
+    assert part.loss.item() == pytest.approx(-logp[:2].mean().item(), rel=1e-5)
+    assert torch.allclose(full.logits, part.logits)                      # the masked tokens are still read
+
+
+@pytest.mark.slow
+def test_main_fine_tunes_from_init_with_zone_augmentation(tmp_path):
+    test_main_trains_one_epoch_on_a_tiny_feature_cache(tmp_path)
+    out2 = tmp_path / "dec2"
+    assert main(["--features", str(tmp_path / "pre"), "--out", str(out2), "--epochs", "1", "--batch", "4",
+                 "--warmup", "1", "--attn-weight", "1", "--covid-oversample", "1", "--zone-aug", "1",
+                 "--init", str(tmp_path / "dec" / "best")]) == 0
+    start = json.loads((out2 / "log.jsonl").read_text().splitlines()[0])
+    assert start["args"]["zone_aug"] == 1.0 and start["args"]["init"].endswith("best")
+    assert (out2 / "best" / "tokenizer").is_dir()
+
+
+def test_attention_loss_weights_are_a_weighted_mean_of_the_token_terms():
+    l0 = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])[None, None]   # (1, 1, T=2, 4)
+    mask = torch.tensor([[True, True]])
+    target = torch.zeros(1, 2, 4, dtype=torch.bool)
+    target[0, :, 0] = True                 # token 0: mass 0.5; token 1: mass 0.25
+    w = torch.tensor([[1.0, 3.0]])
+    got = attention_target_loss((l0,), mask, target, (2, 2), eps=0.0, weights=w)
+    assert got.item() == pytest.approx((-math.log(0.5) - 3 * math.log(0.25)) / 4, rel=1e-6)
+    same = attention_target_loss((l0,), mask, target, (2, 2), eps=0.0, weights=torch.ones(1, 2))
+    assert same.item() == pytest.approx(attention_target_loss((l0,), mask, target, (2, 2), eps=0.0).item())
+
+
+def test_token_targets_zone_mask_marks_the_named_zone_sentence():
+    from neural_core.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER)
+    G = 4
+    lung = np.ones((1, G * G), np.float32)
+    zones = np.zeros((1, 6, G * G), np.float32)
+    zones[0, 5, 12:] = 1.0                                  # left lower = bottom row
+    text = "Heart normal. Opacity in the left lower zone."
+    labels, tgt, zm = token_targets(tok, [text], lung, zones, G, 96, use_zones=True, dilation=0,
+                                    return_zone_mask=True)
+    offs = tok([text], return_offsets_mapping=True)["offset_mapping"][0]
+    start = text.index("Opacity")
+    for t, (a, e) in enumerate(offs):
+        assert bool(zm[0, t]) == (e > a and a >= start)
+
+
+def test_sentence_zones_from_mention_starts_at_the_first_zone_word():
+    text = "Heart normal. Patchy opacity in the left lower zone and right base."
+    (s, e, named), = sentence_zones(text, from_mention=True)
+    assert text[s:].startswith("lower zone") and text[e - 1] == "."      # the mention is the level + anchor
+    assert named == {("left", "lower"), ("right", "lower")}
+    (s0, _, _), = sentence_zones(text)
+    assert text[s0:].lstrip().startswith("Patchy")
