@@ -27,7 +27,9 @@ uncertainty rules. Where the IU labels (made by it) follow a rule, so does this 
   thickening/scarring") are no alternatives; a vertebral compression deformity is a fracture, mild wedging is not;
   CABG / bypass graft markers and epicardial pacing wires are devices, sternotomy wires and clips post-surgical
   change (as in the IU labels); "mediastinal" next to a size word ("no mediastinal widening") is a mediastinum size
-  statement; "clear airspace disease" (its "of" dropped in dictation) states no opacity;
+  statement; "clear airspace disease" (its "of" dropped in dictation) states no opacity; "increased density" is a
+  lung opacity (CheXpert's phrase; a "density" alone is not); a sclerotic, lytic or bony lesion is abnormal but no
+  Lung Lesion; what a study is to "evaluate for" is uncertain, not negated (negspacy's clinical termset negates it);
 - "No Finding" is 1 unless a label other than Support Devices is positive or uncertain, or another abnormal finding
   (hernia, granuloma, degenerative change, ...) is present or uncertain; technique (low volumes, bronchovascular
   crowding) and post-surgical change (clips, sternotomy) are no pathology.

@@ -212,7 +212,10 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                 "reticulonodular", "reticular", "interstitial marking", "interstitial opacity",
                 "interstitial disease", "interstitial lung disease", "interstitial pattern",
                 "reticular pattern", "reticulation", "increased markings", "increased interstitial markings",
-                "scarring", "scar", "peribronchial thickening", "parenchymal scarring"),
+                "scarring", "scar", "peribronchial thickening", "parenchymal scarring",
+                # CheXpert's opacity mentions: a density alone may be a nodule, a vessel or a bone; one that has
+                # grown ("increased density in the lung bases") is the opacity of the lung it sits in.
+                "increased density", "increasing density", "decreased translucency"),
     # Abnormal, but not a CheXpert lung opacity (not in its mention list; the IU labels agree).
     "interstitial": ("haziness", "hazy", "interstitial prominence", "bronchial wall thickening",
                      "peribronchial cuffing"),
@@ -245,6 +248,13 @@ OBSERVATIONS: dict[str, tuple[str, ...]] = {
                "carcinoma", "cancer", "malignancy", "metastasis", "metastases", "metastatic disease",
                "cavitary lesion", "cavitation", "cavity", "pulmonary nodule", "lung nodule", "lung mass", "masslike",
                "mass-like"),
+    # A lesion of bone (sclerotic, lytic, blastic, destructive, or named as osseous) is abnormal but no Lung Lesion.
+    "bone_lesion": ("sclerotic lesion", "lytic lesion", "blastic lesion", "osteoblastic lesion", "osteolytic lesion",
+                    "lucent bone lesion", "destructive lesion", "bone lesion", "bony lesion", "osseous lesion",
+                    "skeletal lesion", "destructive bone lesion", "destructive bony lesion",
+                    "destructive osseous lesion", "bone metastasis", "bony metastasis", "osseous metastasis",
+                    "skeletal metastasis", "bone metastases", "bony metastases", "osseous metastases",
+                    "skeletal metastases", "osseous metastatic disease", "bone island"),
     "pneumothorax": ("pneumothorax", "pneumothoraces", "pneumothoraxes"),
     # Air and fluid in the pleural space: both a pneumothorax and an effusion (see labeler.DIRECT_LABELS).
     "hydropneumothorax": ("hydropneumothorax", "hydropneumothoraces", "hemopneumothorax", "hemopneumothoraces",
@@ -407,9 +417,10 @@ NEGATION_ADD: dict[str, list[str]] = {
     ],
     "termination": ["there is", "there are", "otherwise", "however", "with the exception of", "except for", ";"],
 }
-#: Removed from it: "versus" is an uncertainty cue here; "free" alone (as in "free air") is not a negation.
+#: Removed from it: "versus" is an uncertainty cue here; "free" alone (as in "free air") is not a negation;
+#: "evaluate for" asks a question (an uncertainty cue here, like NegEx's own "possible" phrases), it answers none.
 NEGATION_REMOVE: dict[str, list[str]] = {
-    "preceding_negations": ["versus", "ro"],
+    "preceding_negations": ["versus", "ro", "evaluate for"],
     "following_negations": ["free"],
 }
 
@@ -424,6 +435,9 @@ UNCERTAINTY_TERMS: dict[str, list[str]] = {
         "presumed", "presumably", "perhaps", "possibility of", "raises the possibility", "consider",
         "considerations include", "vs.", "favor", "favored", "would be difficult to exclude",
         "difficult to exclude", "not entirely excluded", "?", "query", "correlate for", "correlation for",
+        # what a study is done or advised to look for is a question, not a finding ("limits evaluation for an
+        # effusion", "bone scan would be helpful to evaluate for metastatic disease")
+        "evaluate for", "evaluation for", "evaluating for", "assess for", "assessment for", "assessing for",
     ],
     "following_negations": [
         "cannot be excluded", "can not be excluded", "not excluded", "not be excluded", "is not excluded",

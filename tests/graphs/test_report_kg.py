@@ -399,6 +399,17 @@ def test_chexpert_label_names():
     ("Lungs are expanded and clear airspace disease.", {"Lung Opacity": 0.0, "No Finding": 1.0}),
     ("Lungs are clear airspace disease. Patchy right lower lobe opacity.", {"Lung Opacity": 1.0}),
     ("Right lower lobe airspace disease.", {"Lung Opacity": 1.0}),
+    # CheXpert's "increased density" is a lung opacity; a density alone is not
+    ("Increased density in the left lung base.", {"Lung Opacity": 1.0, "No Finding": 0.0}),
+    ("Increasing density in the superior segment of the left lower lobe.", {"Lung Opacity": 1.0}),
+    ("No increased density in the lung bases.", {"Lung Opacity": 0.0}),
+    # what a study looks for ("evaluate for", "evaluation for") is uncertain, neither present nor absent
+    ("The lateral view limits evaluation for an effusion.", {"Pleural Effusion": -1.0}),
+    ("A CT would help to evaluate for a pulmonary nodule.", {"Lung Lesion": -1.0, "No Finding": 0.0}),
+    # a lesion of bone is abnormal but no Lung Lesion
+    ("There are sclerotic lesions within the thoracic spine.", {"Lung Lesion": None, "No Finding": 0.0}),
+    ("No destructive bony lesions.", {"Lung Lesion": None, "No Finding": 1.0}),
+    ("Right upper lobe lesion. Scattered lytic lesions in the ribs.", {"Lung Lesion": 1.0}),
     # positive beats uncertain beats negative
     ("Possible pneumothorax. Small right apical pneumothorax.", {"Pneumothorax": 1.0}),
     ("No pleural effusion on the right. Possible small left pleural effusion.", {"Pleural Effusion": -1.0}),
@@ -498,20 +509,21 @@ def test_thread_safety():
 # label 1; -1 counts as not positive on both sides). Tuned on train/val only (`--errors` never lists test reports).
 # Measured at the commit that set these floors (python -m neural_core.graphs.labeler_eval --split train val test all):
 #   val  (296): mean F1 0.823; macro F1 over the 9 labels with >= 5 positives 0.873, mean acc4 0.960, No Finding acc4 0.970
-#   test (590): mean F1 0.847 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
-#   all (2955): mean F1 0.881; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.964
-# (previous revisions: test 0.833 / all 0.873; test 0.828 / all 0.866; test 0.668 / all 0.763). The floors sit just
+#   test (590): mean F1 0.856 over 14 labels; Pneumonia 1.000, Consolidation 1.000, Edema 0.889, Pleural Effusion 1.000
+#   all (2955): mean F1 0.884; Pneumonia 0.867, Consolidation 1.000, Edema 0.774, Pleural Effusion 0.971
+# (previous revisions: test 0.847 / all 0.881; test 0.833 / all 0.873; test 0.828 / all 0.866; test 0.668 / all 0.763). The floors sit just
 # under the measured values: a change of the vocabulary or the rules that loses agreement fails here. Pneumonia /
 # Consolidation / Edema have 1 / 2 / 4 positives in test: one error there moves F1 by 0.2 or more. What keeps the
 # means lower: the reference's own parser errors, which are not copied (train/val: 21 of the 25 Fracture misses are
 # reports whose only fracture mention is negated, "no displaced rib fracture(s)", labelled Fracture 1; 20 of the 29
 # Support Devices misses are "endplate" / "platelike" only; 3 of the 6 Edema misses name no edema at all or a
-# resolved one, the other 3 are vascular congestion / prominence, which CheXpert's own rules make uncertain).
+# resolved one, the other 3 are vascular congestion / prominence or "suspicious for" edema, which CheXpert's own
+# rules make uncertain: Edema on all stays under 0.8 unless those reference errors are copied, which they are not).
 IU_VAL_MIN_MACRO_F1_POS = 0.87
 IU_VAL_MIN_MEAN_ACC4 = 0.95
 IU_VAL_MIN_NO_FINDING_ACC = 0.96
-IU_TEST_MIN_MEAN_F1 = 0.84
-IU_ALL_MIN_MEAN_F1 = 0.875
+IU_TEST_MIN_MEAN_F1 = 0.85
+IU_ALL_MIN_MEAN_F1 = 0.88
 IU_KEY_LABELS = ("Pneumonia", "Consolidation", "Edema", "Pleural Effusion")
 IU_TEST_MIN_KEY_F1 = {"Pneumonia": 0.8, "Consolidation": 0.8, "Edema": 0.8, "Pleural Effusion": 0.8}
 IU_ALL_MIN_KEY_F1 = {"Pneumonia": 0.85, "Consolidation": 0.95, "Edema": 0.75, "Pleural Effusion": 0.95}
