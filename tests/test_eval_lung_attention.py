@@ -56,3 +56,36 @@ def test_peak_in_reads_the_zone_of_the_top_cell():
     assert _peak_in(zones, 0, {("right", "upper")})
     assert _peak_in(zones, 1, {("left", "lower")}) and not _peak_in(zones, 1, {("right", "lower")})
     assert not _peak_in(zones, 3, {("right", "upper")})                 # a cell outside the lungs names no zone
+
+
+def test_zone_sentence_maps_average_the_tokens_after_the_zone_words():
+    import torch
+
+    from neural_core.config import ReportModelConfig
+    from neural_core.eval.lung_attention import zone_sentence_maps
+    from neural_core.models.report_model import ReportModel
+    from neural_core.models.tokenizer import load_tokenizer
+    from neural_core.salience import aggregate_cross_attention, real_token_mask
+
+    tok = load_tokenizer("assets/default_model/report/tokenizer")
+    torch.manual_seed(0)
+    cfg = ReportModelConfig(encoder="efficientnet_lite0", vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1,
+                            num_heads=2, d_kv=16)
+    model = ReportModel(cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                        pretrained_encoder=False).eval()
+    G = model.token_grid[0]
+    x = np.random.default_rng(0).standard_normal((2, G * G, model.cnn.hidden_size)).astype(np.float32)
+    texts = ["Heart normal. Opacity in the left lower zone.", "The lungs are clear."]
+    maps = zone_sentence_maps(model, tok, x, texts)
+    assert maps.shape == (2, G * G) and np.allclose(maps.sum(1), 1.0, atol=1e-5)
+    for i, text in enumerate(texts):
+        enc = tok([text], return_tensors="pt", return_offsets_mapping=True)
+        with torch.no_grad():
+            o = model(None, enc["input_ids"], encoder_outputs=model.encode_tokens(torch.from_numpy(x[i:i + 1])),
+                      output_attentions=True)
+        real = real_token_mask(enc["input_ids"], tok.pad_token_id, tok.eos_token_id)
+        start = text.find("lower zone")
+        focus = torch.tensor([[e > a and a >= start for a, e in enc["offset_mapping"][0].tolist()]]) \
+            if start >= 0 else real
+        want = aggregate_cross_attention(o.cross_attentions, focus & real, model.token_grid)[0].flatten().numpy()
+        assert np.allclose(maps[i], want, atol=1e-6)          # no zone named -> the whole report's map

@@ -214,3 +214,64 @@ def test_unknown_method_and_missing_layer_are_clear_errors(tiny_model):
     with pytest.raises(ValueError, match="do not exist"):
         salience_variants(model, tok, x, REPORTS2, [SalienceConfig(layers=(3,))])
     assert len(variant_grid(2)) == len(SALIENCE_METHODS) * 3 * 2     # L0, L1, all x mean, max
+
+
+def test_report_windows_split_long_reports_at_sentence_ends(real_tokenizer):
+    from neural_core.salience import report_windows
+
+    short = "No focal consolidation."
+    assert report_windows(real_tokenizer, short, 96) == [short]
+    sents = [f"Sentence number {i} describes the heart and lungs at length." for i in range(12)]
+    long = " ".join(sents)
+    wins = report_windows(real_tokenizer, long, 40)
+    assert len(wins) > 1 and " ".join(wins) == long                       # nothing lost, order kept
+    odd = long.replace(". ", ".\n  ", 3)                                   # windows are exact substrings
+    pos = 0
+    for w in report_windows(real_tokenizer, odd, 40):
+        pos = odd.index(w, pos) + len(w)
+    assert all(len(real_tokenizer(w)["input_ids"]) <= 40 for w in wins)
+    assert all(w.endswith(".") for w in wins)                             # cut only at sentence ends
+
+
+def test_a_long_report_is_read_in_windows_and_their_maps_pooled(tiny_model):
+    from neural_core.salience import report_windows
+
+    model, tok, x = tiny_model
+    long = " ".join(["Focal airspace consolidation in the right lower lobe."] * 3 + ["No effusion."] * 40)
+    wins = report_windows(tok, long, model.cfg.max_report_tokens)
+    assert len(wins) >= 2
+    cfgs = [SalienceConfig(), SalienceConfig(method="entity")]
+    with torch.inference_mode():
+        whole = salience_variants(model, tok, x[:1], [long], cfgs)
+        parts = salience_variants(model, tok, x[:1].expand(len(wins), -1, -1, -1), wins, cfgs)
+    att, ent = whole[0][0], whole[1][0]
+    # all tokens: every window weighted by its tokens
+    n = np.array([len(r.tokens) for r in parts[0]])
+    want = np.average(np.stack([r.raw_map for r in parts[0]]), axis=0, weights=n)
+    np.testing.assert_allclose(att.raw_map, want / want.sum(), atol=1e-5)
+    assert att.tokens == sum((r.tokens for r in parts[0]), []) and len(att.per_token) == n.sum()
+    # finding tokens: only the window(s) with a present finding count
+    withf = [r for r in parts[1] if not r.entity_fallback]
+    assert withf and len(withf) < len(parts[1]) and ent.entity_fallback is False
+    w = np.array([len(r.focus_tokens) for r in withf])
+    want = np.average(np.stack([r.raw_map for r in withf]), axis=0, weights=w)
+    np.testing.assert_allclose(ent.raw_map, want / want.sum(), atol=1e-5)
+
+
+def test_per_token_offsets_point_into_the_report_and_span_map_reads_them(tiny_model):
+    from neural_core.salience import report_windows, span_map
+
+    model, tok, x = tiny_model
+    long = " ".join(["No effusion."] * 40) + "  Consolidation in the left lower zone."
+    assert len(report_windows(tok, long, model.cfg.max_report_tokens)) >= 2
+    with torch.inference_mode():
+        r = salience_variants(model, tok, x[:1], [long], [SalienceConfig()])[0][0]
+    assert len(r.offsets) == len(r.tokens) == len(r.per_token)
+    words = [long[a:e] for a, e in r.offsets if e > a]
+    assert words[-3:] == ["left", "lower", "zone"] or "zone" in words[-2]
+    start = long.index("left lower")
+    m = span_map(r, [(start, len(long))])
+    rows = [k for k, (a, e) in enumerate(r.offsets) if e > a and a >= start]
+    want = r.per_token[rows].mean(0)
+    np.testing.assert_allclose(m, want / want.sum(), atol=1e-6)
+    assert span_map(r, [(len(long) + 5, len(long) + 9)]) is None

@@ -235,3 +235,38 @@ def test_validate_scores_the_densest_lung_baseline_when_the_bundle_has_an_atlas(
     row = res["scorers"]["lung_density"]
     assert row["n"] == 3 and row["recall"]["1"] == pytest.approx(1.0)
     assert "lung_density" in res["summary"][0] and "lung_density" in res["pointing_game"]
+
+
+def test_finding_words_zone_agreement_uses_the_map_of_the_words_naming_the_zone(tiny_bundle, tmp_path):
+    import dataclasses
+
+    from neural_core.models.lung import LungConfig, LungModel, ZONES, lung_fields, zone_map
+    from neural_core.salience import span_map
+    from neural_core.train.decoder import sentence_zones
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    bundle = dataclasses.replace(tiny_bundle, lung=LungModel(LungConfig()).eval())
+    res = validate(_manifest(tmp_path), bundle=bundle, keeps=(1.0,), methods="bundle")
+    name = res["neural"]
+    rows = res["per_image"]
+    assert all(r["named_zones"] == ["left lower"] for r in rows)
+    for b in ("random", "lung_prior", "lung_model"):           # no words: the map's own zone agreement
+        for r in rows:
+            assert r["measures"][b]["zone_agreement_finding"] == r["measures"][b]["zone_agreement"]
+    # recompute one image's finding-level verdict by hand
+    from neural_core import stages
+    from neural_core.eval.salience import _run_variants, patch_zones, zone_hit
+    from neural_core.io import load_image
+
+    x = load_image(tmp_path / "v0.png")
+    report = "Patchy consolidation in the left lower zone."
+    sal = _run_variants(bundle, [x.pixels], [report], [bundle.salience])[0][0]
+    fm = span_map(sal, [(a, e) for a, e, _ in sentence_zones(report, from_mention=True)])
+    assert fm is not None
+    grid = stages.study_grid(x)
+    pz = patch_zones(zone_map(lung_fields(bundle.lung, x.pixels)), grid)
+    assert pz.any()
+    want = zone_hit(stages.score_patches(fm, grid), pz, {ZONES.index(("left", "lower")) + 1})
+    assert rows[0]["measures"][name]["zone_agreement_finding"] == want
+    assert res["scorers"][name]["n_zone_agreement_finding"] == 3

@@ -17,7 +17,9 @@ from the cached encoder tokens, given (teacher-forced) and generated reports; at
 token cell weighted by its lung share from the lung model), pointing (top cell at least half lung), and zone
 agreement (covid-cxr notes that name a zone: the top cell's zone is one the note names); the same notes with left
 and right swapped show whether the peak follows the words or the image (``swap_follows_text`` /
-``swap_keeps_image``); ``--which train`` reads the training notes (memorising shows as train >> val).
+``swap_keeps_image``); ``zone_agreement_sentence`` takes the peak of the finding-level map instead (the tokens
+from the zone words to the end of their sentence: a causal decoder's tokens before them cannot know the zone);
+``--which train`` reads the training notes (memorising shows as train >> val).
 
 ``shortcuts``: on ``--n`` validation studies (seeded), generated reports: salience mass on the image border (outer
 two token rings), outside the lung field, and on letters/markers/borders burned into a seeded copy of each image
@@ -146,6 +148,31 @@ def _peak_in(zones_i: np.ndarray, top: int, named: set) -> bool:
     return bool(zones_i[:, top].max() > 0 and ZONES[int(zones_i[:, top].argmax())] in named)
 
 
+def zone_sentence_maps(model, tok, tokens: np.ndarray, reports: list[str]) -> np.ndarray:
+    """The finding-level map of a note that names a zone: cross-attention averaged over the tokens from each
+    sentence's first zone word to its end (:func:`neural_core.train.decoder.sentence_zones` with ``from_mention``),
+    heads and layers as the bundle default. *Shapes*: ``tokens`` (N, G*G, C) -> (N, G*G), rows sum to 1."""
+    import torch
+
+    from ..salience import aggregate_cross_attention, real_token_mask
+    from ..train.decoder import sentence_zones
+
+    out = []
+    for x, text in zip(tokens, reports):
+        enc = tok([text], truncation=True, max_length=model.cfg.max_report_tokens, return_tensors="pt",
+                  return_offsets_mapping=True)
+        with torch.no_grad():
+            o = model(None, enc["input_ids"], encoder_outputs=model.encode_tokens(
+                torch.from_numpy(x[None].astype(np.float32))), output_attentions=True)
+        spans = sentence_zones(text, from_mention=True)
+        focus = torch.tensor([[e > a and any(s <= a < t for s, t, _ in spans)
+                               for a, e in enc["offset_mapping"][0].tolist()]])
+        real = real_token_mask(enc["input_ids"], tok.pad_token_id, tok.eos_token_id)
+        mask = focus & real if (focus & real).any() else real
+        out.append(aggregate_cross_attention(o.cross_attentions, mask, model.token_grid)[0].flatten().numpy())
+    return np.stack(out)
+
+
 def val_check(decoders: list[str], features: str | Path, which: str = "val") -> dict:
     """See the module docstring. Besides zone agreement on the notes as written, the notes whose named zones change
     when left and right are swapped (:func:`swap_sides`) are read swapped: ``swap_follows_text`` is the share whose
@@ -170,6 +197,11 @@ def val_check(decoders: list[str], features: str | Path, which: str = "val") -> 
             if mode == "given":
                 agree = [_peak_in(zones[i], top[i], named[i]) for i in range(len(recs)) if named[i]]
                 row.update(zone_agreement=_mean(agree), zone_n=len(agree))
+                zi = [i for i in range(len(recs)) if named[i]]
+                if zi:
+                    sm = zone_sentence_maps(model, tok, z["tokens"][zi], [recs[i]["report"] for i in zi])
+                    row["zone_agreement_sentence"] = _mean([_peak_in(zones[i], t, named[i])
+                                                            for i, t in zip(zi, sm.argmax(1))])
                 if sw:
                     texts = [swap_sides(recs[i]["report"]) for i in sw]
                     st = _maps(model, tok, z["tokens"][sw], texts).argmax(1)

@@ -39,7 +39,11 @@ each patch's pixels inside a region, over the sum of the scores):
 * **outside lung**: mass outside the lung model's lung mask (full-field convention);
 * **zone agreement**: when the report names a lung zone (:func:`~neural_core.graphs.zones.zones_from_text`), whether
   the top patch lies mostly in a named zone; zones are thirds of each lung of the lung model
-  (:func:`~neural_core.models.lung.zone_map`);
+  (:func:`~neural_core.models.lung.zone_map`); **zone agreement (finding words)**: the same for the finding's own
+  map, the report words from the zone words to the end of their sentence (what a reader sees clicking those words;
+  :func:`~neural_core.salience.span_map` over the tokens of :func:`~neural_core.train.decoder.sentence_zones` with
+  ``from_mention``: the decoder is causal, so earlier words cannot know the zone); a baseline's map has no words,
+  so its value is its zone agreement;
 * **nodule** (rows with ``x, y, diameter_px``): pointing inside the circle (top patch overlaps it), mass in the
   circle and that mass over the circle's area share of the image (lift; 1 = no better than a uniform map).
 
@@ -83,8 +87,8 @@ LUNG_ELLIPSES = ((0.31, 0.48, 0.15, 0.30), (0.69, 0.50, 0.14, 0.29))
 #: width of the border band, as a fraction of the image's width (left/right) and height (top/bottom)
 BORDER_FRACTION = 0.05
 #: the measures of every scorer, in table order
-MEASURES = ("pointing", "mass_in_mask", "border_mass", "outside_lung", "zone_agreement", "nodule_pointing",
-            "nodule_mass", "nodule_lift")
+MEASURES = ("pointing", "mass_in_mask", "border_mass", "outside_lung", "zone_agreement", "zone_agreement_finding",
+            "nodule_pointing", "nodule_mass", "nodule_lift")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -206,11 +210,11 @@ def region_measures(scores: np.ndarray, ctx: dict) -> dict:
     out = {"pointing": pointing_hit(scores, ctx["counts"]),
            "mass_in_mask": salience_mass_in_mask(scores, ctx["counts"], g),
            "border_mass": salience_mass_in_mask(scores, ctx["border"], g),
-           "outside_lung": None, "zone_agreement": None, "nodule_pointing": None, "nodule_mass": None,
-           "nodule_lift": None}
+           "outside_lung": None, "zone_agreement": None, "zone_agreement_finding": None, "nodule_pointing": None,
+           "nodule_mass": None, "nodule_lift": None}
     if ctx.get("lung") is not None:
         out["outside_lung"] = 1.0 - salience_mass_in_mask(scores, ctx["lung"], g)
-        out["zone_agreement"] = zone_hit(scores, ctx["pzones"], ctx["named"])
+        out["zone_agreement"] = out["zone_agreement_finding"] = zone_hit(scores, ctx["pzones"], ctx["named"])
     if ctx.get("circle") is not None:
         out["nodule_pointing"] = pointing_hit(scores, ctx["circle"])
         out["nodule_mass"] = salience_mass_in_mask(scores, ctx["circle"], g)
@@ -224,7 +228,8 @@ def random_measures(ctx: dict) -> dict:
     out = region_measures(np.ones((ctx["grid"].rows, ctx["grid"].cols)), ctx)
     n = ctx["grid"].n_patches
     if out["zone_agreement"] is not None:
-        out["zone_agreement"] = float(np.isin(ctx["pzones"], list(ctx["named"])).sum() / n)
+        out["zone_agreement"] = out["zone_agreement_finding"] = float(
+            np.isin(ctx["pzones"], list(ctx["named"])).sum() / n)
     if out["nodule_pointing"] is not None:
         out["nodule_pointing"] = float((ctx["circle"] > 0).sum() / n)
     return out
@@ -394,6 +399,8 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     from ..graphs.zones import zones_from_text
     from ..models.density import density_baseline_scores
     from ..models.lung import ZONES, lung_baseline_scores, lung_fields, zone_map
+    from ..salience import span_map
+    from ..train.decoder import sentence_zones
     from ..pipeline import inference_threads
 
     t0 = time.perf_counter()
@@ -444,6 +451,13 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
                                        if s[j].entity_fallback is not None},
                    "measures": {n: region_measures(s, ctx) for n, s in scorers.items()},
                    "keeps": {}}
+            if ctx["named"]:                  # each variant's finding-level map (the words naming the zone)
+                spans = [(a, e) for a, e, _ in sentence_zones(first.report, from_mention=True)]
+                for name, res in zip(names, sal):
+                    fm = span_map(res[j], spans)
+                    if fm is not None:
+                        out["measures"][name]["zone_agreement_finding"] = zone_hit(
+                            stages.score_patches(fm, grid), ctx["pzones"], ctx["named"])
             out["measures"]["random"] = random_measures(ctx)
             rng = np.random.default_rng([seed, r["line"]])
             rand_hits = []

@@ -112,7 +112,7 @@ def variant_table(res: dict) -> list[str]:
     has_nod = any(r["n_nodule_pointing"] for r in res["scorers"].values())
     head = (["scorer"] + [f"recall@{k:g}" for k in keeps] + ["pointing", "mass in mask", "border mass",
                                                              "outside lung"]
-            + (["zone agr. (n)"] if has_zone else []) + (["nodule pointing", "nodule mass", "nodule lift"]
+            + (["zone agr. (n)", "zone agr., finding words"] if has_zone else []) + (["nodule pointing", "nodule mass", "nodule lift"]
                                                           if has_nod else []))
     L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["scorers"].items():
@@ -120,7 +120,8 @@ def variant_table(res: dict) -> list[str]:
         cells = [label] + [_f(r["recall"][fmt_keep(k)]) for k in keeps] + [
             _f(r["pointing"]), _f(r["mass_in_mask"]), _f(r["border_mass"]), _f(r["outside_lung"])]
         if has_zone:
-            cells.append(f"{_f(r['zone_agreement'])} ({r['n_zone_agreement']})")
+            cells += [f"{_f(r['zone_agreement'])} ({r['n_zone_agreement']})",
+                      _f(r.get("zone_agreement_finding"))]
         if has_nod:
             cells += [_f(r["nodule_pointing"]), _f(r["nodule_mass"]), _f(r["nodule_lift"])]
         L.append("| " + " | ".join(cells) + " |")

@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     "term relative to the others (they are few: without it the lung field dominates)")
     ap.add_argument("--zone-from-mention", action="store_true", help="a named-zone sentence's zone target starts "
                     "at its first zone word (earlier tokens keep the lung field: the decoder is causal)")
+    ap.add_argument("--windows", action="store_true", help="a report longer than the decoder reads is trained "
+                    "as its sentence-aligned windows (as salience reads it) instead of cut at max_report_tokens")
     ap.add_argument("--init", default=None, help="start from this report-model directory (with tokenizer/) "
                     "instead of a fresh decoder: fine-tuning")
     ap.add_argument("--aug-p", type=float, default=0.5, help="probability that a training study is read from one "
@@ -315,8 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         model = ReportModel(cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    idx = [i for i, r in enumerate(tr_rec) if r["report"]]
-    idx += [i for i in idx if tr_rec[i]["dataset"] == "covid-cxr"] * (args.covid_oversample - 1)
+    # training examples (record, text): with --windows a long note is several examples, one per window the
+    # salience reads it in (neural_core.salience.report_windows), so its later sentences are learnt too
+    from ..salience import report_windows
+
+    examples = []
+    for i, r in enumerate(tr_rec):
+        if r["report"]:
+            texts = report_windows(tok, r["report"], cfg.max_report_tokens) if args.windows else [r["report"]]
+            examples += [(i, t) for t in texts]
+    examples += [e for e in examples if tr_rec[e[0]]["dataset"] == "covid-cxr"] * (args.covid_oversample - 1)
+    idx = examples
     va_idx = [i for i, r in enumerate(va_rec) if r["report"]]
     steps_per_epoch = len(idx) // args.batch
     total = args.epochs * steps_per_epoch
@@ -355,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         va_base = density_base("val", va_rec, va_lung, va_zones)
 
     def batch_loss(tokens: np.ndarray, recs: list[dict], ids: list[int], train: bool, lung=None, zones=None,
-                   aug=None, base=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(text loss, attention loss, aggregated maps (B, G*G) or None)."""
+                   aug=None, base=None, texts=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text loss, attention loss, aggregated maps (B, G*G) or None); ``texts`` (default: the records'
+        reports) are what is read for records ``ids``."""
         x = tokens[ids].astype(np.float32)
         if train and aug is not None and args.aug_p > 0:
             pick = rng.random(len(ids)) < args.aug_p
@@ -365,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.from_numpy(x)
         if train and args.token_dropout:
             x = x * (torch.rand(x.shape[:2]) >= args.token_dropout).unsqueeze(-1)
-        texts = [recs[i]["report"] for i in ids]
+        texts = [recs[i]["report"] for i in ids] if texts is None else list(texts)
         lmask = None
         if train and args.zone_aug > 0 and lung is not None:
             texts, starts = augment_reports(tok, texts, rng, args.zone_aug, cfg.max_report_tokens)
@@ -393,12 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     best, step = float("inf"), 0
     for ep in range(args.epochs):
         model.train()
-        order = rng.permutation(idx)
+        order = [idx[k] for k in rng.permutation(len(idx))]
         t0 = time.time()
         for b in range(steps_per_epoch):
-            text_loss, attn_loss, _ = batch_loss(tr_tok, tr_rec, list(order[b * args.batch:(b + 1) * args.batch]),
-                                                 True, tr_lung if args.attn_weight else None, tr_zones, tr_aug,
-                                                 tr_base)
+            chunk = order[b * args.batch:(b + 1) * args.batch]
+            text_loss, attn_loss, _ = batch_loss(tr_tok, tr_rec, [e[0] for e in chunk], True,
+                                                 tr_lung if args.attn_weight else None, tr_zones, tr_aug, tr_base,
+                                                 texts=[e[1] for e in chunk])
             loss = text_loss + args.attn_weight * attn_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -257,7 +257,7 @@ def test_main_fine_tunes_from_init_with_zone_augmentation(tmp_path):
     out2 = tmp_path / "dec2"
     assert main(["--features", str(tmp_path / "pre"), "--out", str(out2), "--epochs", "1", "--batch", "4",
                  "--warmup", "1", "--attn-weight", "1", "--covid-oversample", "1", "--zone-aug", "1",
-                 "--init", str(tmp_path / "dec" / "best")]) == 0
+                 "--windows", "--init", str(tmp_path / "dec" / "best")]) == 0
     start = json.loads((out2 / "log.jsonl").read_text().splitlines()[0])
     assert start["args"]["zone_aug"] == 1.0 and start["args"]["init"].endswith("best")
     assert (out2 / "best" / "tokenizer").is_dir()
@@ -299,3 +299,26 @@ def test_sentence_zones_from_mention_starts_at_the_first_zone_word():
     assert named == {("left", "lower"), ("right", "lower")}
     (s0, _, _), = sentence_zones(text)
     assert text[s0:].lstrip().startswith("Patchy")
+
+
+@pytest.mark.slow
+def test_windows_train_every_window_of_a_long_note(tmp_path):
+    from neural_core.models.tokenizer import load_tokenizer
+    from neural_core.salience import report_windows
+
+    test_main_trains_one_epoch_on_a_tiny_feature_cache(tmp_path)
+    feats = tmp_path / "pre"
+    recs = json.loads((feats / "features_train.json").read_text())
+    long = " ".join(f"History item {i} of a febrile patient with cough." for i in range(25)) + \
+        " Consolidation at the base of the left lung."
+    recs[1]["report"] = long
+    (feats / "features_train.json").write_text(json.dumps(recs))
+    n_win = len(report_windows(load_tokenizer(TOKENIZER), long, 96))
+    assert n_win >= 2
+    counts = {}
+    for flag in ([], ["--windows"]):
+        out = tmp_path / ("w" if flag else "nw")
+        assert main(["--features", str(feats), "--out", str(out), "--epochs", "1", "--batch", "4", "--warmup", "1",
+                     "--attn-weight", "1", "--covid-oversample", "1", *flag]) == 0
+        counts[bool(flag)] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["train"]
+    assert counts[True] == counts[False] + n_win - 1
