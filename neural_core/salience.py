@@ -66,7 +66,8 @@ class SalienceResult:
 
 def span_map(result: SalienceResult, spans) -> np.ndarray | None:
     """The map of the tokens that start inside any ``(start, end)`` character span of ``result.report``: the mean of
-    their ``per_token`` rows, summing to 1; None when no token does (or offsets are unknown).
+    their ``per_token`` rows, summing to 1; None when no token does, when those rows are all zero, or when offsets
+    are unknown.
     *Shapes*: -> (G, G)."""
     if result.offsets is None:
         return None
@@ -74,7 +75,9 @@ def span_map(result: SalienceResult, spans) -> np.ndarray | None:
     if not rows:
         return None
     m = np.asarray(result.per_token, dtype=np.float64)[rows].mean(0)
-    return (m / max(float(m.sum()), 1e-12)).astype(np.float32)
+    if not m.sum() > 0:           # e.g. gradient relevance, which gives words outside the findings no rows
+        return None
+    return (m / m.sum()).astype(np.float32)
 
 
 def normalise_map(m: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@
     python -m neural_core.eval.lung_attention by-split salience_out/salience_results.json [--data ..] [--model DIR]
     python -m neural_core.eval.lung_attention val DECODER_DIR... [--features runs/pre] [--which val]
     python -m neural_core.eval.lung_attention shortcuts DECODER_DIR... [--features runs/pre] [--n 120]
+    python -m neural_core.eval.lung_attention synthetic DECODER_DIR... [--features runs/pre] [--n 60]
 
 ``manifests``: ``image,mask`` CSVs for ``neural validate-salience``: the covid-cxr lung masks split by the bundle's
 ``split.json`` part of each image's patient (``covid_lung_{train,val,test}.csv``), and JSRT with mask = left lung ∪
@@ -20,6 +21,8 @@ and right swapped show whether the peak follows the words or the image (``swap_f
 ``swap_keeps_image``); ``zone_agreement_sentence`` takes the peak of the finding-level map instead (the tokens
 from the zone words to the end of their sentence: a causal decoder's tokens before them cannot know the zone);
 ``--which train`` reads the training notes (memorising shows as train >> val).
+
+``synthetic``: :func:`synthetic_check` (do zone words point at their zone, on validation images?).
 
 ``shortcuts``: on ``--n`` validation studies (seeded), generated reports: salience mass on the image border (outer
 two token rings), outside the lung field, and on letters/markers/borders burned into a seeded copy of each image
@@ -214,6 +217,30 @@ def val_check(decoders: list[str], features: str | Path, which: str = "val") -> 
     return out
 
 
+def synthetic_check(decoders: list[str], features: str | Path, n: int = 60, seed: int = 5) -> dict:
+    """Does the attention of zone words go to their zone? ``n`` validation studies (seeded), each read with a
+    :func:`~neural_core.train.decoder.synthetic_zone_sentence` appended to its report (the same sentences for
+    every decoder); the share whose map of the words from the zone words to the sentence end
+    (:func:`zone_sentence_maps`) peaks in a zone the sentence names."""
+    from ..graphs.zones import zones_from_text
+    from ..train.decoder import synthetic_zone_sentence
+
+    z = np.load(Path(features) / "features_val.npz")
+    recs = json.loads((Path(features) / "features_val.json").read_text())
+    zones = z["zones"].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    idx = sorted(rng.choice([i for i, r in enumerate(recs) if r["report"]], n, replace=False).tolist())
+    sents = [synthetic_zone_sentence(rng) for _ in idx]
+    texts = [recs[i]["report"].rstrip() + " " + s for i, s in zip(idx, sents)]
+    out = {}
+    for d in decoders:
+        model, tok = _load(d)
+        maps = zone_sentence_maps(model, tok, z["tokens"][idx], texts)
+        out[d] = {"n": len(idx), "peak_in_named_zone": _mean([_peak_in(zones[i], int(m.argmax()), zones_from_text(s))
+                                                              for i, m, s in zip(idx, maps, sents)])}
+    return out
+
+
 def shortcut_check(decoders: list[str], features: str | Path, n: int = 120, seed: int = 0) -> dict:
     from ..io import load_image
     from ..models.backbones import create_backbone
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("results")
     b.add_argument("--data", default="../shared/data")
     b.add_argument("--split", default="assets/default_model/split.json")
-    for name in ("val", "shortcuts"):
+    for name in ("val", "shortcuts", "synthetic"):
         p = sub.add_parser(name)
         p.add_argument("decoders", nargs="+")
         p.add_argument("--features", default="runs/pre")
@@ -275,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--which", default="val", help="split of the feature cache (val, or train to see memorising)")
         if name == "shortcuts":
             p.add_argument("--n", type=int, default=120)
+        if name == "synthetic":
+            p.add_argument("--n", type=int, default=60)
     args = ap.parse_args(argv)
     from ..device import set_threads
 
@@ -285,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         res = by_split(args.results, args.data, args.split)
     elif args.cmd == "val":
         res = val_check(args.decoders, args.features, args.which)
+    elif args.cmd == "synthetic":
+        res = synthetic_check(args.decoders, args.features, args.n)
     else:
         res = shortcut_check(args.decoders, args.features, args.n)
     print(json.dumps(res, indent=1))

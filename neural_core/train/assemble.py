@@ -21,6 +21,17 @@ from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer
 
 
+def _init_name(init: str | None) -> str | None:
+    """Where a fine-tuned decoder started: the release whose report model it was, when that is known."""
+    if not init:
+        return None
+    info = Path(init).parent / "model.json"
+    try:
+        return f"the report model of {json.loads(info.read_text())['version']}"
+    except (OSError, ValueError, KeyError):
+        return Path(init).name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decoder", required=True)
@@ -33,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--salience", default=None, help="model.json whose \"salience\" entry (validate-salience --choose) "
                     "the bundle keeps; pass the same file the classifier trainer's --salience read")
     ap.add_argument("--split", required=True)
+    ap.add_argument("--classifier-note", default="", help="how the classifiers were trained when their results do "
+                    "not record it (e.g. carried over from an earlier release), shown in the bundle's data list")
     ap.add_argument("--out", required=True)
     ap.add_argument("--version", default="neural-lite0-" + time.strftime("%Y%m%d"))
     args = ap.parse_args(argv)
@@ -73,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 training = {"attn_weight": a.get("attn_weight", 0.0), "attn_targets": a.get("targets"),
                             "burn_in_copies": ev.get("burn_in_copies", 0), "aug_p": a.get("aug_p"),
                             "epochs": a.get("epochs"), "covid_oversample": a.get("covid_oversample"),
-                            "density_share": a.get("density_share") if "density" in str(a.get("targets")) else None}
+                            "density_share": a.get("density_share") if "density" in str(a.get("targets")) else None,
+                            "zone_aug": a.get("zone_aug", 0.0), "zone_weight": a.get("zone_weight", 1.0),
+                            "zone_from_mention": a.get("zone_from_mention", False),
+                            "windows": a.get("windows", False), "init": _init_name(a.get("init"))}
             elif ev.get("event") == "epoch" and "val_mass_in_lung" in ev:
                 training.setdefault("val_per_epoch", []).append(
                     {k: ev.get(k) for k in ("epoch", "val_loss", "val_attn_loss", "val_mass_in_lung", "val_pointing",
@@ -94,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             + ([f"report model: for pneumonia-positive training studies the attention target is the densest "
                 f"{training['density_share']:.0%} of the lung (density anomaly against an atlas of normal training "
                 "films, neural_core.models.density), zones a note names kept"] if training.get("density_share") else [])
+            + ([f"report model: fine-tuned from {training['init']}"] if training.get("init") else [])
+            + ([f"report model: a synthetic sentence naming random zones appended to {training['zone_aug']:.0%} of "
+                f"training reports (text loss masked; attention target = those zones of the image's lungs; named-zone "
+                f"tokens weighted x{training['zone_weight']:g}"
+                + (", from the first zone word on" if training.get("zone_from_mention") else "") + "): the "
+                "attention of zone words follows the words, whatever the image shows"]
+               if training.get("zone_aug") else [])
+            + (["report model: long notes trained as their sentence-aligned windows (as salience reads them)"]
+               if training.get("windows") else [])
+            + ([f"classifiers: {args.classifier_note}"] if args.classifier_note else [])
             + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
             + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "
