@@ -158,7 +158,7 @@ def zone_sentence_maps(model, tok, tokens: np.ndarray, reports: list[str]) -> np
     import torch
 
     from ..salience import aggregate_cross_attention, real_token_mask
-    from ..train.decoder import sentence_zones
+    from ..graphs.zones import sentence_zones
 
     out = []
     for x, text in zip(tokens, reports):
@@ -223,7 +223,7 @@ def synthetic_check(decoders: list[str], features: str | Path, n: int = 60, seed
     every decoder); the share whose map of the words from the zone words to the sentence end
     (:func:`zone_sentence_maps`) peaks in a zone the sentence names."""
     from ..graphs.zones import zones_from_text
-    from ..train.decoder import synthetic_zone_sentence
+    from ..graphs.zones import synthetic_zone_sentence
 
     z = np.load(Path(features) / "features_val.npz")
     recs = json.loads((Path(features) / "features_val.json").read_text())

@@ -400,7 +400,7 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     from ..models.density import density_baseline_scores
     from ..models.lung import ZONES, lung_baseline_scores, lung_fields, zone_map
     from ..salience import span_map
-    from ..train.decoder import sentence_zones
+    from ..graphs.zones import sentence_zones
     from ..pipeline import inference_threads
 
     t0 = time.perf_counter()

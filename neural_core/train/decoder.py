@@ -36,7 +36,6 @@ field and the pointing game (top cell mostly lung). Best validation objective (t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ import torch
 from ..config import ReportModelConfig, pretrained_report_config
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer
+from ..graphs.zones import sentence_zones, synthetic_zone_sentence  # noqa: F401 (re-exported: tests, callers)
 
 log = logging.getLogger("neural.decoder")
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,59 +98,6 @@ def zone_target(zones: np.ndarray, named: set, lung_t: np.ndarray, grid: int, *,
     if not core.any():
         return core
     return (dilate(core, grid, dilation) if dilation else core) & lung_t
-
-
-@functools.lru_cache(maxsize=16384)
-def sentence_zones(text: str, *, from_mention: bool = False) -> tuple[tuple[int, int, frozenset], ...]:
-    """``(start, end, zones)`` character spans of the sentences of ``text`` that name a (non-negated) zone, zones
-    as ``(side, level)`` pairs (:func:`neural_core.graphs.zones.zone_mentions`). Sentences end at ``.``, ``!``,
-    ``?`` or a line break. With ``from_mention`` a span starts at the sentence's first zone mention instead: the
-    decoder is causal, so a token before the zone words ("Opacity in the ...") cannot know which zone comes."""
-    import re
-
-    from ..graphs.zones import zone_mentions
-
-    mentions = [m for m in zone_mentions(text) if not m.negated]
-    if not mentions:
-        return ()
-    out = []
-    for s in re.finditer(r"[^.!?\n]+[.!?]*", text):
-        inside = [m for m in mentions if s.start() <= m.start < s.end()]
-        named = frozenset(p for m in inside for p in m.pairs)
-        if named:
-            out.append((min(m.start for m in inside) if from_mention else s.start(), s.end(), named))
-    return tuple(out)      # memoised per text (templates and oversampled notes repeat every epoch)
-
-
-_FINDINGS = ("opacity", "opacities", "consolidation", "airspace opacity", "patchy opacity", "ground glass opacity",
-             "infiltrate", "nodule", "atelectasis", "airspace disease")
-_LEVEL_WORD = {"upper": "upper", "middle": "mid", "lower": "lower"}
-
-
-def synthetic_zone_sentence(rng: np.random.Generator) -> str:
-    """One sentence naming a random finding in random zone(s), in the phrasings clinical notes use ("Opacity in the
-    left upper zone.", "Bilateral lower zone consolidation.", "Nodule at the right base.").
-
-    What it is for (``--zone-aug``): a few dozen training notes name a zone, too few for the decoder to learn
-    *where the words point*: trained on them alone it memorised those images (zone agreement 0.72 on the training
-    notes, 0.18 on validation). Appended to any study, with its text loss masked so the generator never learns to
-    write it, the sentence teaches the cross-attention of zone words to go to that zone of *this* image's lungs
-    (the lung model's zones), whatever the text around it. The zone therefore comes from the text, not from
-    evidence in the image; the evaluation says so (``lung_attention val``: zone words swapped)."""
-    f = str(rng.choice(_FINDINGS))
-    side = str(rng.choice(("right", "left", "bilateral")))
-    lv = [str(x) for x in rng.choice(("upper", "middle", "lower"), size=int(rng.integers(1, 3)), replace=False)]
-    lv.sort(key=("upper", "middle", "lower").index)
-    words = " and ".join(_LEVEL_WORD[x] for x in lv)
-    plural = "s" if side == "bilateral" or len(lv) > 1 else ""
-    k = int(rng.integers(4))
-    if k == 0 and lv == ["lower"] and side != "bilateral":
-        return f"{f.capitalize()} at the {side} base."
-    if k == 1 and side == "bilateral":
-        return f"{f.capitalize()} in the {words} zones bilaterally."
-    if k == 2:
-        return f"{side.capitalize()} {words} zone{plural} {f}."
-    return f"{f.capitalize()} in the {side} {words} zone{plural}."
 
 
 def augment_reports(tok, texts: list[str], rng: np.random.Generator, p: float, max_len: int
