@@ -1,0 +1,40 @@
+"""Source-balanced thresholds on tiny hand-made score sets."""
+import numpy as np
+import pytest
+
+from neural_core.eval.thresholds import source_balanced_j, source_balanced_threshold, source_rates
+
+
+def _scores():
+    # a big source whose positives score high, and a small one whose positives score lower
+    y = np.array([1] * 8 + [0] * 8 + [1] * 2 + [0] * 2)
+    p = np.array([0.9] * 8 + [0.1] * 8 + [0.4, 0.45] + [0.2, 0.3])
+    s = np.array(["big"] * 16 + ["small"] * 4)
+    return y, p, s
+
+
+def test_source_rates_counts_each_source_and_class():
+    y, p, s = _scores()
+    r = source_rates(y, p, s, 0.5)
+    assert r == {("big", 0): (1.0, 8), ("big", 1): (1.0, 8), ("small", 0): (1.0, 2), ("small", 1): (0.0, 2)}
+
+
+def test_balanced_threshold_serves_the_small_source():
+    y, p, s = _scores()
+    t = source_balanced_threshold(y, p, s)
+    assert 0.3 < t <= 0.4                      # between the small source's negatives and its positives
+    assert source_balanced_j(y, p, s, t) == pytest.approx(1.0)
+    assert source_balanced_j(y, p, s, 0.5) == pytest.approx(0.5)   # small positives all missed: mean sens 0.5
+
+
+def test_a_source_with_one_class_counts_once_per_class():
+    y = np.array([1, 1, 0, 0, 0, 0])
+    p = np.array([0.8, 0.7, 0.2, 0.1, 0.75, 0.3])
+    s = np.array(["a", "a", "a", "a", "b", "b"])     # source b has negatives only
+    # at 0.72: sens a 0.5; spec a 1.0, spec b 0.5 -> 0.5 + 0.75 - 1
+    assert source_balanced_j(y, p, s, 0.72) == pytest.approx(0.25)
+
+
+def test_needs_both_classes():
+    with pytest.raises(ValueError, match="positives and negatives"):
+        source_balanced_j(np.array([1, 1]), np.array([0.2, 0.9]), np.array(["a", "b"]), 0.5)
