@@ -23,7 +23,8 @@ import numpy as np
 __all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "main"]
 
 
-def source_rates(y: np.ndarray, p: np.ndarray, source: np.ndarray, threshold: float) -> dict[tuple[str, int], tuple[float, int]]:
+def source_rates(y: np.ndarray, p: np.ndarray, source: np.ndarray,
+                 threshold: float) -> dict[tuple[str, int], tuple[float, int]]:
     """``(source, class) -> (rate, n)``: sensitivity (class 1) or specificity (class 0) of ``p >= threshold``.
 
     *Shapes*: ``y``, ``p``, ``source`` :math:`(N,)`."""
