@@ -190,6 +190,9 @@ def test_validate_reports_every_variant_and_baseline(tiny_bundle, tmp_path):
     # the untrained tiny bundle ships no lung model: no outside-lung mass, no zones
     assert res["scorers"]["random"]["n_outside_lung"] == 0 and res["entity_fallback_share"] == 0.0
     assert res["summary"][0]["recall"] == res["scorers"]["attention/all/mean"]["recall"]["1"]
+    # the nodule circle itself is scored as an oracle (the ceiling of the zone measures), never as a variant
+    assert "nodule_oracle" in res["scorers"] and "nodule_oracle" not in res["variants"]
+    assert res["scorers"]["nodule_oracle"]["nodule_pointing"] == 1.0
 
 
 def test_cli_choose_writes_the_winner_only_when_asked(tiny_bundle_dir, tmp_path, capsys):

@@ -45,7 +45,10 @@ each patch's pixels inside a region, over the sum of the scores):
   ``from_mention``: the decoder is causal, so earlier words cannot know the zone); a baseline's map has no words,
   so its value is its zone agreement;
 * **nodule** (rows with ``x, y, diameter_px``): pointing inside the circle (top patch overlaps it), mass in the
-  circle and that mass over the circle's area share of the image (lift; 1 = no better than a uniform map).
+  circle and that mass over the circle's area share of the image (lift; 1 = no better than a uniform map). On
+  these rows the circle itself is also scored, as ``nodule_oracle`` (not a baseline: it knows the answer): its zone
+  agreement is the ceiling of that measure, how often the lung model's zone at the nodule is the zone the sentence
+  names.
 
 **Choosing** (``--choose``): the variant with the highest *objective*, the mean over the validation manifests of
 ``(mass in mask + pointing game) / 2`` (with lung masks as the mask: mass in the lungs and pointing inside them),
@@ -73,7 +76,7 @@ from .. import stages
 from ..config import PruneConfig, SalienceConfig
 from ..errors import NeuralError
 from . import DEFAULT_KEEPS, fmt_keep, parse_keeps
-from .salience_report import (BASELINES, OBJECTIVE, _count, _f, _mean, chosen_config, objective,  # noqa: F401
+from .salience_report import (BASELINES, OBJECTIVE, ORACLE, _count, _f, _mean, chosen_config, objective,  # noqa: F401
                               rank_variants, render_markdown, variant_table, write_choice, write_outputs)
 
 if TYPE_CHECKING:  # cv2 / torch are imported where used: the `neural` CLI builds this parser for every command
@@ -441,6 +444,9 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
                 cm = circle_mask(H, W, *r["circle"])
                 ctx["circle"] = mask_patch_counts(cm, grid)
                 ctx["circle_share"] = float(cm.mean())
+                # the ceiling of the zone measures: a map that is the nodule circle itself (its zones come from the
+                # lung model, the sentence's from the SCR masks, so this is how far the two conventions agree)
+                scorers[ORACLE] = ctx["circle"].astype(np.float64)
             for name, res in zip(names, sal):
                 scorers[name] = stages.score_patches(res[j].token_map, grid)
             out = {"line": r["line"], "image": Path(r["image"]).name, "label": r["label"],
@@ -476,7 +482,7 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
             out["mass_in_mask"] = out["measures"][neural]["mass_in_mask"]
             per_image.append(out)
 
-    scorer_names = names + [b for b in BASELINES if any(b in p["measures"] for p in per_image)]
+    scorer_names = names + [b for b in BASELINES + (ORACLE,) if any(b in p["measures"] for p in per_image)]
     table = {}
     for n in scorer_names:
         ms = [p["measures"][n] for p in per_image if n in p["measures"]]
@@ -567,7 +573,8 @@ def cmd_validate_salience(a) -> int:
                          "ranking": ranked, "baselines": {b: dict(zip(("objective", "zone_agreement"),
                                                                       objective(val, b)))
                                                              | {"test_objective": objective(test, b)[0] if test else None}
-                                                             for b in BASELINES}}
+                                                             for b in BASELINES
+                                                             if all(b in r["scorers"] for r in val)}}
         if a.write_bundle:
             out["choice"]["written_to"] = str(write_choice(a.write_bundle, cfg))
     j, m = write_outputs(out, a.out)

@@ -19,6 +19,9 @@ from . import fmt_keep
 
 #: the baseline scorers of every validate-salience run, in table order
 BASELINES = ("random", "lung_prior", "lung_model", "lung_density")
+#: on manifests with a nodule circle: the circle itself as a map (not a baseline: it knows the answer). Its zone
+#: agreement is the ceiling of that measure, which scores the lung model's zones against the report's words
+ORACLE = "nodule_oracle"
 
 
 def _mean(v) -> float:
@@ -102,7 +105,8 @@ def _f(v) -> str:
 
 _SCORER_LABEL = {"random": "random (baseline)", "lung_prior": "analytic lung prior (baseline)",
                  "lung_model": "lung model (baseline)",
-                 "lung_density": "densest lung first (baseline; the attention teacher)"}
+                 "lung_density": "densest lung first (baseline; the attention teacher)",
+                 ORACLE: "nodule circle (oracle: the ceiling of zone agreement)"}
 
 
 def variant_table(res: dict) -> list[str]:

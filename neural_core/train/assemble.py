@@ -32,6 +32,13 @@ def _init_name(init: str | None) -> str | None:
         return Path(init).name
 
 
+def _lung_line(lung) -> str:
+    """The lung model's held-out Dice (recorded in its config by neural_core.train.lung) as one data line."""
+    d = (lung.cfg.metrics or {}).get("held_out_dice", {})
+    parts = [f"{src} " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for src, m in d.items()]
+    return "lung model (neural_core.train.lung): held-out Dice " + ("; ".join(parts) if parts else "not recorded")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decoder", required=True)
@@ -105,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                      "covid-cxr (clinical notes)", "jsrt: the 154 nodule films as adult negatives (classifiers)",
                      "iu-reports (tokenizer text only)"]
             + (["report model: cross-attention weakly supervised towards the lung field and the zones a note names "
-                "(lung field and zones = the shipped lung model's prediction on every training image, pediatric "
-                "Kermany included; not annotations)"] if training.get("attn_weight") else [])
+                "(lung field and zones = the prediction of the lung model of its training time on every training "
+                "image, pediatric Kermany included; not annotations)"] if training.get("attn_weight") else [])
             + ([f"report model: for pneumonia-positive training studies the attention target is the densest "
                 f"{training['density_share']:.0%} of the lung (density anomaly against an atlas of normal training "
                 "films, neural_core.models.density), zones a note names kept"] if training.get("density_share") else [])
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
             + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "
-                "artifact)"] if zone else [])}
+                "artifact)"] if zone else [])
+            + ([_lung_line(lung)] if lung is not None else [])}
     if args.salience:
         from .classifier import read_salience_config
 
