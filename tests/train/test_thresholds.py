@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from neural_core.eval.thresholds import source_balanced_j, source_balanced_threshold, source_rates
+from neural_core.train.thresholds import source_balanced_j, source_balanced_threshold, source_rates
 
 
 def _scores():

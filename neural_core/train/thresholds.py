@@ -7,7 +7,7 @@ specificity at the stored threshold and at the **source-balanced** one: the thre
 :func:`source_balanced_j`, the mean sensitivity over the sources that have positives plus the mean specificity over
 the sources that have negatives, minus one (each source counts once, whatever its size).
 
-    python -m neural_core.eval.thresholds --clf runs/clf --features runs/pre [--extra jsrt] [--name image]
+    python -m neural_core.train.thresholds --clf runs/clf --features runs/pre [--extra jsrt] [--name image]
 
 Research evaluation only; validation sets are small (17 covid-cxr positives, 23 JSRT negatives): read the
 per-source rates with their counts.
@@ -62,8 +62,8 @@ def _val_predictions(clf: Path, features: Path, extra: list[str], name: str) -> 
 
     from ..graphs.text_encoder import get_text_encoder
     from ..models.classifier import NeuralClassifier
-    from ..train.classifier import _graphs, predict
-    from ..train.decoder import load_features
+    from .classifier import _graphs, predict
+    from .decoder import load_features
 
     model = NeuralClassifier.from_pretrained(clf / f"classifier_{name}")
     if model.cfg.zone_features:
