@@ -209,7 +209,7 @@ class SalienceConfig:
     """How cross-attention becomes one map per image. Stored in a bundle's ``model.json`` under ``"salience"``
     (chosen by ``neural validate-salience --choose``); every caller reads it from :attr:`ModelBundle.salience`."""
 
-    method: str = "attention"               # attention (all report tokens) | entity | gradient; see neural_core.salience
+    method: str = "attention"               # attention (all tokens) | entity | located | gradient: neural_core.salience
     layers: tuple[int, ...] | None = None   # decoder layers to aggregate; None = all
     head_reduce: str = "mean"               # mean | max
     chosen_by: str = ""                     # provenance: how this setting was chosen (shown with the heatmap)
@@ -218,6 +218,7 @@ class SalienceConfig:
         """Plain words for the reader: which map the heatmap shows."""
         what = {"attention": "cross-attention over all report words",
                 "entity": "cross-attention over the report's finding words",
+                "located": "cross-attention over the report's finding words and the zone words after them",
                 "gradient": "gradient-weighted cross-attention (Chefer et al. 2021)"}.get(self.method, self.method)
         layers = "all decoder layers" if self.layers is None else "decoder layer(s) " + ",".join(map(str, self.layers))
         return f"{what}, {layers}, heads {self.head_reduce}"

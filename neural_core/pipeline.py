@@ -141,6 +141,7 @@ class StudyAnalysis:
                          "mean": float(s.mean()), "std": float(s.std()),
                          "top_patch": list(self.top_patch),
                          "layers": list(self.salience.layers),
+                         "method": self.salience.method,
                          "kept_mean": float(s[self.mask].mean()) if self.mask.any() else None},
             "prune": {"mode": self.prune.mode(), "keep": self.prune.keep, "tau": self.prune.tau,
                       "top_k": self.prune.top_k},

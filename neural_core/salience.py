@@ -13,6 +13,10 @@ turns them into one map per image on the encoder's ``G x G`` token grid, which c
   observations whose certainty is ``present``; negated and uncertain ones are left out). Character spans become
   token positions through the fast tokenizer's offsets. A report without a present finding falls back to all
   real tokens and says so (``SalienceResult.entity_fallback``).
+* ``located``: the ``entity`` tokens plus, in each sentence holding a present finding, the words from its first
+  (non-negated) zone mention to the sentence end ("Patchy opacity **in the left upper zone.**"). Why: the decoder is
+  causal, so the finding word of "Opacity in the left upper zone" is read before the zone is named and its
+  attention cannot know the side; the words after the zone mention can. Falls back like ``entity``.
 * ``gradient``: gradient-weighted relevance through the decoder (Chefer, Gur, Wolf, ICCV 2021), see
   :func:`gradient_relevance`; its target is the log-likelihood of the same tokens the ``entity`` method reads.
 
@@ -39,7 +43,8 @@ from .models.tokenizer import decode_clean
 
 __all__ = ["SalienceResult", "SALIENCE_METHODS", "register_method", "normalise_map", "aggregate_cross_attention",
            "real_token_mask", "finding_token_mask", "head_reduce", "gradient_relevance", "compute_salience",
-           "salience_batch", "salience_variants", "variant_grid", "upsample_map", "report_windows", "span_map"]
+           "salience_batch", "salience_variants", "variant_grid", "upsample_map", "report_windows", "span_map",
+           "located_spans", "FOCUS_SPANS", "METHOD_FOCUS"]
 
 
 @dataclass
@@ -148,6 +153,35 @@ def finding_spans(report: str) -> list[tuple[int, int]]:
     return [(e.start, e.end) for e in graph.entities if e.type == "observation" and e.certainty == "present"]
 
 
+def located_spans(report: str) -> list[tuple[int, int]]:
+    """:func:`finding_spans` plus, for each sentence that holds one of them, the span from the sentence's first
+    non-negated zone mention to its end (:func:`~neural_core.graphs.zones.sentence_zones` ``from_mention``): the
+    finding with the words that say where it is. A zone named in a sentence without a present finding ("No
+    effusion at the left base.") adds nothing."""
+    from .graphs.zones import sentence_zones
+
+    import bisect
+    import re
+
+    spans = finding_spans(report)
+    zoned = sentence_zones(report, from_mention=True) if spans else ()
+    if not zoned:
+        return spans
+    # the sentences as sentence_zones cuts them; a zone span belongs to the sentence it starts in
+    sents = [m.span() for m in re.finditer(r"[^.!?\n]+[.!?]*", report)]
+    starts = [a for a, _ in sents]
+
+    def sentence_of(i: int) -> int:
+        return bisect.bisect_right(starts, i) - 1
+
+    with_finding = {sentence_of(a) for a, _ in spans}
+    return spans + [(a, e) for a, e, _ in zoned if sentence_of(a) in with_finding]
+
+
+#: focus kind -> the character spans a method aggregates over (``None``: every real token)
+FOCUS_SPANS: dict[str, Callable] = {"findings": finding_spans, "located": located_spans}
+
+
 def finding_token_mask(offsets, spans: Sequence[tuple[int, int]], real: Sequence[bool]) -> list[bool]:
     """Which token positions spell one of ``spans``: a real token whose character range ``[a, b)`` overlaps a span
     (special tokens have the empty range ``(0, 0)`` and never match).
@@ -166,13 +200,13 @@ def finding_token_mask(offsets, spans: Sequence[tuple[int, int]], real: Sequence
 
 @dataclass
 class _Pass:
-    """What one teacher-forced pass leaves for the methods. Shapes: ``labels``/``real``/``focus`` (B, T);
+    """What one teacher-forced pass leaves for the methods. Shapes: ``labels``/``real`` and each ``focus`` (B, T);
     ``cross`` L x (B, H, T, S); ``self_attn`` L x (B, H, T, T); the ``*_grad`` lists the same (gradient pass only)."""
 
     labels: torch.Tensor
     real: torch.Tensor
-    focus: torch.Tensor
-    fallback: list[bool]
+    focus: dict[str, torch.Tensor]      # focus kind (FOCUS_SPANS) -> (B, T) mask
+    fallback: dict[str, list[bool]]     # focus kind -> per-row "no present finding, all real tokens used"
     cross: tuple[torch.Tensor, ...]
     self_attn: tuple[torch.Tensor, ...]
     grid: tuple[int, int]
@@ -218,14 +252,16 @@ def _tokenize(tokenizer, model, reports: list[str], device):
     return batch["input_ids"].to(device), batch.get("offset_mapping")
 
 
-def _focus_masks(reports, labels, real, offsets) -> tuple[torch.Tensor, list[bool]]:
-    """(B, T) finding-token mask (all real tokens where a report has no present finding) and the fallback flags."""
+def _focus_masks(reports, labels, real, offsets, spans_fn=finding_spans) -> tuple[torch.Tensor, list[bool]]:
+    """(B, T) mask of the tokens spelling ``spans_fn(report)`` (all real tokens where a report has no present
+    finding) and the fallback flags."""
     if offsets is None:
-        raise ValueError("the entity and gradient salience methods need a fast tokenizer (character offsets)")
+        raise ValueError("the entity, located and gradient salience methods need a fast tokenizer (character "
+                         "offsets)")
     focus = torch.zeros_like(real)
     fallback = []
     for i, rep in enumerate(reports):
-        row = finding_token_mask(offsets[i].tolist(), finding_spans(rep), real[i].tolist())
+        row = finding_token_mask(offsets[i].tolist(), spans_fn(rep), real[i].tolist())
         if any(row):
             focus[i] = torch.tensor(row, dtype=torch.bool, device=real.device)
             fallback.append(False)
@@ -235,15 +271,16 @@ def _focus_masks(reports, labels, real, offsets) -> tuple[torch.Tensor, list[boo
     return focus, fallback
 
 
-def _teacher_pass(model, tokenizer, enc, pixel_values, reports: list[str], *, findings: bool,
+def _teacher_pass(model, tokenizer, enc, pixel_values, reports: list[str], *, focus_kinds: Sequence[str] = (),
                   grad: bool) -> _Pass:
     labels, offsets = _tokenize(tokenizer, model, reports, enc.last_hidden_state.device)
     real = real_token_mask(labels, tokenizer.pad_token_id, tokenizer.eos_token_id)
     empty = real.sum(1) == 0
     if empty.any():
         real[empty] = labels[empty] != tokenizer.pad_token_id
-    focus, fallback = (_focus_masks(reports, labels, real, offsets) if findings
-                       else (real, [True] * len(reports)))
+    focus, fallback = {}, {}
+    for kind in set(focus_kinds) | ({"findings"} if grad else set()):
+        focus[kind], fallback[kind] = _focus_masks(reports, labels, real, offsets, FOCUS_SPANS[kind])
     if not grad:
         out = model(pixel_values, labels, output_attentions=True, encoder_outputs=enc)
         return _Pass(labels, real, focus, fallback, out.cross_attentions, out.decoder_attentions, model.token_grid)
@@ -255,7 +292,7 @@ def _teacher_pass(model, tokenizer, enc, pixel_values, reports: list[str], *, fi
         out = model(None, labels.clone(), output_attentions=True,
                     encoder_outputs=BaseModelOutput(last_hidden_state=hidden))
         logp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels.clone()[..., None])[..., 0]
-        target = (logp * focus.clone().float()).sum()
+        target = (logp * focus["findings"].clone().float()).sum()
         attn = list(out.cross_attentions) + list(out.decoder_attentions)
         grads = torch.autograd.grad(target, attn, allow_unused=True)
     n = len(out.cross_attentions)
@@ -271,17 +308,21 @@ def _teacher_pass(model, tokenizer, enc, pixel_values, reports: list[str], *, fi
 
 #: name -> fn(pass, cfg) -> (maps (B, rows, cols) summing to 1, per_token (B, T, rows, cols), layers used)
 SALIENCE_METHODS: dict[str, Callable] = {}
-#: which methods read the finding tokens / need the gradient pass
-_NEEDS_FINDINGS = {"entity", "gradient"}
+#: method -> the focus kind (FOCUS_SPANS) it aggregates over; methods not here read every real token
+METHOD_FOCUS: dict[str, str] = {}
 _NEEDS_GRAD = {"gradient"}
 
 
-def register_method(name: str, *, findings: bool = False, grad: bool = False):
-    """Register a salience method (timm-style): ``@register_method("mine")`` on ``fn(pass, cfg)``."""
+def register_method(name: str, *, focus: str | None = None, grad: bool = False):
+    """Register a salience method (timm-style): ``@register_method("mine")`` on ``fn(pass, cfg)``; ``focus`` names
+    the token set (:data:`FOCUS_SPANS`) the pass must prepare for it."""
+    if focus is not None and focus not in FOCUS_SPANS:
+        raise ValueError(f"unknown focus {focus!r}; known: {sorted(FOCUS_SPANS)}")
+
     def deco(fn):
         SALIENCE_METHODS[name] = fn
-        if findings:
-            _NEEDS_FINDINGS.add(name)
+        if focus is not None:
+            METHOD_FOCUS[name] = focus
         if grad:
             _NEEDS_GRAD.add(name)
         return fn
@@ -293,9 +334,14 @@ def _attention(p: _Pass, cfg: SalienceConfig):
     return aggregate_cross_attention(p.cross, p.real, p.grid, cfg)
 
 
-@register_method("entity", findings=True)
+@register_method("entity", focus="findings")
 def _entity(p: _Pass, cfg: SalienceConfig):
-    return aggregate_cross_attention(p.cross, p.focus, p.grid, cfg)
+    return aggregate_cross_attention(p.cross, p.focus["findings"], p.grid, cfg)
+
+
+@register_method("located", focus="located")
+def _located(p: _Pass, cfg: SalienceConfig):
+    return aggregate_cross_attention(p.cross, p.focus["located"], p.grid, cfg)
 
 
 def _handle_residual(r: torch.Tensor) -> torch.Tensor:
@@ -348,13 +394,13 @@ def gradient_relevance(cross: Sequence[torch.Tensor], cross_grad: Sequence[torch
     return torch.stack(out)
 
 
-@register_method("gradient", findings=True, grad=True)
+@register_method("gradient", focus="findings", grad=True)
 def _gradient(p: _Pass, cfg: SalienceConfig):
     if p.cross_grad is None:
         raise ValueError("the gradient method needs a pass with gradients")
     layers = _layer_indices(len(p.cross), cfg)
     rel = gradient_relevance(p.cross, p.cross_grad, p.self_attn, p.self_grad, layers=layers, heads=cfg.head_reduce)
-    m = p.focus.to(rel.dtype)[..., None]
+    m = p.focus["findings"].to(rel.dtype)[..., None]
     maps = (rel * m).sum(1) / m.sum(1).clamp_min(1.0)
     maps = maps / maps.sum(-1, keepdim=True).clamp_min(1e-12)
     b, t, _ = rel.shape
@@ -426,7 +472,7 @@ def salience_variants(model, tokenizer, pixel_values: torch.Tensor, reports: lis
         enc = BaseModelOutput(last_hidden_state=enc.last_hidden_state[owner])
         pixel_values = None if pixel_values is None else pixel_values[owner]
     p = _teacher_pass(model, tokenizer, enc, pixel_values, windows,
-                      findings=any(c.method in _NEEDS_FINDINGS for c in cfgs),
+                      focus_kinds=[METHOD_FOCUS[c.method] for c in cfgs if c.method in METHOD_FOCUS],
                       grad=any(c.method in _NEEDS_GRAD for c in cfgs))
     toks = [tokenizer.convert_ids_to_tokens(p.labels[w].tolist()) for w in range(len(windows))]
     offs = None
@@ -443,16 +489,17 @@ def salience_variants(model, tokenizer, pixel_values: torch.Tensor, reports: lis
     out = []
     for cfg in cfgs:
         maps, per_token, layers = SALIENCE_METHODS[cfg.method](p, cfg)
-        uses_focus = cfg.method in _NEEDS_FINDINGS
+        kind = METHOD_FOCUS.get(cfg.method)
+        uses_focus = kind is not None
         res = []
         for i in range(len(reports)):
             rows = [w for w, o in enumerate(owner) if o == i]
             pts, words, focus_words, raws, weights, spans = [], [], [], [], [], []
             # a window without a present finding counts only when no window of the report has one
-            has_focus = [not (uses_focus and p.fallback[w]) for w in rows]
+            has_focus = [not (uses_focus and p.fallback[kind][w]) for w in rows]
             for w, hf in zip(rows, has_focus):
                 keep = p.real[w].cpu().numpy()
-                focus = (p.focus if uses_focus else p.real)[w].cpu().numpy()
+                focus = (p.focus[kind] if uses_focus else p.real)[w].cpu().numpy()
                 pt = per_token[w].float().cpu().numpy()[keep]
                 pts.append(pt / np.clip(pt.sum(axis=(1, 2), keepdims=True), 1e-12, None))
                 words += [t for t, k in zip(toks[w], keep) if k]

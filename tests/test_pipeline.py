@@ -36,6 +36,8 @@ def test_no_report_is_generated_and_said_so(tiny_pipeline):
     a = tiny_pipeline.analyze(_phantom(), None, keep=0.2)
     assert a.report_source == "generated"
     assert a.summary()["report_source"] == "generated"
+    # the summary (CLI --json, the store) names the map's method: the bundle's setting
+    assert a.summary()["salience"]["method"] == tiny_pipeline.bundle.salience.method == a.salience.method
 
 
 def test_reprune_uses_vlm_cache(tiny_pipeline):

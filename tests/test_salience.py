@@ -58,6 +58,12 @@ def test_salience_config_round_trips_through_the_bundle_info():
     assert b.salience == SalienceConfig()                  # no "salience" entry: the all-token default
     b.info["salience"] = cfg.to_dict()
     assert b.salience == cfg
+    # every registered method has plain words for the app's heatmap caption (not its bare name)
+    from neural_core.salience import SALIENCE_METHODS
+
+    for m in SALIENCE_METHODS:
+        assert not SalienceConfig(method=m).label().startswith(m + ",")
+    assert "zone words" in SalienceConfig(method="located").label()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,6 +172,32 @@ def test_every_variant_is_a_finite_distribution_and_gradient_differs(tiny_model)
     assert "consolidation" in ent[0].focus_tokens and "effusion" not in ent[0].focus_tokens
     assert not np.allclose(att[0].raw_map, ent[0].raw_map)      # fewer tokens, another map
     np.testing.assert_allclose(att[1].raw_map, ent[1].raw_map, atol=1e-6)   # fallback: all tokens, same map
+
+
+def test_located_spans_add_the_zone_words_of_a_finding_sentence_only():
+    from neural_core.salience import located_spans
+
+    r = "Patchy opacity in the left upper zone. No effusion at the right base."
+    words = [r[a:b] for a, b in located_spans(r)]
+    assert words[:2] == ["Patchy", "opacity"]                  # the entity spans come first, unchanged
+    assert len(words) == 3 and words[2].endswith("upper zone.")  # zone mention -> sentence end
+    assert "base" not in " ".join(words)                       # zone of a sentence without a present finding
+    assert located_spans("Nodule in the right upper lung field.")[-1][1] == len("Nodule in the right upper lung field.")
+    assert located_spans("No pneumothorax at the left apex.") == []   # no present finding: nothing (fallback)
+    assert located_spans("Right lower lobe consolidation.") == located_spans("Right lower lobe consolidation.")
+
+
+def test_located_method_reads_the_zone_words_too(tiny_model):
+    """``located`` differs from ``entity`` exactly when a finding sentence names a zone after the finding."""
+    model, tok, x = tiny_model
+    reps = ["Consolidation in the left lower zone.", "Consolidation. No effusion."]
+    with torch.inference_mode():
+        ent, loc = salience_variants(model, tok, x, reps, [SalienceConfig(method="entity"),
+                                                           SalienceConfig(method="located")])
+    assert len(loc[0].focus_tokens) > len(ent[0].focus_tokens) and loc[0].entity_fallback is False
+    assert not np.allclose(ent[0].raw_map, loc[0].raw_map)
+    np.testing.assert_allclose(ent[1].raw_map, loc[1].raw_map, atol=1e-6)   # no zone named: the same tokens
+    assert ent[1].focus_tokens == loc[1].focus_tokens
 
 
 def test_gradient_method_equals_the_rule_computed_by_hand_on_a_one_layer_model(tiny_model):

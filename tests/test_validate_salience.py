@@ -94,13 +94,15 @@ def test_patch_zones_majority_and_empty():
 
 
 def test_variant_names_and_grid():
+    from neural_core.salience import SALIENCE_METHODS
+
     assert variant_name(SalienceConfig()) == "attention/all/mean"
     assert variant_name(SalienceConfig(method="entity", layers=(-1,), head_reduce="max"), 2) == "entity/L1/max"
     assert variant_name(SalienceConfig(layers=(0, 1)), 2) == "attention/all/mean"
     bundle_cfg = SalienceConfig(method="gradient", layers=(-1,))
     assert [variant_name(c, 2) for c in variants_for("bundle", bundle_cfg, 2)] == ["gradient/L1/mean"]
     allv = [variant_name(c, 2) for c in variants_for("all", bundle_cfg, 2)]
-    assert allv[0] == "gradient/L1/mean" and len(allv) == len(set(allv)) == 18
+    assert allv[0] == "gradient/L1/mean" and len(allv) == len(set(allv)) == 6 * len(SALIENCE_METHODS) == 24
     assert len(variants_for("entity", SalienceConfig(), 2)) == 1 + 6
     with pytest.raises(NeuralError, match="unknown salience method"):
         variants_for("bogus", SalienceConfig(), 2)
@@ -134,6 +136,26 @@ def test_rank_objective_and_zone_tie_break(tmp_path):
         write_choice(tmp_path / "nope", cfg)
     with pytest.raises(NeuralError):
         rank_variants([])
+
+
+def test_rank_puts_variants_meeting_the_lung_targets_first_by_zone_agreement():
+    from neural_core.eval.salience import meets_targets
+
+    # entity: best objective, poor zones; located: meets the targets, better zones; attention: best zones but
+    # pointing 0.94 on one manifest (misses the 0.95 target) -> after every variant that meets them
+    a = _fake("covid.csv", {"entity/all/mean": (0.95, 1.0, 0.25, 8), "located/all/mean": (0.90, 1.0, 0.5, 8),
+                            "attention/all/mean": (0.90, 0.94, 0.9, 8)})
+    b = _fake("jsrt.csv", {"entity/all/mean": (0.95, 1.0, 0.25, 60), "located/all/mean": (0.86, 0.95, 0.6, 60),
+                           "attention/all/mean": (0.99, 1.0, 0.9, 60)})
+    assert meets_targets([a, b], "located/all/mean") and not meets_targets([a, b], "attention/all/mean")
+    ranked = rank_variants([a, b])
+    assert [r["variant"] for r in ranked] == ["located/all/mean", "entity/all/mean", "attention/all/mean"]
+    assert [r["meets_targets"] for r in ranked] == [True, True, False]
+    cfg, _ = chosen_config([a, b])
+    assert cfg.method == "located" and "lung targets met, best zone agreement 0.550" in cfg.chosen_by
+    # a mass just under 0.85 anywhere drops a variant to the second group
+    b["scorers"]["located/all/mean"]["mass_in_mask"] = 0.849
+    assert rank_variants([a, b])[0]["variant"] == "entity/all/mean"
 
 
 def test_manifest_union_masks_and_circle_columns(tmp_path):
@@ -181,7 +203,7 @@ def _manifest(tmp_path):
 def test_validate_reports_every_variant_and_baseline(tiny_bundle, tmp_path):
     res = validate(_manifest(tmp_path), bundle=tiny_bundle, keeps=(1.0, 0.1), methods="all")
     n_layers = tiny_bundle.report_model.t5.config.num_decoder_layers
-    assert res["variants"][0] == "attention/all/mean" and len(res["variants"]) == 3 * 2 * max(1, n_layers + 1 if
+    assert res["variants"][0] == "attention/all/mean" and len(res["variants"]) == 4 * 2 * max(1, n_layers + 1 if
                                                                                               n_layers > 1 else 1)
     assert {"random", "lung_prior"} <= set(res["scorers"])
     for name, row in res["scorers"].items():

@@ -50,9 +50,11 @@ each patch's pixels inside a region, over the sum of the scores):
   agreement is the ceiling of that measure, how often the lung model's zone at the nodule is the zone the sentence
   names.
 
-**Choosing** (``--choose``): the variant with the highest *objective*, the mean over the validation manifests of
-``(mass in mask + pointing game) / 2`` (with lung masks as the mask: mass in the lungs and pointing inside them),
-ties broken by the mean zone agreement, then by the order of ``--methods``. ``--test`` manifests are scored and
+**Choosing** (``--choose``): the variants that reach the issue's lung targets (mass in mask >= 0.85 and pointing
+game >= 0.95, lung masks as the mask) on every validation manifest come first, ranked by mean zone agreement, then
+by the *objective*, the mean over the validation manifests of ``(mass in mask + pointing game) / 2``; the others
+follow, ranked by the objective (then zone agreement); last, the order of ``--methods``
+(:func:`~neural_core.eval.salience_report.rank_variants`). ``--test`` manifests are scored and
 reported separately and never used for the choice. With ``--write-bundle DIR`` the winner is written into
 ``DIR/model.json`` under ``"salience"`` (atomically; ``chosen_by`` says what was maximised, on which data).
 
@@ -76,8 +78,9 @@ from .. import stages
 from ..config import PruneConfig, SalienceConfig
 from ..errors import NeuralError
 from . import DEFAULT_KEEPS, fmt_keep, parse_keeps
-from .salience_report import (BASELINES, OBJECTIVE, ORACLE, _count, _f, _mean, chosen_config, objective,  # noqa: F401
-                              rank_variants, render_markdown, variant_table, write_choice, write_outputs)
+from .salience_report import (BASELINES, OBJECTIVE, ORACLE, RULE, _count, _f, _mean, chosen_config,  # noqa: F401
+                              meets_targets, objective, rank_variants, render_markdown, variant_table,
+                              write_choice, write_outputs)
 
 if TYPE_CHECKING:  # cv2 / torch are imported where used: the `neural` CLI builds this parser for every command
     from ..prune import PatchGrid
@@ -530,7 +533,7 @@ def add_arguments(p) -> None:
                    help="test manifests (or saved salience_results.json files): scored and reported "
                    "separately, never used by --choose")
     p.add_argument("--choose", action="store_true", help="rank the variants on the validation manifests ("
-                   + OBJECTIVE + "; tie-break zone agreement)")
+                   + RULE + ")")
     p.add_argument("--write-bundle", default=None, metavar="DIR",
                    help="with --choose: write the winner into DIR/model.json 'salience'")
     p.add_argument("--seed", type=int, default=0)
@@ -569,9 +572,11 @@ def cmd_validate_salience(a) -> int:
         test = [r for r in out["test"] if r["n_images"]]
         for v in ranked:          # reported beside the choice, never used by it
             v["test_objective"] = objective(test, v["variant"])[0] if test else None
-        out["choice"] = {"objective": OBJECTIVE, "winner": ranked[0]["variant"], "config": cfg.to_dict(),
+        out["choice"] = {"objective": OBJECTIVE, "rule": RULE, "winner": ranked[0]["variant"],
+                         "config": cfg.to_dict(),
                          "ranking": ranked, "baselines": {b: dict(zip(("objective", "zone_agreement"),
                                                                       objective(val, b)))
+                                                             | {"meets_targets": meets_targets(val, b)}
                                                              | {"test_objective": objective(test, b)[0] if test else None}
                                                              for b in BASELINES
                                                              if all(b in r["scorers"] for r in val)}}

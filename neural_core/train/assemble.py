@@ -32,6 +32,32 @@ def _init_name(init: str | None) -> str | None:
         return Path(init).name
 
 
+def _training_record(log_file: Path) -> dict:
+    """How the report model was trained (weak attention supervision, burned-in copies, start model), from the
+    decoder trainer's ``log.jsonl``; empty when there is none."""
+    training: dict = {}
+    if not log_file.is_file():
+        return training
+    for line in log_file.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("event") == "start":
+            a = ev.get("args", {})
+            training = {"attn_weight": a.get("attn_weight", 0.0), "attn_targets": a.get("targets"),
+                        "burn_in_copies": ev.get("burn_in_copies", 0), "aug_p": a.get("aug_p"),
+                        "epochs": a.get("epochs"), "covid_oversample": a.get("covid_oversample"),
+                        "density_share": a.get("density_share") if "density" in str(a.get("targets")) else None,
+                        "zone_aug": a.get("zone_aug", 0.0), "zone_weight": a.get("zone_weight", 1.0),
+                        "zone_from_mention": a.get("zone_from_mention", False),
+                        "windows": a.get("windows", False),
+                        # recorded at training time; else read now from the folder (may have moved on since)
+                        "init": ev.get("init_release") or _init_name(a.get("init"))}
+        elif ev.get("event") == "epoch" and "val_mass_in_lung" in ev:
+            training.setdefault("val_per_epoch", []).append(
+                {k: ev.get(k) for k in ("epoch", "val_loss", "val_attn_loss", "val_mass_in_lung", "val_pointing",
+                                        "val_mass_in_density") if k in ev})
+    return training
+
+
 def _lung_line(lung) -> str:
     """The lung model's held-out Dice (recorded in its config by neural_core.train.lung) as one data line."""
     d = (lung.cfg.metrics or {}).get("held_out_dice", {})
@@ -83,24 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if lung is None:
             raise SystemExit("--density ships beside the lung model: pass --lung too")
         density = DensityAtlas.load(args.density)
-    training = {}
-    log_file = Path(args.decoder).parent / "log.jsonl"
-    if log_file.is_file():       # how the report model was trained (weak attention supervision, burned-in copies)
-        for line in log_file.read_text().splitlines():
-            ev = json.loads(line)
-            if ev.get("event") == "start":
-                a = ev.get("args", {})
-                training = {"attn_weight": a.get("attn_weight", 0.0), "attn_targets": a.get("targets"),
-                            "burn_in_copies": ev.get("burn_in_copies", 0), "aug_p": a.get("aug_p"),
-                            "epochs": a.get("epochs"), "covid_oversample": a.get("covid_oversample"),
-                            "density_share": a.get("density_share") if "density" in str(a.get("targets")) else None,
-                            "zone_aug": a.get("zone_aug", 0.0), "zone_weight": a.get("zone_weight", 1.0),
-                            "zone_from_mention": a.get("zone_from_mention", False),
-                            "windows": a.get("windows", False), "init": _init_name(a.get("init"))}
-            elif ev.get("event") == "epoch" and "val_mass_in_lung" in ev:
-                training.setdefault("val_per_epoch", []).append(
-                    {k: ev.get(k) for k in ("epoch", "val_loss", "val_attn_loss", "val_mass_in_lung", "val_pointing",
-                                            "val_mass_in_density") if k in ev})
+    training = _training_record(Path(args.decoder).parent / "log.jsonl")
     zone = sorted(n for n, c in clfs.items() if c.cfg.zone_features)
     info = {"name": "neural-lite0", "version": args.version, "trained": True, "thresholds": thresholds,
             "val_auc": val_auc, "split_file": "split.json",

@@ -347,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
             maps = aggregate_cross_attention(out.cross_attentions, mask, grid)[0].flatten(1)
         return out.loss, attn, maps
 
+    from .assemble import _init_name
+
+    # the start model's release, named now: the folder --init points at may hold another release by assembly time
     logline(event="start", train=len(idx), val=len(va_idx), total_steps=total, config=cfg.to_dict(),
-            args=vars(args), burn_in_copies=0 if tr_aug is None else int(tr_aug.shape[1]))
+            args=vars(args), burn_in_copies=0 if tr_aug is None else int(tr_aug.shape[1]),
+            init_release=_init_name(args.init))
     best, step = float("inf"), 0
     for ep in range(args.epochs):
         model.train()

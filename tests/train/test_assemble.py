@@ -1,0 +1,29 @@
+"""Provenance the bundle assembler writes: where a fine-tuned report model started."""
+import json
+
+from neural_core.train.assemble import _init_name, _training_record
+
+
+def test_init_name_reads_the_release_of_the_start_folder(tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "model.json").write_text(json.dumps({"version": "neural-lite0-20261201b"}))
+    assert _init_name(str(tmp_path / "report")) == "the report model of neural-lite0-20261201b"
+    assert _init_name(None) is None
+    assert _init_name(str(tmp_path / "nowhere" / "report")) == "report"      # no model.json: the folder's name
+
+
+def test_training_record_prefers_the_release_named_when_training_started(tmp_path):
+    """The folder --init points at may hold another release by the time the bundle is assembled (it did:
+    assets/default_model moved from 20261201b to 20261201g under a decoder fine-tuned from b)."""
+    start = tmp_path / "default_model"
+    (start / "report").mkdir(parents=True)
+    (start / "model.json").write_text(json.dumps({"version": "neural-lite0-20261201g"}))    # what it holds now
+    log = tmp_path / "log.jsonl"
+    ev = {"event": "start", "args": {"init": str(start / "report"), "epochs": 4, "targets": "lung+zone"}}
+    log.write_text(json.dumps(ev) + "\n" + json.dumps({"event": "epoch", "val_mass_in_lung": 0.9, "epoch": 0}) + "\n")
+    rec = _training_record(log)
+    assert rec["init"] == "the report model of neural-lite0-20261201g" and rec["epochs"] == 4   # old logs: read now
+    assert rec["val_per_epoch"] == [{"epoch": 0, "val_mass_in_lung": 0.9}]
+    log.write_text(json.dumps(ev | {"init_release": "the report model of neural-lite0-20261201b"}) + "\n")
+    assert _training_record(log)["init"] == "the report model of neural-lite0-20261201b"
+    assert _training_record(tmp_path / "absent.jsonl") == {}
