@@ -76,6 +76,13 @@ class ModelBundle:
         return SalienceConfig.from_dict(self.info.get("salience"))
 
     @property
+    def classifier_training_salience(self) -> SalienceConfig | None:
+        """The map whose kept regions the classifiers were trained on (``model.json``
+        ``"classifier_training_salience"``, written by ``train.assemble``); None when not recorded."""
+        d = self.info.get("classifier_training_salience")
+        return SalienceConfig.from_dict(d) if d else None
+
+    @property
     def trained(self) -> bool:
         return bool(self.info.get("trained"))
 

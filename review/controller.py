@@ -354,7 +354,7 @@ class ReviewController:
         g = graph_view(a, show_all=st.graph_all)
         ents = a.report_graph.entities if a.report_graph is not None else None
         return {"view_kept": self._kept_view(st), "graph_plot": g.figure, "graph_note": g.note,
-                "pred_md": render.prediction_md(a, st.explanation, entities=ents),
+                "pred_md": render.prediction_md(a, st.explanation, entities=ents, map_note=self._map_note()),
                 "attr_plot": viz.attribution_figure(st.explanation, height=360)}
 
     def set_window(self, level: float, width: float, state: ReviewState | None):
@@ -668,6 +668,11 @@ class ReviewController:
         """Which map the heatmaps are: the bundle's salience method and how it was chosen."""
         return render.salience_label(self.pipeline.bundle.salience, getattr(st.analysis.salience, "method", None))
 
+    def _map_note(self) -> str:
+        """The prediction card's line when the classifiers learnt from regions kept by another map."""
+        b = self.pipeline.bundle
+        return render.training_map_note(b.salience, b.classifier_training_salience)
+
     def _shown_map(self, st: ReviewState, score_map: np.ndarray) -> tuple[np.ndarray, bool, str]:
         """The map to draw: gated when the reader's switch is on and the lung model gives lung fields; else the
         model's own. Returns ``(map, gated, why not gated)``."""
@@ -749,7 +754,8 @@ class ReviewController:
         out = {
             "view_kept": self._kept_view(st),
             "bytes_md": render.sizes_md(a),
-            "pred_md": render.prediction_md(a, None) + "\n\n*Working out what drove the score…*",
+            "pred_md": render.prediction_md(a, None, map_note=self._map_note())
+            + "\n\n*Working out what drove the score…*",
         }
         out.update(self._render_corrections(st, editor=True))
         return out

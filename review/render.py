@@ -253,8 +253,24 @@ def _mention(e: dict, entities) -> str:
     return f"“{esc(node_text)}” ({_certainty_words(e.get('certainty'))}{where})"
 
 
-def prediction_md(a, e, *, entities=None) -> str:
-    """The prediction card: the score, which classifier read what, and what drove it, in plain words."""
+def training_map_note(cfg, trained_on) -> str:
+    """A line for the prediction card when the classifiers were trained on regions kept by another map than the one
+    this model keeps them by (``cfg``, the heatmap's); empty when they are the same map or nothing is recorded."""
+    if trained_on is None:
+        return ""
+
+    def key(c):
+        return c.method, None if c.layers is None else tuple(c.layers), c.head_reduce
+
+    if key(cfg) == key(trained_on):
+        return ""
+    return (f"Note: the classifier was trained on regions kept by another map ({trained_on.label()}); here they are "
+            "kept by the heatmap's map. The model card measures what that costs.")
+
+
+def prediction_md(a, e, *, entities=None, map_note: str = "") -> str:
+    """The prediction card: the score, which classifier read what, and what drove it, in plain words. ``map_note``:
+    :func:`training_map_note`, shown under the source line."""
     lines = []
     if a.probability is None:
         lines.append("### No classifier in this model")
@@ -272,6 +288,8 @@ def prediction_md(a, e, *, entities=None) -> str:
     else:
         lines.append(f"Read from: **the image and the report** ({a.fused.num_image_nodes} kept regions, {n_rep} "
                      "report terms).")
+    if map_note and a.probability is not None:
+        lines.append(map_note)
     if e is not None:
         lines.append(f"What drove it: image regions **{e.image_share:.0%}**, report terms "
                      f"**{e.report_share:.0%}**. The strongest regions are outlined on the *Kept* view "

@@ -111,3 +111,27 @@ def test_brush_composite_to_mask():
     assert editor_composite({"background": arr, "layers": [], "composite": None}) is None
     assert editor_composite({"composite": arr}) is arr
     assert editor_composite(SimpleNamespace(composite=arr)) is arr
+
+
+def test_prediction_card_says_when_the_classifier_learnt_from_another_map():
+    from types import SimpleNamespace
+
+    from neural_core.bundle import untrained_bundle
+    from neural_core.config import SalienceConfig
+
+    ent, loc = SalienceConfig(method="entity", layers=(1,)), SalienceConfig(method="located", layers=(1,))
+    assert render.training_map_note(loc, None) == ""                          # nothing recorded
+    assert render.training_map_note(loc, SalienceConfig(method="located", layers=(1,), chosen_by="x")) == ""
+    note = render.training_map_note(loc, ent)
+    assert "another map" in note and "finding words" in note
+    assert render.training_map_note(ent, SalienceConfig(method="entity", layers=(0,))) != ""   # another layer
+    b = untrained_bundle()
+    assert b.classifier_training_salience is None
+    b.info["classifier_training_salience"] = {"method": "entity", "layers": [1], "head_reduce": "mean"}
+    assert b.classifier_training_salience == ent
+    # the card shows it under the source line, and not when there is no classifier score
+    fused = SimpleNamespace(num_nodes=5, num_image_nodes=5)
+    a = SimpleNamespace(probability=0.7, trained=True, fused=fused, image_only=True, report_graph=None)
+    assert note in render.prediction_md(a, None, map_note=note)
+    assert note not in render.prediction_md(SimpleNamespace(**{**vars(a), "probability": None}), None, map_note=note)
+    assert "another map" not in render.prediction_md(a, None)
