@@ -76,6 +76,15 @@ class ModelBundle:
         return SalienceConfig.from_dict(self.info.get("salience"))
 
     @property
+    def salience_generated(self) -> SalienceConfig:
+        """The map used when the report is the model's own (``model.json`` ``"salience_generated"``, chosen by
+        ``neural validate-salience --reports generated --choose``; absent: :attr:`salience`). A generated report is
+        other text than a given one (the app's image-only path, an ``image,mask`` manifest), and the layer that
+        keeps a given report's map in the lungs need not keep the model's own there."""
+        d = self.info.get("salience_generated")
+        return SalienceConfig.from_dict(d) if d else self.salience
+
+    @property
     def classifier_training_salience(self) -> SalienceConfig | None:
         """The map whose kept regions the classifiers were trained on (``model.json``
         ``"classifier_training_salience"``, written by ``train.assemble``); None when not recorded."""

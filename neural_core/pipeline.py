@@ -230,7 +230,7 @@ class Pipeline:
             t0 = time.perf_counter()
             sals = stages.salience(self.bundle.report_model, self.bundle.tokenizer, [xrays[i].pixels for i in todo],
                                    [reports[i] for i in todo], batch=len(todo), num_beams=num_beams,
-                                   cfg=self.bundle.salience)
+                                   cfg=self.bundle.salience, cfg_generated=self.bundle.salience_generated)
             share = (time.perf_counter() - t0) / len(todo)
             for i, sal in zip(todo, sals):
                 out = VLMOutput(xrays[i], sal, share)

@@ -74,7 +74,7 @@ def _device(model):
 
 
 def salience(report_model, tokenizer, images: Sequence[np.ndarray], reports: Sequence[str | None], *,
-             batch: int = 16, num_beams: int = 1, cfg=None) -> list[SalienceResult]:
+             batch: int = 16, num_beams: int = 1, cfg=None, cfg_generated=None) -> list[SalienceResult]:
     """Cross-attention salience of every image, ``batch`` images per report-model pass (one encoder batch, one
     batched ``generate`` for the images whose report is ``None`` or blank).
 
@@ -86,22 +86,29 @@ def salience(report_model, tokenizer, images: Sequence[np.ndarray], reports: Seq
         batch: images per pass.
         num_beams: beam size of the generation.
         cfg: the :class:`~neural_core.config.SalienceConfig` (callers pass ``bundle.salience``); None = default.
+        cfg_generated: the setting for the images whose report the model writes (callers pass
+            ``bundle.salience_generated``); None = ``cfg``.
 
     *Shapes*: ``images`` :math:`B \times (H_i, W_i)` -> :math:`B` results with ``token_map`` :math:`(G, G)`.
     """
     import torch
 
     from .device import autocast
-    from .salience import salience_batch
+    from .config import SalienceConfig
+    from .salience import salience_variants
 
     if len(images) != len(reports):
         raise ValueError(f"{len(images)} images but {len(reports)} reports")
+    cfg = SalienceConfig() if cfg is None else cfg
     device = _device(report_model)
     out: list = []
     for i, j, x in _batches(report_model, images, batch, device):
+        own = any(not (r and r.strip()) for r in reports[i:j])
+        cfgs = [cfg, cfg_generated] if own and cfg_generated is not None and cfg_generated != cfg else [cfg]
         with torch.inference_mode(), autocast(device):
-            out += salience_batch(report_model, tokenizer, x, list(reports[i:j]), num_beams=num_beams,
-                                  **({} if cfg is None else {"cfg": cfg}))
+            res = salience_variants(report_model, tokenizer, x, list(reports[i:j]), cfgs, num_beams=num_beams)
+        # one pass, both settings; each image keeps the one for its report's source
+        out += [res[-1][k] if r.report_source == "generated" else r for k, r in enumerate(res[0])]
     return out
 
 

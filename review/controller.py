@@ -354,7 +354,7 @@ class ReviewController:
         g = graph_view(a, show_all=st.graph_all)
         ents = a.report_graph.entities if a.report_graph is not None else None
         return {"view_kept": self._kept_view(st), "graph_plot": g.figure, "graph_note": g.note,
-                "pred_md": render.prediction_md(a, st.explanation, entities=ents, map_note=self._map_note()),
+                "pred_md": render.prediction_md(a, st.explanation, entities=ents, map_note=self._map_note(st)),
                 "attr_plot": viz.attribution_figure(st.explanation, height=360)}
 
     def set_window(self, level: float, width: float, state: ReviewState | None):
@@ -502,8 +502,8 @@ class ReviewController:
         summary = a.summary()
         summary["top_patch"] = list(a.top_patch)
         # which map the reader saw: the salience method (and how it was chosen) and whether it was lung-gated
-        summary["heatmap"] = render.heatmap_record(self.pipeline.bundle.salience,
-                                                   getattr(a.salience, "method", None), st.gate_applied)
+        summary["heatmap"] = render.heatmap_record(self._map_cfg(st), getattr(a.salience, "method", None),
+                                                   st.gate_applied)
         if st.explanation is not None:
             e = st.explanation
             summary["attribution"] = {"image_share": e.image_share, "report_share": e.report_share,
@@ -666,12 +666,18 @@ class ReviewController:
     # ------------------------------------------------------------------ heatmaps (which map, optional lung gate)
     def heatmap_label(self, st: ReviewState) -> str:
         """Which map the heatmaps are: the bundle's salience method and how it was chosen."""
-        return render.salience_label(self.pipeline.bundle.salience, getattr(st.analysis.salience, "method", None))
+        return render.salience_label(self._map_cfg(st), getattr(st.analysis.salience, "method", None))
 
-    def _map_note(self) -> str:
-        """The prediction card's line when the classifiers learnt from regions kept by another map."""
+    def _map_cfg(self, st: ReviewState):
+        """The bundle's map setting for this analysis: the one for the model's own reports when it wrote the report
+        (``ModelBundle.salience_generated``), else the one for given reports."""
         b = self.pipeline.bundle
-        return render.training_map_note(b.salience, b.classifier_training_salience)
+        own = getattr(st.analysis.salience, "report_source", None) == "generated"
+        return b.salience_generated if own else b.salience
+
+    def _map_note(self, st: ReviewState) -> str:
+        """The prediction card's line when the classifiers learnt from regions kept by another map."""
+        return render.training_map_note(self._map_cfg(st), self.pipeline.bundle.classifier_training_salience)
 
     def _shown_map(self, st: ReviewState, score_map: np.ndarray) -> tuple[np.ndarray, bool, str]:
         """The map to draw: gated when the reader's switch is on and the lung model gives lung fields; else the
@@ -754,7 +760,7 @@ class ReviewController:
         out = {
             "view_kept": self._kept_view(st),
             "bytes_md": render.sizes_md(a),
-            "pred_md": render.prediction_md(a, None, map_note=self._map_note())
+            "pred_md": render.prediction_md(a, None, map_note=self._map_note(st))
             + "\n\n*Working out what drove the score…*",
         }
         out.update(self._render_corrections(st, editor=True))

@@ -140,6 +140,30 @@ def test_attention_view_names_the_bundle_method_and_chosen_by(pipeline, engine, 
     assert "chosen by validate-salience on lung-masks" in out["view_attention"]
 
 
+def test_own_report_map_is_named_by_the_generated_setting(pipeline, engine, tmp_path, monkeypatch):
+    """The heatmap names the setting that made it: the bundle's map for the model's own reports when it wrote the
+    report (``salience_generated``), the given-report map otherwise."""
+    from types import SimpleNamespace
+
+    ctrl = _controller(pipeline, engine, tmp_path)
+    monkeypatch.setitem(pipeline.bundle.info, "salience",
+                        {"method": "located", "layers": [0], "chosen_by": "chosen on given reports"})
+    monkeypatch.setitem(pipeline.bundle.info, "salience_generated",
+                        {"method": "entity", "layers": [0], "chosen_by": "chosen on the model's own reports"})
+
+    def state(source, method):
+        return SimpleNamespace(analysis=SimpleNamespace(salience=SimpleNamespace(report_source=source, method=method)))
+
+    own = ctrl.heatmap_label(state("generated", "entity"))
+    assert "finding words, decoder layer(s) 0" in own and "chosen on the model's own reports" in own
+    given = ctrl.heatmap_label(state("given", "located"))
+    assert "zone words" in given and "chosen on given reports" in given
+    assert "not the bundle's setting" not in own + given
+    monkeypatch.setitem(pipeline.bundle.info, "classifier_training_salience", {"method": "entity", "layers": [0]})
+    assert ctrl._map_note(state("generated", "entity")) == ""                 # trained on the map it is given
+    assert "another map" in ctrl._map_note(state("given", "located"))
+
+
 # ------------------------------------------------------------------------------------------------ lung gate
 
 def test_gate_map_is_lung_gate_on_the_token_grid():

@@ -124,3 +124,34 @@ def test_batched_salience_equals_one_at_a_time(three):
     for s1, s2 in zip(batched, single):
         np.testing.assert_allclose(s1.token_map, s2.token_map, atol=1e-5)
         assert s1.report == s2.report and s1.report_source == "given"
+
+
+def test_own_reports_get_the_generated_setting_given_ones_the_bundle_setting(three):
+    """One pass, two settings: an image whose report the model writes is mapped by ``cfg_generated``."""
+    from neural_core.config import SalienceConfig
+
+    xs = [phantom(i, height=96, width=96).xray.pixels for i in range(2)]
+    bm, tok = three.bundle.report_model, three.bundle.tokenizer
+    given_cfg = SalienceConfig(method="attention", layers=None, head_reduce="mean")
+    own_cfg = SalienceConfig(method="attention", layers=None, head_reduce="max")     # the tiny decoder: 2 heads
+    both = stages.salience(bm, tok, xs, [REPORT, None], cfg=given_cfg, cfg_generated=own_cfg)
+    assert [s.report_source for s in both] == ["given", "generated"]
+    alone_given = stages.salience(bm, tok, xs[:1], [REPORT], cfg=given_cfg)[0]
+    alone_own = stages.salience(bm, tok, xs[1:], [None], cfg=own_cfg)[0]
+    np.testing.assert_allclose(both[0].token_map, alone_given.token_map, atol=1e-5)
+    np.testing.assert_allclose(both[1].token_map, alone_own.token_map, atol=1e-5)
+    # without cfg_generated every image keeps cfg, as before (and that is another map: the test can fail)
+    same = stages.salience(bm, tok, xs, [REPORT, None], cfg=given_cfg)
+    np.testing.assert_allclose(same[1].token_map, stages.salience(bm, tok, xs[1:], [None], cfg=given_cfg)[0].token_map,
+                               atol=1e-5)
+    assert not np.allclose(same[1].token_map, both[1].token_map)
+
+
+def test_bundle_salience_generated_falls_back_to_salience():
+    from neural_core.config import SalienceConfig
+
+    b = untrained_bundle(tiny_report_config())
+    b.info["salience"] = {"method": "located", "layers": [1], "head_reduce": "mean"}
+    assert b.salience_generated == b.salience
+    b.info["salience_generated"] = {"method": "entity", "layers": [0], "head_reduce": "mean", "chosen_by": "x"}
+    assert b.salience_generated == SalienceConfig("entity", (0,), "mean", "x") and b.salience.method == "located"

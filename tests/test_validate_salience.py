@@ -295,3 +295,58 @@ def test_finding_words_zone_agreement_uses_the_map_of_the_words_naming_the_zone(
     want = zone_hit(stages.score_patches(fm, grid), pz, {ZONES.index(("left", "lower")) + 1})
     assert rows[0]["measures"][name]["zone_agreement_finding"] == want
     assert res["scorers"][name]["n_zone_agreement_finding"] == 3
+
+
+def test_generated_reading_maps_the_models_own_report_against_the_given_zones(tiny_bundle, tmp_path):
+    """--reports generated: the model writes every report (as the app for an image alone); the zones to agree with
+    are still the given report's, and the finding-words measure (the given words' map) is not scored."""
+    import dataclasses
+
+    from neural_core.models.lung import LungConfig, LungModel
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    own = SalienceConfig(method="attention", layers=None, head_reduce="max")
+    bundle = dataclasses.replace(tiny_bundle, lung=LungModel(LungConfig()).eval(),
+                                 info={**tiny_bundle.info, "salience_generated": own.to_dict()})
+    man = _manifest(tmp_path)
+    res = validate(man, bundle=bundle, keeps=(1.0, 0.1), methods="bundle", reports="generated")
+    assert res["reports"] == "generated" and res["neural"] == variant_name(own)
+    assert res["bundle_salience"]["head_reduce"] == "max"
+    rows = res["per_image"]
+    assert all(r["report_source"] == "generated" for r in rows)
+    assert all(r["named_zones"] == ["left lower"] for r in rows)        # from the manifest's report
+    assert res["scorers"][res["neural"]]["n_zone_agreement"] == 3
+    assert all(r["measures"][res["neural"]]["zone_agreement_finding"] is None for r in rows)
+    given = validate(man, bundle=bundle, keeps=(1.0,), methods="bundle")
+    assert given["reports"] == "given" and given["neural"] != res["neural"]
+    assert all(r["report_source"] == "given" for r in given["per_image"])
+    with pytest.raises(NeuralError, match="reports must be one of"):
+        validate(man, bundle=bundle, reports="own")
+
+
+def test_cli_generated_choice_is_written_under_salience_generated(tiny_bundle_dir, tmp_path, capsys):
+    import dataclasses
+    import shutil
+
+    from neural_core.bundle import load_bundle
+    from neural_core.cli import main as cli_main
+
+    bdir = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bdir)
+    given_before = json.loads((bdir / "model.json").read_text()).get("salience")
+    rc = cli_main(["validate-salience", str(_manifest(tmp_path)), "--model", str(bdir), "--out", str(tmp_path / "o"),
+                   "--keeps", "0.1", "--methods", "attention", "--reports", "generated", "--choose",
+                   "--write-bundle", str(bdir)])
+    assert rc == 0
+    info = json.loads((bdir / "model.json").read_text())
+    assert info.get("salience") == given_before                           # the given-report map is untouched
+    assert "reading the model's own reports" in info["salience_generated"]["chosen_by"]
+    b = dataclasses.replace(load_bundle(bdir, device="cpu"), info=info)    # (load_bundle caches per path)
+    choice = json.loads((tmp_path / "o" / "salience_results.json").read_text())["choice"]
+    assert b.salience_generated.to_dict() == info["salience_generated"]
+    assert choice["written_key"] == "salience_generated"
+    assert {k: v for k, v in info["salience_generated"].items() if k != "chosen_by"} == \
+        {k: v for k, v in choice["config"].items() if k != "chosen_by"}, (info, choice)
+    assert "the model writes every report" in (tmp_path / "o" / "salience_results.md").read_text()
+    capsys.readouterr()

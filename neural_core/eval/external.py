@@ -83,7 +83,7 @@ def run_external(bundle, data: Path, split: dict[str, str], thresholds: dict, *,
                 continue
             sal = stages.salience(bundle.report_model, bundle.tokenizer,
                                   [stages.model_input(x.pixels, size) for x, _ in xs], [None] * len(xs),
-                                  cfg=bundle.salience)
+                                  cfg=bundle.salience, cfg_generated=bundle.salience_generated)
             for (x, lab), s in zip(xs, sal):
                 grid = stages.study_grid(x)
                 scores = stages.score_patches(s.token_map, grid)
@@ -255,7 +255,7 @@ def dicom_bytes(bundle, data: Path, keeps, *, context_side: int, limit: int | No
             continue
         s = stages.salience(bundle.report_model, bundle.tokenizer,
                             [stages.model_input(x.pixels, bundle.report_model.image_size)], [None],
-                            cfg=bundle.salience)[0]
+                            cfg=bundle.salience, cfg_generated=bundle.salience_generated)[0]
         grid = stages.study_grid(x)
         scores = stages.score_patches(s.token_map, grid)
         per_keep = {}

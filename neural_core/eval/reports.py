@@ -4,6 +4,8 @@ image labels of held-out studies.
     python -m neural_core.eval.reports [--model assets/default_model] [--data ../shared/data] [--split test]
                                        [--beams 1] [--distinct-over 100] [--json OUT.json]
 
+    python -m neural_core.eval.reports --sets jsrt-normal       # adult films without disease (never trained on)
+
 For every labelled study of the split (the bundle's ``split.json``; Kermany + covid-cxr) the report model writes a
 report from the image alone (greedy, or beam search with ``--beams``; repetition penalty 1.2 and no repeated
 3-grams as in the app), and the report labeler (:mod:`neural_core.graphs.labeler`, the extraction that builds the
@@ -17,6 +19,10 @@ Printed: the confusion matrix (scikit-learn) of image label (rows: normal, pneum
 as above), for all studies and per dataset, sensitivity / specificity when "pneumonia" counts as positive and
 anything else as negative, and the number of distinct reports among ``--distinct-over`` studies drawn at random
 (seeded) — one constant sentence for every image would give 1.
+
+``--sets`` picks what is read: ``split`` (the above) and/or ``jsrt-normal``, the 93 nodule-free JSRT films (adult
+PA films, label normal, in no training set). The split's normals are almost all pediatric (Kermany): without
+adult normals a model that writes "pneumonia" for every adult film would look perfect on the adult positives.
 """
 from __future__ import annotations
 
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="assets/default_model")
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--split", default="test", help="which part of the bundle's split.json")
+    ap.add_argument("--sets", default="split", help="comma-separated: split (the bundle's split part, Kermany + "
+                    "covid-cxr) and/or jsrt-normal (the nodule-free JSRT films)")
     ap.add_argument("--beams", type=int, default=1)
     ap.add_argument("--distinct-over", type=int, default=100)
     ap.add_argument("--limit", type=int, default=0, help="at most this many studies (seeded, 0 = all)")
@@ -117,17 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the results (per study too) here")
     args = ap.parse_args(argv)
     from ..bundle import load_bundle
-    from ..data.studies import default_records, load_split, records_in
+    from ..data.studies import default_records, load_jsrt, load_split, records_in
     from ..device import set_threads
     from ..io import load_image
 
     set_threads()
     bundle = load_bundle(args.model)
-    split = load_split(Path(args.model) / "split.json")
-    recs = [r for r in records_in(default_records(args.data), split, args.split)
-            if r.image and r.pneumonia is not None]
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if not sets or set(sets) - {"split", "jsrt-normal"}:
+        raise SystemExit(f"--sets must name split and/or jsrt-normal, got {args.sets!r}")
+    recs = []
+    if "split" in sets:
+        split = load_split(Path(args.model) / "split.json")
+        recs += [r for r in records_in(default_records(args.data), split, args.split)
+                 if r.image and r.pneumonia is not None]
+    if "jsrt-normal" in sets:
+        jsrt = Path(args.data) / "jsrt"
+        if not (jsrt / "metadata.csv").is_file():
+            raise SystemExit(f"no JSRT films under {jsrt}")
+        recs += load_jsrt(jsrt, nodules="without")
     if not recs:
-        raise SystemExit(f"no labelled studies of split {args.split!r} under {args.data}")
+        raise SystemExit(f"no labelled studies of {args.sets!r} (split {args.split!r}) under {args.data}")
     rng = np.random.default_rng(args.seed)
     if args.limit and len(recs) > args.limit:
         recs = [recs[i] for i in sorted(rng.choice(len(recs), args.limit, replace=False))]
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         texts += generate(bundle, [load_image(r.image).pixels for r in recs[i:i + 32]], beams=args.beams)
     reads = read_reports(texts)
     y = [int(r.pneumonia) for r in recs]
-    res = {"model": str(args.model), "version": bundle.info.get("version"), "split": args.split,
+    res = {"model": str(args.model), "version": bundle.info.get("version"), "split": args.split, "sets": sets,
            "beams": args.beams, "all": confusion(y, reads)}
     for ds in sorted({r.dataset for r in recs}):
         idx = [i for i, r in enumerate(recs) if r.dataset == ds]
@@ -145,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     res["distinct_reports"] = {"over": int(len(pick)), "distinct": len({texts[i] for i in pick}),
                                "distinct_all": len(set(texts)), "n_all": len(texts)}
     res["most_common"] = Counter(texts).most_common(5)
-    print(f"model {res['version']} ({args.model}), split {args.split}, {len(recs)} labelled studies, "
+    print(f"model {res['version']} ({args.model}), {' + '.join(sets)} (split {args.split}), "
+          f"{len(recs)} labelled studies, "
           f"beams {args.beams}\n")
     for key in ["all"] + sorted(k for k in res if k not in ("all", "distinct_reports", "most_common", "model",
-                                                            "version", "split", "beams")):
+                                                            "version", "split", "sets", "beams")):
         print(matrix_markdown(res[key], key) + "\n")
     d = res["distinct_reports"]
     print(f"distinct generated reports: {d['distinct']} over {d['over']} studies (seeded draw); "

@@ -333,7 +333,7 @@ class Evaluator:
     # -- model calls ------------------------------------------------------------------------------------------------
     def salience(self, px: list[np.ndarray], reports: list[str | None]) -> list[SalienceResult]:
         return stages.salience(self.bundle.report_model, self.bundle.tokenizer, px, reports, batch=self.cfg.batch,
-                               cfg=self.bundle.salience)
+                               cfg=self.bundle.salience, cfg_generated=self.bundle.salience_generated)
 
     def generate(self, px: list[np.ndarray]) -> list[str]:
         return stages.generate_reports(self.bundle.report_model, self.bundle.tokenizer, px, batch=self.cfg.batch)

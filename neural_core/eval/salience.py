@@ -78,7 +78,8 @@ from .. import stages
 from ..config import PruneConfig, SalienceConfig
 from ..errors import NeuralError
 from . import DEFAULT_KEEPS, fmt_keep, parse_keeps
-from .salience_report import (BASELINES, OBJECTIVE, ORACLE, RULE, _count, _f, _mean, chosen_config,  # noqa: F401
+from .salience_report import (BASELINES, OBJECTIVE, ORACLE, READINGS, RULE, _count, _f, _mean,  # noqa: F401
+                              chosen_config,
                               meets_targets, objective, rank_variants, render_markdown, variant_table,
                               write_choice, write_outputs)
 
@@ -395,8 +396,15 @@ def _run_variants(bundle, images, reports, cfgs):
 
 def validate(manifest: str | Path, *, bundle=None, model: str | None = None, device: str | None = None,
              keeps=DEFAULT_KEEPS, seed: int = 0, draws: int = RANDOM_DRAWS, batch: int = 16,
-             methods: str = "bundle") -> dict:
-    """Score every variant of ``methods`` (see :func:`variants_for`) and the baselines on one manifest."""
+             methods: str = "bundle", reports: str = "given") -> dict:
+    """Score every variant of ``methods`` (see :func:`variants_for`) and the baselines on one manifest.
+
+    ``reports``: ``"given"`` reads each row's ``report`` (the model writes one where a row has none);
+    ``"generated"`` has the model write every report, as the app does for an image alone, and compares the bundle's
+    ``salience_generated`` setting; zone agreement is then the map of the model's own report against the zones the
+    row's given report names (the finding-words measure needs the given report's words: not scored)."""
+    if reports not in READINGS:
+        raise NeuralError(f"reports must be one of {READINGS}, got {reports!r}")
     import torch
     from tqdm import tqdm
 
@@ -416,7 +424,9 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     if bundle is None:
         bundle = load_bundle(model, device=device)
     n_layers = int(bundle.report_model.t5.config.num_decoder_layers)
-    cfgs = variants_for(methods, bundle.salience, n_layers)
+    own = reports == "generated"
+    bundle_cfg = bundle.salience_generated if own else bundle.salience
+    cfgs = variants_for(methods, bundle_cfg, n_layers)
     names = [variant_name(c, n_layers) for c in cfgs]
     neural = names[0]                          # the bundle's own setting: the "NEURAL" column of the old tables
     zone_label = {z: i + 1 for i, z in enumerate(ZONES)}
@@ -425,7 +435,8 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
         chunk = _load_chunk(rows[i:i + batch], bad)
         if not chunk:
             continue
-        sal = _run_variants(bundle, [x.pixels for _, x, _ in chunk], [r["report"] for r, _, _ in chunk], cfgs)
+        sal = _run_variants(bundle, [x.pixels for _, x, _ in chunk],
+                            [None if own else r["report"] for r, _, _ in chunk], cfgs)
         for j, (r, x, m) in enumerate(chunk):
             grid = stages.study_grid(x)
             H, W = m.shape
@@ -443,6 +454,8 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
                 ctx["pzones"] = patch_zones(zone_map(lf), grid)
                 if first.report_source == "given":
                     ctx["named"] = {zone_label[z] for z in zones_from_text(first.report)}
+                elif own and r["report"]:     # the model's own report's map against the zones the given one names
+                    ctx["named"] = {zone_label[z] for z in zones_from_text(r["report"])}
             if r.get("circle") is not None:
                 cm = circle_mask(H, W, *r["circle"])
                 ctx["circle"] = mask_patch_counts(cm, grid)
@@ -460,7 +473,10 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
                                        if s[j].entity_fallback is not None},
                    "measures": {n: region_measures(s, ctx) for n, s in scorers.items()},
                    "keeps": {}}
-            if ctx["named"]:                  # each variant's finding-level map (the words naming the zone)
+            if own:                           # no given words were read: no finding-words map
+                for name in names:
+                    out["measures"][name]["zone_agreement_finding"] = None
+            elif ctx["named"]:                # each variant's finding-level map (the words naming the zone)
                 spans = [(a, e) for a, e, _ in sentence_zones(first.report, from_mention=True)]
                 for name, res in zip(names, sal):
                     fm = span_map(res[j], spans)
@@ -507,7 +523,7 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     res = {"manifest": str(manifest), "model_version": bundle.version, "trained": bundle.trained,
            "model_identity": bundle.identity, "seed": seed, "random_draws": draws, "keeps": list(keeps),
            "lung_ellipses": [dict(zip(("cx", "cy", "ax", "ay"), e)) for e in LUNG_ELLIPSES],
-           "border_fraction": BORDER_FRACTION, "methods": methods, "bundle_salience": bundle.salience.to_dict(),
+           "border_fraction": BORDER_FRACTION, "methods": methods, "reports": reports, "bundle_salience": bundle_cfg.to_dict(),
            "neural": neural, "variants": names, "scorers": table,
            "variant_configs": {n: c.to_dict() for n, c in zip(names, cfgs)},
            # share of images whose report had no present finding (entity/gradient read all tokens there)
@@ -535,7 +551,11 @@ def add_arguments(p) -> None:
     p.add_argument("--choose", action="store_true", help="rank the variants on the validation manifests ("
                    + RULE + ")")
     p.add_argument("--write-bundle", default=None, metavar="DIR",
-                   help="with --choose: write the winner into DIR/model.json 'salience'")
+                   help="with --choose: write the winner into DIR/model.json 'salience' ('salience_generated' "
+                   "with --reports generated)")
+    p.add_argument("--reports", choices=READINGS, default="given", help="given: read each row's report (the model "
+                   "writes one where a row has none); generated: the model writes every report, as the app does for "
+                   "an image alone (scores and chooses the bundle's map for its own reports)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=RANDOM_DRAWS, help="random-keep draws averaged per image")
     p.add_argument("--device", default=None)
@@ -548,7 +568,8 @@ def cmd_validate_salience(a) -> int:
     if a.write_bundle and not a.choose:
         raise NeuralError("--write-bundle needs --choose")
     keeps = parse_keeps(a.keeps)
-    kw = dict(keeps=keeps, seed=a.seed, draws=a.draws, batch=a.batch, methods=a.methods)
+    kw = dict(keeps=keeps, seed=a.seed, draws=a.draws, batch=a.batch, methods=a.methods,
+              reports=getattr(a, "reports", "given"))
     if any(not str(m).lower().endswith(".json") for m in list(a.manifest) + list(a.test)):
         kw["bundle"] = load_bundle(a.model, device=a.device)
 
@@ -581,7 +602,9 @@ def cmd_validate_salience(a) -> int:
                                                              for b in BASELINES
                                                              if all(b in r["scorers"] for r in val)}}
         if a.write_bundle:
-            out["choice"]["written_to"] = str(write_choice(a.write_bundle, cfg))
+            key = "salience_generated" if kw["reports"] == "generated" else "salience"
+            out["choice"]["written_to"] = str(write_choice(a.write_bundle, cfg, key=key))
+            out["choice"]["written_key"] = key
     j, m = write_outputs(out, a.out)
     bad = 0
     for part in ("validation", "test"):

@@ -37,6 +37,8 @@ def _count(v) -> int:
 # choosing a variant by validation
 # ------------------------------------------------------------------------------------------------------------------
 
+#: how the manifests' reports are read (``validate-salience --reports``): each row's given report, or the model's own
+READINGS = ("given", "generated")
 OBJECTIVE = "mean over the validation manifests of (mass in mask + pointing game) / 2"
 #: the lung targets of the salience issue: a variant must reach them on every validation manifest to be ranked by
 #: zone agreement (mass in mask, pointing game)
@@ -93,6 +95,8 @@ def chosen_config(results: list[dict]) -> tuple[SalienceConfig, list[dict]]:
     ranked = rank_variants(results)
     best = ranked[0]
     data = ", ".join(f"{Path(r['manifest']).name} ({r['n_images']} images)" for r in results)
+    if any(r.get("reports") == "generated" for r in results):
+        data += ", reading the model's own reports"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     cfg = SalienceConfig.from_dict({**best["config"], "chosen_by": (
         f"neural validate-salience --choose on {when}: "
@@ -102,8 +106,11 @@ def chosen_config(results: list[dict]) -> tuple[SalienceConfig, list[dict]]:
     return cfg, ranked
 
 
-def write_choice(bundle_dir: str | Path, cfg: SalienceConfig) -> Path:
-    """Write ``cfg`` into ``bundle_dir/model.json`` under ``"salience"`` (atomically; other keys kept)."""
+def write_choice(bundle_dir: str | Path, cfg: SalienceConfig, *, key: str = "salience") -> Path:
+    """Write ``cfg`` into ``bundle_dir/model.json`` under ``key`` (``"salience"``, or ``"salience_generated"``
+    for the map of the model's own reports; atomically; other keys kept)."""
+    if key not in ("salience", "salience_generated"):
+        raise ValueError(f"key must be salience or salience_generated, got {key!r}")
     path = Path(bundle_dir) / "model.json"
     if not path.is_file():
         raise NeuralError(f"{path} does not exist: --write-bundle needs a model bundle directory")
@@ -111,7 +118,7 @@ def write_choice(bundle_dir: str | Path, cfg: SalienceConfig) -> Path:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise NeuralError(f"cannot read {path}: {err}") from None
-    info["salience"] = cfg.to_dict()
+    info[key] = cfg.to_dict()
     atomic_write_text(path, json.dumps(info, indent=2))
     return path
 
@@ -157,8 +164,11 @@ def render_one(res: dict, level: str = "##") -> list[str]:
     L = []
     if res.get("warning"):
         L += [f"> **WARNING: {res['warning']}**", ""]
+    reading = ("the model writes every report (`--reports generated`)" if res.get("reports") == "generated"
+               else "the manifest's, generated where missing")
     L += [f"- manifest: `{res['manifest']}`; {res['n_images']} images scored, {len(res['bad_rows'])} rows skipped",
-          f"- model: `{res['model_version']}`; bundle salience `{res['neural']}`; seed {res['seed']}; random "
+          f"- model: `{res['model_version']}`; bundle salience `{res['neural']}`; reports: {reading}; "
+          f"seed {res['seed']}; random "
           f"baseline averaged over {res['random_draws']} draws",
           "- lung-field prior: two ellipses in normalised coordinates (cx, cy, ax, ay): "
           + "; ".join(f"({e['cx']}, {e['cy']}, {e['ax']}, {e['ay']})" for e in res["lung_ellipses"]),

@@ -49,6 +49,7 @@ def _training_record(log_file: Path) -> dict:
                         "zone_aug": a.get("zone_aug", 0.0), "zone_weight": a.get("zone_weight", 1.0),
                         "zone_from_mention": a.get("zone_from_mention", False),
                         "windows": a.get("windows", False),
+                        "notes_target": a.get("notes_target", "note"),
                         # recorded at training time; else read now from the folder (may have moved on since)
                         "init": ev.get("init_release") or _init_name(a.get("init"))}
         elif ev.get("event") == "epoch" and "val_mass_in_lung" in ev:
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                if training.get("zone_aug") else [])
             + (["report model: long notes trained as their sentence-aligned windows (as salience reads them)"]
                if training.get("windows") else [])
+            + (["report model: covid-cxr case notes trained as their sentences about the radiograph after an "
+                "impression written from the label (neural_core.train.report_targets; the notes themselves are "
+                "not what it learnt to write)"] if training.get("notes_target") == "findings" else [])
             + ([f"classifiers: {args.classifier_note}"] if args.classifier_note else [])
             + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
@@ -145,13 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         from .classifier import read_salience_config
 
         info["salience"] = read_salience_config(args.salience).to_dict()
+        gen = read_salience_config(args.salience, generated=True)
+        if gen != read_salience_config(args.salience):
+            info["salience_generated"] = gen.to_dict()
     trained_with = {n: json.loads((where[n] / f"results_{n}.json").read_text()).get("salience") for n in clfs}
     known = {json.dumps(v, sort_keys=True) for v in trained_with.values() if v}
     if len(known) == 1:
         info["classifier_training_salience"] = json.loads(known.pop())
         key = ("method", "layers", "head_reduce")
+        # the classifiers cut their training artifacts with the model's own reports: compare that map
         if args.salience and [info["classifier_training_salience"].get(k) for k in key] != \
-                [info["salience"].get(k) for k in key]:
+                [info.get("salience_generated", info["salience"]).get(k) for k in key]:
             print("warning: the classifiers were trained on artifacts cut by another salience map than the bundle's")
     if zone and lung is None:
         raise SystemExit("classifiers with zone features need the lung model in the bundle: pass --lung")

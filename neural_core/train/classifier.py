@@ -70,12 +70,18 @@ def generated_salience(model: ReportModel, tok, tokens: np.ndarray, *, batch: in
     return maps, texts
 
 
-def read_salience_config(path: str | None) -> SalienceConfig:
-    """The ``"salience"`` entry of a bundle's model.json, or a file holding one SalienceConfig dict; None = default."""
+def read_salience_config(path: str | None, *, generated: bool = False) -> SalienceConfig:
+    """The ``"salience"`` entry of a bundle's model.json, or a file holding one SalienceConfig dict; None = default.
+    ``generated``: the ``"salience_generated"`` entry where there is one (the map of the model's own reports: the
+    classifiers are trained on artifacts cut by it), else ``"salience"``."""
     if not path:
         return SalienceConfig()
     d = json.loads(Path(path).read_text())
-    return SalienceConfig.from_dict(d.get("salience", d) if isinstance(d, dict) else None)
+    if not isinstance(d, dict):
+        return SalienceConfig()
+    if generated and d.get("salience_generated"):
+        return SalienceConfig.from_dict(d["salience_generated"])
+    return SalienceConfig.from_dict(d.get("salience", d))
 
 
 def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     "same one in the bundle)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    salience_cfg = read_salience_config(args.salience)
+    salience_cfg = read_salience_config(args.salience, generated=True)   # training artifacts: own reports
     from ..device import set_threads
     from ..graphs.text_encoder import get_text_encoder
 

@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                     "as its sentence-aligned windows (as salience reads it) instead of cut at max_report_tokens")
     ap.add_argument("--init", default=None, help="start from this report-model directory (with tokenizer/) "
                     "instead of a fresh decoder: fine-tuning")
+    ap.add_argument("--notes-target", choices=("note", "findings"), default="note", help="what the decoder learns "
+                    "to write for a study whose text is case notes (covid-cxr): the whole note, or its sentences "
+                    "about the radiograph after an impression from the label "
+                    "(neural_core.train.report_targets.notes_findings)")
     ap.add_argument("--aug-p", type=float, default=0.5, help="probability that a training study is read from one "
                     "of its burned-in copies (when features hold aug_tokens)")
     args = ap.parse_args(argv)
@@ -248,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     feats = Path(args.features)
     tr_tok, _, tr_rec = load_features(feats, "train")
     va_tok, _, va_rec = load_features(feats, "val")
+    if args.notes_target == "findings":
+        from .report_targets import retarget_notes
+
+        log.info("case notes rewritten as findings targets: %d train, %d val", retarget_notes(tr_rec),
+                 retarget_notes(va_rec))
     tr_z, va_z = np.load(feats / "features_train.npz"), np.load(feats / "features_val.npz")
     if args.attn_weight and ("lung" not in tr_z.files or "lung" not in va_z.files):
         raise SystemExit(f"{feats} holds no lung masks: recompute it with this version of neural_core.train.features")

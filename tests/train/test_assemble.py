@@ -27,3 +27,23 @@ def test_training_record_prefers_the_release_named_when_training_started(tmp_pat
     log.write_text(json.dumps(ev | {"init_release": "the report model of neural-lite0-20261201b"}) + "\n")
     assert _training_record(log)["init"] == "the report model of neural-lite0-20261201b"
     assert _training_record(tmp_path / "absent.jsonl") == {}
+    assert _training_record(log)["notes_target"] == "note"                  # logs before the option: whole notes
+    log.write_text(json.dumps(ev | {"args": ev["args"] | {"notes_target": "findings"}}) + "\n")
+    assert _training_record(log)["notes_target"] == "findings"
+
+
+def test_classifiers_read_the_map_of_the_models_own_reports(tmp_path):
+    """Classifier training cuts its artifacts with the model's own reports: it reads ``salience_generated`` when a
+    bundle has one; the given-report map otherwise."""
+    from neural_core.config import SalienceConfig
+    from neural_core.train.classifier import read_salience_config
+
+    p = tmp_path / "model.json"
+    p.write_text(json.dumps({"salience": {"method": "located", "layers": [1]}}))
+    assert read_salience_config(str(p), generated=True) == read_salience_config(str(p)) == \
+        SalienceConfig("located", (1,))
+    p.write_text(json.dumps({"salience": {"method": "located", "layers": [1]},
+                             "salience_generated": {"method": "entity", "layers": [0]}}))
+    assert read_salience_config(str(p)) == SalienceConfig("located", (1,))
+    assert read_salience_config(str(p), generated=True) == SalienceConfig("entity", (0,))
+    assert read_salience_config(None, generated=True) == SalienceConfig()
