@@ -1,6 +1,7 @@
 """validate-salience measures on hand-made maps and masks whose values are known, the variant grid, the choice,
 and the command end to end on a tiny untrained bundle."""
 import json
+import math
 
 import cv2
 import numpy as np
@@ -233,6 +234,9 @@ def test_cli_choose_writes_the_winner_only_when_asked(tiny_bundle_dir, tmp_path,
     assert len(saved["validation"]) == len(saved["test"]) == 1 and saved["choice"]["winner"]
     md = (tmp_path / "o1" / "salience_results.md").read_text()
     assert "Every variant" in md and "Test (not used for any choice)" in md and "## Choice" in md
+    # each run carries the bundle map's measures against the issue's targets, in the JSON and the markdown
+    assert {r["measure"] for r in saved["test"][0]["targets"]} >= {"mass_in_mask", "pointing"}
+    assert "Against issue 11's targets" in md
     # reuse the saved results (no re-scoring) and write the winner
     rc = cli_main(["validate-salience", str(tmp_path / "o1" / "salience_results.json"), "--out",
                    str(tmp_path / "o2"), "--choose", "--write-bundle", str(bdir)])
@@ -350,3 +354,50 @@ def test_cli_generated_choice_is_written_under_salience_generated(tiny_bundle_di
         {k: v for k, v in choice["config"].items() if k != "chosen_by"}, (info, choice)
     assert "the model writes every report" in (tmp_path / "o" / "salience_results.md").read_text()
     capsys.readouterr()
+
+
+def _wilson_by_hand(k, n, z=1.959963984540054):
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_target_check_intervals_and_verdicts():
+    from neural_core.eval.salience_report import render_targets, target_check
+
+    # 20 images: top patch on the mask for 19; 5 reports name a zone, the peak falls in it for 3 (the rest: None)
+    per_image = []
+    for i in range(20):
+        zone = (i < 3) if i < 5 else None
+        per_image.append({"measures": {"v": {"pointing": i != 7, "mass_in_mask": 0.80 + 0.01 * i,
+                                             "zone_agreement": zone, "zone_agreement_finding": zone}}})
+    res = {"neural": "v", "per_image": per_image}
+    rows = {r["measure"]: r for r in target_check(res)}
+    pt = rows["pointing"]
+    assert (pt["value"], pt["n"], pt["met"]) == (0.95, 20, True) and pt["undecided"]
+    assert (pt["low"], pt["high"]) == pytest.approx(_wilson_by_hand(19, 20), abs=1e-9)
+    z = rows["zone_agreement"]
+    assert (z["value"], z["n"], z["met"]) == (0.6, 5, True)
+    assert (z["low"], z["high"]) == pytest.approx(_wilson_by_hand(3, 5), abs=1e-9)
+    m = rows["mass_in_mask"]
+    assert m["value"] == pytest.approx(0.895) and m["low"] < 0.895 < m["high"] and m["met"] and not m["undecided"]
+    # a run where no report names a zone has no zone rows; a scorer absent from the images has none at all
+    for img in per_image:
+        img["measures"]["v"]["zone_agreement"] = img["measures"]["v"]["zone_agreement_finding"] = None
+    assert [r["measure"] for r in target_check(res)] == ["mass_in_mask", "pointing"]
+    assert target_check(res, "other") == [] and render_targets({"neural": "other", "per_image": per_image}) == []
+    text = "\n".join(render_targets(res))
+    assert "| pointing game (top patch on the mask) | 0.950 [" in text and "met; the target is inside" in text
+
+
+def test_mean_ci_is_scipys_percentile_bootstrap():
+    from scipy.stats import bootstrap
+
+    from neural_core.eval.metrics import mean_ci
+
+    v = np.linspace(0.7, 1.0, 31)
+    mean, lo, hi = mean_ci(v, seed=3)
+    ci = bootstrap((v,), np.mean, n_resamples=2000, method="percentile", random_state=3).confidence_interval
+    assert mean == pytest.approx(v.mean()) and (lo, hi) == pytest.approx((ci.low, ci.high))
+    assert math.isnan(mean_ci([0.9, 0.9])[1]) and math.isnan(mean_ci([])[0])

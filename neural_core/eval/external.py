@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import wilson
+
 log = logging.getLogger("neural.evaluate")
 
 EXTERNAL_KEEPS = (1.0, 0.10, 0.05)
@@ -39,15 +41,6 @@ def external_sets(data: Path, split: dict[str, str]) -> dict[str, list[tuple[str
         recs = [r for r in load_covid_cxr(data / "covid-cxr") if split.get(r.patient_id) == "test" and r.pneumonia == 1]
         sets["covid-cxr positives, test patients"] = [(r.image, 1) for r in recs]
     return sets
-
-
-def wilson(k: int, n: int) -> tuple[float, float, float]:
-    from scipy.stats import binomtest
-
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    ci = binomtest(k, n).proportion_ci(method="wilson")
-    return k / n, float(ci.low), float(ci.high)
 
 
 def run_external(bundle, data: Path, split: dict[str, str], thresholds: dict, *, keeps=EXTERNAL_KEEPS,

@@ -11,7 +11,32 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["roc_auc", "youden_threshold", "bootstrap_auc_ci", "threshold_metrics", "classification_metrics",
-           "bleu_scores", "rouge_l", "chexpert_f1", "report_metrics"]
+           "bleu_scores", "rouge_l", "chexpert_f1", "report_metrics", "wilson", "mean_ci"]
+
+
+def wilson(k: int, n: int) -> tuple[float, float, float]:
+    """``(k / n, low, high)``: a proportion with its Wilson 95 % interval (:func:`scipy.stats.binomtest`'s
+    ``proportion_ci(method="wilson")``); NaNs when ``n == 0``."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(method="wilson")
+    return k / n, float(ci.low), float(ci.high)
+
+
+def mean_ci(values, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: a mean over images with its percentile-bootstrap 95 % interval
+    (:func:`scipy.stats.bootstrap`, seeded); the interval is NaN for fewer than two values or no spread."""
+    from scipy.stats import bootstrap
+
+    v = np.asarray([float(a) for a in values if a is not None and np.isfinite(float(a))], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    if v.size < 2 or np.ptp(v) == 0:
+        return float(v.mean()), float("nan"), float("nan")
+    ci = bootstrap((v,), np.mean, n_resamples=n_boot, method="percentile", random_state=seed).confidence_interval
+    return float(v.mean()), float(ci.low), float(ci.high)
 
 
 def roc_auc(y, s) -> float:

@@ -160,6 +160,54 @@ def variant_table(res: dict) -> list[str]:
     return L
 
 
+#: issue 11's targets on the lung-mask sets, per measure of one scorer (the zone-agreement target reads both the
+#: report map and the finding words' own map, the two zone measures validate-salience reports)
+ISSUE_TARGETS = {"mass_in_mask": 0.85, "pointing": 0.95, "zone_agreement": 0.6, "zone_agreement_finding": 0.6}
+_TARGET_LABEL = {"mass_in_mask": "salience mass inside the mask (mean over images)",
+                 "pointing": "pointing game (top patch on the mask)",
+                 "zone_agreement": "zone agreement, report map (peak in the named zone)",
+                 "zone_agreement_finding": "zone agreement, finding words' map"}
+
+
+def target_check(res: dict, name: str | None = None) -> list[dict]:
+    """Scorer ``name`` (default: the bundle's setting) of one validate-salience run against :data:`ISSUE_TARGETS`,
+    with 95 % intervals: Wilson for the yes/no measures (pointing, zone agreement: ``k`` of ``n`` images),
+    a seeded percentile bootstrap over images for the mean mass. One dict per measure with images:
+    ``measure, value, low, high, n, target, met`` (value >= target) and ``undecided`` (the target lies inside the
+    interval: the set is too small to tell)."""
+    from .metrics import mean_ci, wilson
+
+    name = name or res["neural"]
+    rows = []
+    for measure, target in ISSUE_TARGETS.items():
+        vals = [img["measures"].get(name, {}).get(measure) for img in res.get("per_image", [])]
+        vals = [v for v in vals if v is not None and not (isinstance(v, float) and not math.isfinite(v))]
+        if not vals:
+            continue
+        if measure == "mass_in_mask":
+            value, lo, hi = mean_ci(vals)
+        else:
+            value, lo, hi = wilson(sum(bool(v) for v in vals), len(vals))
+        rows.append({"measure": measure, "value": value, "low": lo, "high": hi, "n": len(vals), "target": target,
+                     "met": bool(value >= target),
+                     "undecided": bool(math.isfinite(lo) and lo <= target <= hi)})
+    return rows
+
+
+def render_targets(res: dict) -> list[str]:
+    rows = target_check(res)
+    if not rows:
+        return []
+    L = [f"Against issue 11's targets (`{res['neural']}`; 95 % intervals: Wilson for pointing and zone agreement, "
+         "bootstrap over images for the mass):", "",
+         "| measure | value [95 % interval] | n | target | |", "|---|---|---|---|---|"]
+    for r in rows:
+        verdict = ("met" if r["met"] else "not met") + ("; the target is inside the interval" if r["undecided"] else "")
+        L.append(f"| {_TARGET_LABEL[r['measure']]} | {_f(r['value'])} [{_f(r['low'])}, {_f(r['high'])}] | {r['n']} "
+                 f"| >= {r['target']:g} | {verdict} |")
+    return L
+
+
 def render_one(res: dict, level: str = "##") -> list[str]:
     L = []
     if res.get("warning"):
@@ -189,8 +237,9 @@ def render_one(res: dict, level: str = "##") -> list[str]:
           "| NEURAL | random patch | lung-field prior | lung model | densest lung |", "|---|---|---|---|---|",
           f"| {_f(p['neural'])} | {_f(p['random'])} | {_f(p['lung_prior'])} | {_f(p.get('lung_model'))} "
           f"| {_f(p.get('lung_density'))} |",
-          "", f"Salience mass inside the mask (NEURAL, mean over images): {_f(res.get('mass_in_mask'))}.",
-          "", f"{level} Every variant and baseline", "",
+          "", f"Salience mass inside the mask (NEURAL, mean over images): {_f(res.get('mass_in_mask'))}.", ""]
+    L += render_targets(res)
+    L += ["", f"{level} Every variant and baseline", "",
           "Means over images (zone agreement over the images whose report names a zone, n in brackets; nodule "
           "measures over the rows with a circle).", ""]
     L += variant_table(res)
@@ -228,6 +277,9 @@ def write_outputs(res: dict, out: str | Path) -> tuple[Path, Path]:
     """``res``: one :func:`validate` result, or ``{"validation": [...], "test": [...], "choice": ...}``."""
     if "validation" not in res:
         res = {"validation": [res], "test": []}
+    for run in list(res.get("validation", [])) + list(res.get("test", [])):
+        if "per_image" in run and "neural" in run:
+            run["targets"] = target_check(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     j, m = out / "salience_results.json", out / "salience_results.md"

@@ -25,7 +25,9 @@ target of every token of a pneumonia-positive study (outside named-zone sentence
 of its lung field instead (:meth:`neural_core.models.density.DensityAtlas.target`: cell intensity against an atlas
 of normal training films, from :mod:`neural_core.train.density`): the lung-field target taught the attention to find
 the lungs, not the opacity in them, and image labels alone do not localise (a lung-restricted multiple-instance head
-put its peak in the named zone less often than chance). Total loss = text loss + lambda x attention loss. ``--burn-in-copies`` of :mod:`neural_core.train.features` (letters, markers, borders burned in at random)
+put its peak in the named zone less often than chance). Total loss = text loss + lambda x attention loss. With ``--attn-per-layer`` the attention loss is taken of each
+decoder layer's attention and averaged over layers (validation may read the map from one layer; tried in session 9,
+``docs/zone_grounding.md``: it did not bring layer 0's peak into the lungs). ``--burn-in-copies`` of :mod:`neural_core.train.features` (letters, markers, borders burned in at random)
 replace the clean tokens of a training study with probability ``--aug-p``; the anatomy does not move, so the clean
 image's lung field stays the target.
 
@@ -172,10 +174,16 @@ def token_targets(tok, texts: list[str], lung: np.ndarray, zones: np.ndarray, gr
 
 
 def attention_target_loss(cross_attentions, token_mask: torch.Tensor, targets: torch.Tensor, grid: tuple[int, int],
-                          *, eps: float = 1e-4, weights: torch.Tensor | None = None) -> torch.Tensor:
+                          *, eps: float = 1e-4, weights: torch.Tensor | None = None,
+                          per_layer: bool = False) -> torch.Tensor:
     r"""Mass-in-target loss of the aggregated cross-attention: mean over real tokens :math:`t` with a non-empty
     target of :math:`-\log(\sum_{s \in M_t} a_{t,s} + \epsilon)`, :math:`a_t` the attention of token :math:`t`
     averaged over heads and layers by :func:`neural_core.salience.aggregate_cross_attention` (each row sums to 1).
+
+    With ``per_layer`` the same loss is computed for each layer's attention (averaged over heads) and the L losses
+    are averaged: :math:`\frac1L \sum_l \operatorname{mean}_t -\log(\sum_{s \in M_t} a^{(l)}_{t,s} + \epsilon)`.
+    Why: validation may read the map from a single layer, and a loss on the layer average lets one layer look
+    outside the target as long as another compensates.
 
     Args:
         cross_attentions: L tensors :math:`(B, H, T, S)`, ``S = rows * cols`` (``output_attentions=True``, eager).
@@ -183,10 +191,14 @@ def attention_target_loss(cross_attentions, token_mask: torch.Tensor, targets: t
         targets: :math:`(B, T, S)` bool or float in [0, 1].
         grid: ``(rows, cols)``.
         weights: optional :math:`(B, T)` weight of each token's term (weighted mean; ``--zone-weight``).
+        per_layer: one loss per layer, averaged (``--attn-per-layer``).
 
     Returns:
         a scalar tensor (0 when no token has a target).
     """
+    if per_layer and len(cross_attentions) > 1:
+        return torch.stack([attention_target_loss((c,), token_mask, targets, grid, eps=eps, weights=weights)
+                            for c in cross_attentions]).mean()
     from ..salience import aggregate_cross_attention
 
     _, per_token, _ = aggregate_cross_attention(cross_attentions, token_mask, grid)
@@ -217,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--attn-weight", type=float, default=0.0, help="lambda of the cross-attention mass-in-target "
                     "loss (0 = text loss only, the previous objective)")
+    ap.add_argument("--attn-per-layer", action="store_true",
+                    help="apply the attention loss to each decoder layer's attention (mean of the per-layer losses) "
+                         "instead of to their average: a map read from one layer must hold the target too")
     ap.add_argument("--targets", choices=("lung", "lung+zone", "lung+zone+density"), default="lung+zone",
                     help="attention target: the lung field for every token, or the zones a sentence names; "
                     "+density: the densest --density-share of the lung of a pneumonia-positive study (needs "
@@ -350,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
 
         mask = real_token_mask(labels, tok.pad_token_id, tok.eos_token_id)
         weights = None if args.zone_weight == 1 else 1.0 + (args.zone_weight - 1.0) * zmask.float()
-        attn = attention_target_loss(out.cross_attentions, mask, tgt, grid, weights=weights)
+        attn = attention_target_loss(out.cross_attentions, mask, tgt, grid, weights=weights,
+                                     per_layer=args.attn_per_layer)
         maps = None
         if not train:
             maps = aggregate_cross_attention(out.cross_attentions, mask, grid)[0].flatten(1)

@@ -257,9 +257,9 @@ def test_main_fine_tunes_from_init_with_zone_augmentation(tmp_path):
     out2 = tmp_path / "dec2"
     assert main(["--features", str(tmp_path / "pre"), "--out", str(out2), "--epochs", "1", "--batch", "4",
                  "--warmup", "1", "--attn-weight", "1", "--covid-oversample", "1", "--zone-aug", "1",
-                 "--windows", "--init", str(tmp_path / "dec" / "best")]) == 0
+                 "--windows", "--attn-per-layer", "--init", str(tmp_path / "dec" / "best")]) == 0
     start = json.loads((out2 / "log.jsonl").read_text().splitlines()[0])
-    assert start["args"]["zone_aug"] == 1.0 and start["args"]["init"].endswith("best")
+    assert start["args"]["zone_aug"] == 1.0 and start["args"]["init"].endswith("best") and start["args"]["attn_per_layer"]
     assert (out2 / "best" / "tokenizer").is_dir()
 
 
@@ -322,3 +322,20 @@ def test_windows_train_every_window_of_a_long_note(tmp_path):
                      "--attn-weight", "1", "--covid-oversample", "1", *flag]) == 0
         counts[bool(flag)] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["train"]
     assert counts[True] == counts[False] + n_win - 1
+
+
+def test_per_layer_loss_is_the_mean_of_each_layers_loss():
+    # two layers, one head, one token, 2x2 grid: layer 0 all in the target cell, layer 1 a quarter there. Their
+    # average holds 0.625 of the mass; per layer the loss also sees that layer 1 looks mostly elsewhere.
+    l0 = torch.tensor([1.0, 0.0, 0.0, 0.0])[None, None, None]          # (1, 1, 1, 4)
+    l1 = torch.tensor([0.25, 0.25, 0.25, 0.25])[None, None, None]
+    mask = torch.tensor([[True]])
+    target = torch.zeros(1, 1, 4, dtype=torch.bool)
+    target[0, 0, 0] = True
+    avg = attention_target_loss((l0, l1), mask, target, (2, 2), eps=0.0)
+    each = attention_target_loss((l0, l1), mask, target, (2, 2), eps=0.0, per_layer=True)
+    assert avg.item() == pytest.approx(-math.log(0.625), rel=1e-6)
+    assert each.item() == pytest.approx((0.0 - math.log(0.25)) / 2, rel=1e-6)
+    assert each.item() > avg.item()
+    one = attention_target_loss((l1,), mask, target, (2, 2), eps=0.0, per_layer=True)   # one layer: the same loss
+    assert one.item() == pytest.approx(-math.log(0.25), rel=1e-6)
