@@ -1,7 +1,8 @@
 """Decision thresholds per data source: does the validation-chosen threshold serve every source?
 
-The classifiers' threshold is Youden's J on the pooled validation set (``train.classifier``), which is mostly
-Kermany (pediatric): 519 of 559 studies. This re-reads a trained classifier folder's cached validation views
+The classifiers' threshold is by default Youden's J on the pooled validation set (``train.classifier``), which is
+mostly Kermany (pediatric): 519 of 559 studies; ``train.classifier --threshold source-balanced`` stores the
+source-balanced one below instead. This re-reads a trained classifier folder's cached validation views
 (``views_val.pt``, ``views_<extra>_val.pt``; keep 0.10) and prints, per source and class, the sensitivity or
 specificity at the stored threshold and at the **source-balanced** one: the threshold maximising
 :func:`source_balanced_j`, the mean sensitivity over the sources that have positives plus the mean specificity over
@@ -100,14 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="image", choices=("image", "report", "oracle"))
     a = ap.parse_args(argv)
     clf = Path(a.clf)
-    stored = json.loads((clf / f"results_{a.name}.json").read_text())["threshold"]
+    res = json.loads((clf / f"results_{a.name}.json").read_text())
+    stored, rule = res["threshold"], res.get("threshold_rule", "youden")   # older folders: pooled Youden
     y, p, src = _val_predictions(clf, Path(a.features), [e for e in a.extra.split(",") if e], a.name)
     balanced = source_balanced_threshold(y, p, src)
     print(f"{clf} classifier_{a.name}: {len(y)} validation studies (keep 0.10 views)\n")
     print("| threshold | value | source-balanced J | " + " | ".join(
         f"{s} {'sens.' if c else 'spec.'} (n={n})" for (s, c), (_, n) in source_rates(y, p, src, 0.5).items()) + " |")
     print("|---|---|---|" + "---|" * len(source_rates(y, p, src, 0.5)))
-    for label, t in (("stored (pooled Youden)", stored), ("source-balanced", balanced)):
+    stored_label = "stored (pooled Youden)" if rule == "youden" else f"stored ({rule})"
+    for label, t in ((stored_label, stored), ("source-balanced", balanced)):
         r = source_rates(y, p, src, t)
         print(f"| {label} | {t:.3f} | {source_balanced_j(y, p, src, t):.3f} | "
               + " | ".join(f"{v:.3f}" for v, _ in r.values()) + " |")

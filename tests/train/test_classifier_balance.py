@@ -1,0 +1,75 @@
+"""train.classifier --balance source / --threshold: the weights, the pos_weight and the threshold rule, and that a
+weighted loss really moves a classifier (tiny hand-made graphs)."""
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Data
+
+from neural_core.config import ClassifierConfig
+from neural_core.models.classifier import NeuralClassifier
+from neural_core.train.classifier import choose_threshold, source_weights, train_one, weighted_pos_weight
+
+
+def test_source_weights_give_each_source_the_same_total():
+    s = np.array(["kermany"] * 6 + ["covid-cxr"] * 2 + ["jsrt"])
+    w = source_weights(s)
+    assert w.mean() == pytest.approx(1.0)
+    totals = {k: w[s == k].sum() for k in set(s)}
+    assert all(t == pytest.approx(3.0) for t in totals.values()) and len(totals) == 3
+    assert w[s == "jsrt"][0] == pytest.approx(3.0) and w[s == "kermany"][0] == pytest.approx(0.5)
+    assert np.allclose(source_weights(["a", "a", "a"]), 1.0)
+    with pytest.raises(ValueError):
+        source_weights([])
+
+
+def test_weighted_pos_weight():
+    y = np.array([1, 1, 1, 0])
+    assert weighted_pos_weight(y) == pytest.approx(1 / 3)
+    assert weighted_pos_weight(y, [1, 1, 1, 6]) == pytest.approx(2.0)
+    assert weighted_pos_weight([1, 1]) == 1.0       # one class only: no reweighting
+
+
+def test_choose_threshold_rules():
+    # a large source whose negatives score 0.6 and a small one whose positives score 0.4 (the adult-film problem)
+    y = np.array([0] * 8 + [1] * 8 + [1, 1])
+    p = np.array([0.1] * 6 + [0.6] * 2 + [0.9] * 8 + [0.4, 0.4])
+    s = np.array(["big"] * 16 + ["small"] * 2)
+    assert choose_threshold(y, p, rule="youden") == pytest.approx(0.9)
+    assert choose_threshold(y, p, s, "source-balanced") == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="source"):
+        choose_threshold(y, p, None, "source-balanced")
+    with pytest.raises(ValueError, match="unknown"):
+        choose_threshold(y, p, s, "median")
+
+
+CFG = ClassifierConfig(patch_encoder="backbone", feature_dim=4, dropout=0.0)
+
+
+def _graph(x: float, y: int) -> Data:
+    """Three image nodes in a chain whose backbone features are (x, -x, 2x, 0) (not constant: LayerNorm)."""
+    n = 3
+    return Data(patch=torch.tensor([[x, -x, 2 * x, 0.0]]).repeat(n, 1), pos=torch.zeros(n, CFG.pos_dim),
+                score=torch.ones(n, 1), node_type=torch.zeros(n, dtype=torch.long),
+                edge_index=torch.tensor([[0, 1], [1, 2]]), edge_type=torch.zeros(2, dtype=torch.long),
+                y=torch.tensor([float(y)]))
+
+
+def test_weights_move_the_classifier_and_are_checked():
+    """Two sources with opposite rules for the same feature: the one that carries the weight decides."""
+    cfg = CFG
+    a = [_graph(1.0, 1) for _ in range(12)] + [_graph(-1.0, 0) for _ in range(12)]      # big: x>0 positive
+    b = [_graph(1.0, 0) for _ in range(2)] + [_graph(-1.0, 1) for _ in range(2)]        # small: x>0 negative
+    tr = a + b
+    src = ["big"] * len(a) + ["small"] * len(b)
+    probe = [_graph(1.0, 1), _graph(-1.0, 0)]
+    kw = dict(epochs=12, patience=20, lr=1e-2, seed=0, logline=lambda **k: None)
+    plain, _ = train_one("image", tr, probe, cfg, **kw)
+    w = source_weights(src) * np.where(np.array(src) == "small", 20.0, 1.0)
+    heavy, info = train_one("image", tr, probe, cfg, weights=w, va_source=["x", "x"], **kw)
+    from neural_core import stages
+    pp, ph = stages.predict(plain, probe), stages.predict(heavy, probe)
+    assert pp[0] > pp[1] and ph[0] < ph[1]
+    assert info["threshold_rule"] == "youden"
+    with pytest.raises(ValueError, match="weights"):
+        train_one("image", tr, probe, cfg, weights=w[:3], **kw)
+    assert isinstance(plain, NeuralClassifier)
