@@ -9,6 +9,10 @@ specificity at the stored threshold and at the **source-balanced** one: the thre
 the sources that have negatives, minus one (each source counts once, whatever its size).
 
     python -m neural_core.train.thresholds --clf runs/clf --features runs/pre [--extra jsrt] [--name image]
+    python -m neural_core.train.thresholds --clf runs/clf --keeps 1,0.25,0.1,0.05,0.023 --decoder runs/decoder/best
+
+The threshold is chosen on keep-0.10 views and applied at every keep: ``--keeps`` re-cuts the validation views at
+other keeps (from the cached maps) and prints the stored threshold's rates there (:func:`keep_rows`).
 
 Research evaluation only; validation sets are small (17 covid-cxr positives, 23 JSRT negatives): read the
 per-source rates with their counts.
@@ -17,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "main"]
+__all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "keep_rows", "main"]
 
 
 def source_rates(y: np.ndarray, p: np.ndarray, source: np.ndarray,
@@ -58,7 +63,26 @@ def source_balanced_threshold(y, p, source) -> float:
     return float(cands[best[len(best) // 2]])
 
 
-def _val_predictions(clf: Path, features: Path, extra: list[str], name: str) -> tuple[np.ndarray, ...]:
+def keep_rows(by_keep: dict, threshold: float) -> list[dict]:
+    """One row per keep: ROC-AUC, source-balanced J and per-source rates of ``p >= threshold``.
+
+    ``by_keep``: keep -> ``(y, p, source)`` validation arrays (*Shapes*: each :math:`(N_k,)`). The threshold is
+    chosen on keep-0.10 views but applied at every keep; this shows whether it serves the others."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for keep in sorted(by_keep, reverse=True):
+        y, p, src = (np.asarray(a) for a in by_keep[keep])
+        rows.append({"keep": float(keep), "n": int(len(y)),
+                     "auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
+                     "j": source_balanced_j(y, p, src, threshold), "rates": source_rates(y, p, src, threshold)})
+    return rows
+
+
+def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, keep: float = 0.10,
+                     decoder: str | None = None) -> tuple[np.ndarray, ...]:
+    """Validation labels, scores and sources of ``classifier_<name>``: the cached keep-0.10 views, or (another
+    ``keep``) views cut again from the cached maps at that keep with the backbone of ``decoder``."""
     import torch
 
     from ..graphs.text_encoder import get_text_encoder
@@ -73,12 +97,28 @@ def _val_predictions(clf: Path, features: Path, extra: list[str], name: str) -> 
 
         lung = Path(__file__).resolve().parents[2] / "assets" / "default_model" / "lung"
         register_lung_model(LungModel.from_pretrained(lung))
+    featurizer = None
+    if abs(keep - 0.10) > 1e-9:
+        if not decoder:
+            raise ValueError("views at a keep other than 0.10 are cut again: pass the decoder (its frozen backbone)")
+        import copy
+
+        from ..models.patch_features import BackboneFeaturizer
+        from ..models.report_model import ReportModel
+
+        featurizer = BackboneFeaturizer(copy.deepcopy(ReportModel.from_pretrained(decoder).cnn.backbone)
+                                        .fuse_for_inference())
     y, p, src = [], [], []
     enc = get_text_encoder()
     for which in ["val"] + [f"{e}_val" for e in extra]:
         _, _, recs = load_features(features, which)
         recs = [r for r in recs if r["pneumonia"] is not None]
-        _, texts, views = torch.load(clf / f"views_{which}.pt", weights_only=False)
+        maps, texts, views = torch.load(clf / f"views_{which}.pt", weights_only=False)
+        if featurizer is not None:
+            from .classifier import make_views
+
+            views = make_views(recs, maps, featurizer, model.cfg, views=1, keeps=(keep,), rng=None, desc=which,
+                               logline=lambda **kw: None)
         if name == "image":
             t = None
         elif name == "report":
@@ -99,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", default="runs/pre")
     ap.add_argument("--extra", default="jsrt", help="the --extra sets the classifiers were trained with")
     ap.add_argument("--name", default="image", choices=("image", "report", "oracle"))
+    ap.add_argument("--keeps", default="", help="also print the rates at the stored threshold at these keeps (comma "
+                    "list, e.g. 1,0.25,0.1,0.05,0.023): views cut again from the cached maps; needs --decoder")
+    ap.add_argument("--decoder", default=None, help="the report model the classifiers were trained with (its frozen "
+                    "backbone featurizes the re-cut views)")
     a = ap.parse_args(argv)
     clf = Path(a.clf)
     res = json.loads((clf / f"results_{a.name}.json").read_text())
@@ -114,6 +158,22 @@ def main(argv: list[str] | None = None) -> int:
         r = source_rates(y, p, src, t)
         print(f"| {label} | {t:.3f} | {source_balanced_j(y, p, src, t):.3f} | "
               + " | ".join(f"{v:.3f}" for v, _ in r.values()) + " |")
+    keeps = [float(k) for k in a.keeps.split(",") if k.strip()]
+    if keeps:
+        if any(abs(k - 0.10) > 1e-9 for k in keeps) and not a.decoder:
+            print("error: --keeps other than 0.1 needs --decoder", file=sys.stderr)
+            return 2
+        extra = [e for e in a.extra.split(",") if e]
+        by_keep = {k: (y, p, src) if abs(k - 0.10) < 1e-9 else
+                   _val_predictions(clf, Path(a.features), extra, a.name, keep=k, decoder=a.decoder) for k in keeps}
+        rows = keep_rows(by_keep, stored)
+        names = [f"{s} {'sens.' if c else 'spec.'} (n={n})" for (s, c), (_, n) in rows[0]["rates"].items()]
+        print(f"\nAt the stored threshold {stored:.3f}, by keep (chosen on keep 0.10):\n")
+        print("| keep | AUC | source-balanced J | " + " | ".join(names) + " |")
+        print("|---|---|---|" + "---|" * len(names))
+        for r in rows:
+            print(f"| {r['keep']:g} | {r['auc']:.3f} | {r['j']:.3f} | "
+                  + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
     return 0
 
 

@@ -38,3 +38,31 @@ def test_a_source_with_one_class_counts_once_per_class():
 def test_needs_both_classes():
     with pytest.raises(ValueError, match="positives and negatives"):
         source_balanced_j(np.array([1, 1]), np.array([0.2, 0.9]), np.array(["a", "b"]), 0.5)
+
+
+def test_keep_rows_rates_at_one_threshold_per_keep():
+    from neural_core.train.thresholds import keep_rows
+
+    s = np.array(["big"] * 4 + ["small"] * 2)
+    y = np.array([0, 0, 1, 1, 1, 1])
+    at_010 = (y, np.array([0.1, 0.2, 0.8, 0.9, 0.7, 0.6]), s)     # every source right at 0.5
+    at_1 = (y, np.array([0.1, 0.6, 0.8, 0.9, 0.7, 0.3]), s)       # one big negative above, one small positive below
+    rows = keep_rows({0.1: at_010, 1.0: at_1}, 0.5)
+    assert [r["keep"] for r in rows] == [1.0, 0.1]                # largest keep first
+    r1, r01 = rows
+    assert r01["j"] == pytest.approx(1.0) and r01["auc"] == pytest.approx(1.0)
+    assert r1["rates"][("small", 1)] == (0.5, 2) and r1["rates"][("big", 0)] == (0.5, 2)
+    assert r1["j"] == pytest.approx(0.75 + 0.5 - 1.0) and r1["n"] == 6
+
+
+def test_thresholds_cli_needs_decoder_for_other_keeps(tmp_path, monkeypatch, capsys):
+    from neural_core.train import thresholds
+
+    (tmp_path / "results_image.json").write_text('{"threshold": 0.5}')
+    fake = (np.array([0, 1, 1]), np.array([0.2, 0.9, 0.7]), np.array(["a", "a", "b"]))
+    monkeypatch.setattr(thresholds, "_val_predictions", lambda *a, **k: fake)
+    assert thresholds.main(["--clf", str(tmp_path), "--keeps", "1,0.1"]) == 2
+    assert "needs --decoder" in capsys.readouterr().err
+    assert thresholds.main(["--clf", str(tmp_path), "--keeps", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "by keep" in out and "| 0.1 | 1.000 |" in out
