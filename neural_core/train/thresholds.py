@@ -12,7 +12,8 @@ the sources that have negatives, minus one (each source counts once, whatever it
     python -m neural_core.train.thresholds --clf runs/clf --keeps 1,0.25,0.1,0.05,0.023 --decoder runs/decoder/best
 
 The threshold is chosen on keep-0.10 views and applied at every keep: ``--keeps`` re-cuts the validation views at
-other keeps (from the cached maps) and prints the stored threshold's rates there (:func:`keep_rows`).
+other keeps (from the cached maps) and prints the stored threshold's rates there (:func:`keep_rows`), and those of
+one source-balanced threshold chosen on the views of all the keeps together (:func:`pooled_keeps_threshold`).
 
 Research evaluation only; validation sets are small (17 covid-cxr positives, 23 JSRT negatives): read the
 per-source rates with their counts.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "keep_rows", "main"]
+__all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "keep_rows", "pooled_keeps_threshold", "main"]
 
 
 def source_rates(y: np.ndarray, p: np.ndarray, source: np.ndarray,
@@ -77,6 +78,13 @@ def keep_rows(by_keep: dict, threshold: float) -> list[dict]:
                      "auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
                      "j": source_balanced_j(y, p, src, threshold), "rates": source_rates(y, p, src, threshold)})
     return rows
+
+
+def pooled_keeps_threshold(by_keep: dict) -> float:
+    """:func:`source_balanced_threshold` of the validation views of every keep together (keep -> ``(y, p, source)``;
+    sources are counted once each, whatever the keep)."""
+    y, p, src = (np.concatenate([np.asarray(v[i]) for v in by_keep.values()]) for i in range(3))
+    return source_balanced_threshold(y, p, src)
 
 
 def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, keep: float = 0.10,
@@ -166,14 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         extra = [e for e in a.extra.split(",") if e]
         by_keep = {k: (y, p, src) if abs(k - 0.10) < 1e-9 else
                    _val_predictions(clf, Path(a.features), extra, a.name, keep=k, decoder=a.decoder) for k in keeps}
-        rows = keep_rows(by_keep, stored)
-        names = [f"{s} {'sens.' if c else 'spec.'} (n={n})" for (s, c), (_, n) in rows[0]["rates"].items()]
-        print(f"\nAt the stored threshold {stored:.3f}, by keep (chosen on keep 0.10):\n")
-        print("| keep | AUC | source-balanced J | " + " | ".join(names) + " |")
-        print("|---|---|---|" + "---|" * len(names))
-        for r in rows:
-            print(f"| {r['keep']:g} | {r['auc']:.3f} | {r['j']:.3f} | "
-                  + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
+        # the source-balanced threshold of the views of every keep pooled: one threshold for all keeps
+        pooled = pooled_keeps_threshold(by_keep)
+        for title, t in ((f"the stored threshold {stored:.3f}, by keep (chosen on keep 0.10)", stored),
+                         (f"the source-balanced threshold of all keeps pooled, {pooled:.3f}", pooled)):
+            rows = keep_rows(by_keep, t)
+            names = [f"{s} {'sens.' if c else 'spec.'} (n={n})" for (s, c), (_, n) in rows[0]["rates"].items()]
+            print(f"\nAt {title}:\n")
+            print("| keep | AUC | source-balanced J | " + " | ".join(names) + " |")
+            print("|---|---|---|" + "---|" * len(names))
+            for r in rows:
+                print(f"| {r['keep']:g} | {r['auc']:.3f} | {r['j']:.3f} | "
+                      + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
     return 0
 
 

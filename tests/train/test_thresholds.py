@@ -66,3 +66,18 @@ def test_thresholds_cli_needs_decoder_for_other_keeps(tmp_path, monkeypatch, cap
     assert thresholds.main(["--clf", str(tmp_path), "--keeps", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "by keep" in out and "| 0.1 | 1.000 |" in out
+
+
+def test_pooled_keeps_threshold_serves_both_keeps():
+    from neural_core.train.thresholds import keep_rows, pooled_keeps_threshold
+
+    s = np.array(["big"] * 4 + ["small"] * 2)
+    y = np.array([0, 0, 1, 1, 1, 1])
+    # keep 0.10 alone puts the cut at its lowest positive (0.80), above every positive of keep 1; a cut at 0.40
+    # separates both keeps
+    by_keep = {0.1: (y, np.array([0.30, 0.35, 0.90, 0.92, 0.80, 0.85]), s),
+               1.0: (y, np.array([0.10, 0.12, 0.46, 0.48, 0.40, 0.45]), s)}
+    t = pooled_keeps_threshold(by_keep)
+    j = [r["j"] for r in keep_rows(by_keep, t)]
+    j10 = [r["j"] for r in keep_rows(by_keep, 0.80)]              # what keep 0.10 alone would choose
+    assert sum(j10) == pytest.approx(1.0) and sum(j) == pytest.approx(2.0) and 0.35 < t <= 0.40
