@@ -8,9 +8,11 @@ frozen backbone looks at the artifact canvas with shortcut-breaking augmentation
 (:mod:`neural_core.models.patch_features`); ``--views`` such views per study are cached once, and the
 classifiers (``image``: visual graph only; ``report``: + the generated report's knowledge graph; ``oracle``: + the
 given report's graph, which for Kermany's label templates leaks the label) train on them for many epochs.
-Validation: the patient-level validation split at keep 0.10, no augmentation; early stopping on its ROC-AUC and
-the decision threshold are chosen there (``--threshold youden``: Youden's J on the pooled set, which is mostly
-Kermany; ``source-balanced``: :func:`neural_core.train.thresholds.source_balanced_threshold`, each source once).
+Validation: the patient-level validation split at keep 0.10 (``--val-keeps``: at each keep listed, one view per study
+and keep), no augmentation; early stopping on its ROC-AUC (``--select auc``: pooled, mostly Kermany; ``balanced``:
+:func:`balanced_auc`, every source and keep the same total weight) and the decision threshold are chosen there
+(``--threshold youden``: Youden's J on the pooled set; ``source-balanced``:
+:func:`neural_core.train.thresholds.source_balanced_threshold`, each source once, the keeps pooled).
 ``--balance source`` weights the training loss so that every data source carries the same total weight
 (:func:`source_weights`): 87 adult positives otherwise count for 3 % of a set of 2,316 pediatric studies.
 With ``--zone-features`` (default) every image node also carries its patch's six lung-zone fractions, from the
@@ -161,6 +163,18 @@ def weighted_pos_weight(y, w=None) -> float:
     return neg / pos if pos > 0 and neg > 0 else 1.0
 
 
+def balanced_auc(y, p, groups) -> float:
+    """ROC-AUC with sample weights under which every group (e.g. ``"covid-cxr@0.05"``: a source at a keep) carries the
+    same total weight (:func:`source_weights` of the group labels). A source with one class only (covid-cxr: all
+    positive; JSRT: all negative) has no AUC of its own; weighted this way its 17 films count as much as Kermany's 519
+    against the other sources' films, at every keep. Threshold-free, so it can pick the epoch.
+
+    *Shapes*: ``y``, ``p``, ``groups`` :math:`(N,)` -> scalar."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(y), np.asarray(p), sample_weight=source_weights(groups)))
+
+
 def choose_threshold(y, p, source=None, rule: str = "youden") -> float:
     """The decision threshold on validation scores: ``youden`` (pooled) or ``source-balanced`` (each source once;
     needs ``source``)."""
@@ -180,9 +194,18 @@ def choose_threshold(y, p, source=None, rule: str = "youden") -> float:
 
 def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: int, patience: int, lr: float,
               seed: int, logline, weights: np.ndarray | None = None, va_source=None,
-              threshold_rule: str = "youden") -> tuple[NeuralClassifier, dict]:
-    """Train one classifier; ``weights`` (one per training graph, e.g. :func:`source_weights`) scale its loss."""
+              threshold_rule: str = "youden", select: str = "auc", va_keep=None) -> tuple[NeuralClassifier, dict]:
+    """Train one classifier; ``weights`` (one per training graph, e.g. :func:`source_weights`) scale its loss.
+    ``select``: the validation score that picks the epoch, ``auc`` (pooled) or ``balanced`` (:func:`balanced_auc`
+    over source x keep groups; needs ``va_source`` and ``va_keep``, one per validation graph)."""
     from sklearn.metrics import roc_auc_score
+
+    if select not in ("auc", "balanced"):
+        raise ValueError(f"unknown selection score {select!r} (auc or balanced)")
+    if select == "balanced":
+        if va_source is None or va_keep is None or not (len(va_source) == len(va_keep) == len(va)):
+            raise ValueError("--select balanced needs each validation graph's source and keep")
+        groups = [f"{s}@{float(k):g}" for s, k in zip(va_source, va_keep)]
 
     torch.manual_seed(seed)
     model = NeuralClassifier(cfg)
@@ -210,19 +233,22 @@ def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: i
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             tot += loss.item() * b.num_graphs
-        auc = float(roc_auc_score(yv, predict(model, va)))
-        logline(event="epoch", classifier=name, epoch=ep, loss=tot / len(tr), val_auc=auc, seconds=time.time() - t0)
-        log.info("%s epoch %d loss %.4f val AUC %.4f", name, ep, tot / len(tr), auc)
-        if auc > best + 1e-4:
-            best, bad, best_state = auc, 0, copy.deepcopy(model.state_dict())
+        pv = predict(model, va)
+        auc = float(roc_auc_score(yv, pv))
+        score = auc if select == "auc" else balanced_auc(yv, pv, groups)
+        logline(event="epoch", classifier=name, epoch=ep, loss=tot / len(tr), val_auc=auc, val_score=score,
+                select=select, seconds=time.time() - t0)
+        log.info("%s epoch %d loss %.4f val AUC %.4f (%s %.4f)", name, ep, tot / len(tr), auc, select, score)
+        if score > best + 1e-4:
+            best, bad, best_state, best_auc = score, 0, copy.deepcopy(model.state_dict()), auc
         else:
             bad += 1
             if bad >= patience:
                 break
     model.load_state_dict(best_state)
     threshold = choose_threshold(yv, predict(model, va), va_source, threshold_rule)
-    return model.eval(), {"val_auc": best, "threshold": threshold, "threshold_rule": threshold_rule,
-                          "epochs_run": ep + 1}
+    return model.eval(), {"val_auc": best_auc, "val_score": best, "select": select, "threshold": threshold,
+                          "threshold_rule": threshold_rule, "epochs_run": ep + 1}
 
 
 def fit_baseline(pooled: np.ndarray, y: np.ndarray):
@@ -230,6 +256,12 @@ def fit_baseline(pooled: np.ndarray, y: np.ndarray):
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(C=0.01, class_weight="balanced", max_iter=2000).fit(pooled.astype(np.float32), y)
+
+
+def _save_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,9 +292,21 @@ def main(argv: list[str] | None = None) -> int:
                     "same total weight")
     ap.add_argument("--threshold", choices=("youden", "source-balanced"), default="youden",
                     help="how the decision threshold is chosen on validation")
+    ap.add_argument("--val-keeps", default="0.1", help="validation views at these keeps (comma list; one view per "
+                    "study and keep, e.g. 1,0.25,0.1,0.05,0.023): early stopping and threshold see every keep the "
+                    "classifier is used at")
+    ap.add_argument("--select", choices=("auc", "balanced"), default="auc",
+                    help="early stopping score: pooled validation ROC-AUC, or balanced_auc (every source and keep "
+                    "the same weight)")
     ap.add_argument("--lung", default="assets/default_model/lung", help="lung model for --zone-features (ship the "
                     "same one in the bundle)")
     args = ap.parse_args(argv)
+    try:
+        val_keeps = tuple(float(k) for k in args.val_keeps.split(",") if k.strip())
+    except ValueError:
+        ap.error(f"--val-keeps: not a comma list of numbers: {args.val_keeps!r}")
+    if not val_keeps or not all(0 < k <= 1 for k in val_keeps):
+        ap.error(f"--val-keeps: every keep must be in (0, 1]: {args.val_keeps!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     salience_cfg = read_salience_config(args.salience, generated=True)   # training artifacts: own reports
     from ..device import set_threads
@@ -312,9 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
                                    logline=logline)
-            tmp = vf.with_name(f"{vf.stem}.{os.getpid()}.tmp")
-            torch.save((maps, texts, views), tmp)
-            tmp.replace(vf)
+            _save_atomic(vf, (maps, texts, views))
+        if not which.endswith("train") and val_keeps != (0.10,):
+            # the keep-0.10 file stays as it is (train.thresholds reads it); these views are cut from its maps
+            kf = out / f"views_{which}_keeps{'_'.join(f'{k:g}' for k in val_keeps)}.pt"
+            if kf.exists():
+                views = torch.load(kf, weights_only=False)[2]
+            else:
+                views = make_views(recs, maps, featurizer, cfg, views=1, keeps=val_keeps, rng=None, desc=which,
+                                   logline=logline)
+                _save_atomic(kf, (maps, texts, views))
         data[which] = (recs, pooled, maps, texts, views)
         logline(event="views_ready", split=which, n=len(views),
                 distinct_reports=len(set(texts)))
@@ -371,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         clf, info = train_one(name, tr, va, cfg, epochs=args.epochs, patience=args.patience, lr=args.lr,
                               seed=args.seed, logline=logline, weights=weights,
                               va_source=[va_recs[i]["dataset"] for i, _, _ in va_views],
-                              threshold_rule=args.threshold)
+                              va_keep=[k for _, k, _ in va_views], threshold_rule=args.threshold,
+                              select=args.select)
         info["balance"] = args.balance
+        info["val_keeps"] = list(val_keeps)
         info["seconds"] = time.time() - t0
         info["salience"] = salience_cfg.to_dict()      # the map that cut its training artifacts (assemble checks it)
         clf.save_pretrained(out / f"classifier_{name}")

@@ -87,6 +87,18 @@ def pooled_keeps_threshold(by_keep: dict) -> float:
     return source_balanced_threshold(y, p, src)
 
 
+def _cached_keep_views(clf: Path, which: str, keep: float) -> list | None:
+    """The views at ``keep`` of a ``views_<which>_keeps*.pt`` file (``train.classifier --val-keeps``: cut from the
+    same maps by the same code), or None."""
+    import torch
+
+    for f in sorted(clf.glob(f"views_{which}_keeps*.pt")):
+        views = [v for v in torch.load(f, weights_only=False)[2] if abs(v[1] - keep) < 1e-9]
+        if views:
+            return views
+    return None
+
+
 def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, keep: float = 0.10,
                      decoder: str | None = None) -> tuple[np.ndarray, ...]:
     """Validation labels, scores and sources of ``classifier_<name>``: the cached keep-0.10 views, or (another
@@ -122,7 +134,10 @@ def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, 
         _, _, recs = load_features(features, which)
         recs = [r for r in recs if r["pneumonia"] is not None]
         maps, texts, views = torch.load(clf / f"views_{which}.pt", weights_only=False)
-        if featurizer is not None:
+        cached = _cached_keep_views(clf, which, keep) if featurizer is not None else None
+        if cached is not None:
+            views = cached
+        elif featurizer is not None:
             from .classifier import make_views
 
             views = make_views(recs, maps, featurizer, model.cfg, views=1, keeps=(keep,), rng=None, desc=which,

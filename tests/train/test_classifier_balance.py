@@ -1,5 +1,5 @@
-"""train.classifier --balance source / --threshold: the weights, the pos_weight and the threshold rule, and that a
-weighted loss really moves a classifier (tiny hand-made graphs)."""
+"""train.classifier --balance source / --threshold / --select / --val-keeps: the weights, the pos_weight, the threshold
+rule, the balanced selection score, and that a weighted loss really moves a classifier (tiny hand-made graphs)."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +7,8 @@ from torch_geometric.data import Data
 
 from neural_core.config import ClassifierConfig
 from neural_core.models.classifier import NeuralClassifier
-from neural_core.train.classifier import choose_threshold, source_weights, train_one, weighted_pos_weight
+from neural_core.train.classifier import (balanced_auc, choose_threshold, main, source_weights, train_one,
+                                         weighted_pos_weight)
 
 
 def test_source_weights_give_each_source_the_same_total():
@@ -42,6 +43,30 @@ def test_choose_threshold_rules():
         choose_threshold(y, p, s, "median")
 
 
+def test_balanced_auc_weights_every_group_the_same():
+    from sklearn.metrics import roc_auc_score
+
+    # big source at keep 1: perfectly ranked; a small all-positive source at keep 0.05 scoring below big's negatives
+    y = np.array([0] * 10 + [1] * 10 + [1, 1])
+    p = np.array([0.2] * 10 + [0.8] * 10 + [0.1, 0.1])
+    g = ["big@1"] * 20 + ["small@0.05"] * 2
+    pooled = roc_auc_score(y, p)
+    bal = balanced_auc(y, p, g)
+    # by hand: positives big (weight 22/(2*20) each, 10 of them) and small (22/(2*2) each, 2); negatives all big.
+    # big positives beat every negative, small ones none -> AUC = weight share of big positives
+    wb, ws = 10 * 22 / 40, 2 * 22 / 4
+    assert bal == pytest.approx(wb / (wb + ws))
+    assert pooled == pytest.approx(10 / 12) and bal < pooled
+    # equal-sized groups: weights all 1, the plain AUC
+    assert balanced_auc(y[:20], p[:20], ["a@1"] * 10 + ["b@1"] * 10) == pytest.approx(roc_auc_score(y[:20], p[:20]))
+
+
+def test_val_keeps_flag_is_checked_before_anything_loads():
+    for bad in ("2", "0", "x,0.1", ""):
+        with pytest.raises(SystemExit):
+            main(["--val-keeps", bad, "--decoder", "/nonexistent"])
+
+
 CFG = ClassifierConfig(patch_encoder="backbone", feature_dim=4, dropout=0.0)
 
 
@@ -73,3 +98,19 @@ def test_weights_move_the_classifier_and_are_checked():
     with pytest.raises(ValueError, match="weights"):
         train_one("image", tr, probe, cfg, weights=w[:3], **kw)
     assert isinstance(plain, NeuralClassifier)
+
+
+def test_balanced_selection_needs_sources_and_keeps_and_scores_the_returned_model():
+    tr = [_graph(1.0, 1) for _ in range(6)] + [_graph(-1.0, 0) for _ in range(6)]
+    va = [_graph(1.0, 1), _graph(-1.0, 0), _graph(0.5, 1), _graph(-0.5, 0)]
+    kw = dict(epochs=3, patience=5, lr=1e-2, seed=0, logline=lambda **k: None)
+    with pytest.raises(ValueError, match="source and keep"):
+        train_one("image", tr, va, CFG, select="balanced", va_source=["a"] * 4, **kw)
+    with pytest.raises(ValueError, match="unknown selection"):
+        train_one("image", tr, va, CFG, select="best", **kw)
+    src, keeps = ["a", "a", "b", "b"], [1.0, 1.0, 0.05, 0.05]
+    model, info = train_one("image", tr, va, CFG, select="balanced", va_source=src, va_keep=keeps, **kw)
+    from neural_core import stages
+    assert info["select"] == "balanced"
+    assert info["val_score"] == pytest.approx(
+        balanced_auc([1, 0, 1, 0], stages.predict(model, va), ["a@1", "a@1", "b@0.05", "b@0.05"]))

@@ -81,3 +81,15 @@ def test_pooled_keeps_threshold_serves_both_keeps():
     j = [r["j"] for r in keep_rows(by_keep, t)]
     j10 = [r["j"] for r in keep_rows(by_keep, 0.80)]              # what keep 0.10 alone would choose
     assert sum(j10) == pytest.approx(1.0) and sum(j) == pytest.approx(2.0) and 0.35 < t <= 0.40
+
+
+def test_cached_keep_views_reads_the_val_keeps_file(tmp_path):
+    import torch
+
+    from neural_core.train.thresholds import _cached_keep_views
+
+    views = [(0, 1.0, "a1"), (0, 0.05, "a05"), (1, 1.0, "b1"), (1, 0.05, "b05")]
+    torch.save(([], [], views), tmp_path / "views_val_keeps1_0.05.pt")
+    assert _cached_keep_views(tmp_path, "val", 0.05) == [(0, 0.05, "a05"), (1, 0.05, "b05")]
+    assert _cached_keep_views(tmp_path, "val", 0.25) is None          # not cached: cut again
+    assert _cached_keep_views(tmp_path, "jsrt_val", 1.0) is None
