@@ -194,11 +194,21 @@ def choose_threshold(y, p, source=None, rule: str = "youden") -> float:
 
 def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: int, patience: int, lr: float,
               seed: int, logline, weights: np.ndarray | None = None, va_source=None,
-              threshold_rule: str = "youden", select: str = "auc", va_keep=None) -> tuple[NeuralClassifier, dict]:
+              threshold_rule: str = "youden", select: str = "auc", va_keep=None,
+              init: NeuralClassifier | None = None, init_threshold: float | None = None
+              ) -> tuple[NeuralClassifier, dict]:
     """Train one classifier; ``weights`` (one per training graph, e.g. :func:`source_weights`) scale its loss.
     ``select``: the validation score that picks the epoch, ``auc`` (pooled) or ``balanced`` (:func:`balanced_auc`
-    over source x keep groups; needs ``va_source`` and ``va_keep``, one per validation graph)."""
+    over source x keep groups; needs ``va_source`` and ``va_keep``, one per validation graph).
+    ``init``: fine-tune a copy of this classifier (same config) instead of a fresh one; ``threshold_rule="init"``
+    keeps ``init_threshold`` instead of choosing a threshold on validation."""
     from sklearn.metrics import roc_auc_score
+
+    if threshold_rule == "init" and init_threshold is None:
+        raise ValueError("--threshold init needs the initial classifier's threshold (--init)")
+    if init is not None and init.cfg.to_dict() != cfg.to_dict():
+        raise ValueError(f"--init: the initial classifier's config differs from this run's: {init.cfg.to_dict()} vs "
+                         f"{cfg.to_dict()}")
 
     if select not in ("auc", "balanced"):
         raise ValueError(f"unknown selection score {select!r} (auc or balanced)")
@@ -208,7 +218,7 @@ def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: i
         groups = [f"{s}@{float(k):g}" for s, k in zip(va_source, va_keep)]
 
     torch.manual_seed(seed)
-    model = NeuralClassifier(cfg)
+    model = copy.deepcopy(init).train() if init is not None else NeuralClassifier(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     y = np.array([float(g.y) for g in tr])
     if weights is not None:
@@ -246,7 +256,8 @@ def train_one(name: str, tr: list, va: list, cfg: ClassifierConfig, *, epochs: i
             if bad >= patience:
                 break
     model.load_state_dict(best_state)
-    threshold = choose_threshold(yv, predict(model, va), va_source, threshold_rule)
+    threshold = (float(init_threshold) if threshold_rule == "init"
+                 else choose_threshold(yv, predict(model, va), va_source, threshold_rule))
     return model.eval(), {"val_auc": best_auc, "val_score": best, "select": select, "threshold": threshold,
                           "threshold_rule": threshold_rule, "epochs_run": ep + 1}
 
@@ -290,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--balance", choices=("none", "source"), default="none",
                     help="source: weight the loss so that every data source (kermany, covid-cxr, jsrt) carries the "
                     "same total weight")
-    ap.add_argument("--threshold", choices=("youden", "source-balanced"), default="youden",
-                    help="how the decision threshold is chosen on validation")
+    ap.add_argument("--threshold", choices=("youden", "source-balanced", "init"), default="youden",
+                    help="how the decision threshold is chosen on validation (init: keep the --init classifier's)")
+    ap.add_argument("--init", default=None, help="a train.classifier output folder: fine-tune its classifier_<name> "
+                    "(same config) instead of training from scratch")
     ap.add_argument("--val-keeps", default="0.1", help="validation views at these keeps (comma list; one view per "
                     "study and keep, e.g. 1,0.25,0.1,0.05,0.023): early stopping and threshold see every keep the "
                     "classifier is used at")
@@ -307,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--val-keeps: not a comma list of numbers: {args.val_keeps!r}")
     if not val_keeps or not all(0 < k <= 1 for k in val_keeps):
         ap.error(f"--val-keeps: every keep must be in (0, 1]: {args.val_keeps!r}")
+    if args.threshold == "init" and not args.init:
+        ap.error("--threshold init keeps the threshold of the --init classifiers: pass --init")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     salience_cfg = read_salience_config(args.salience, generated=True)   # training artifacts: own reports
     from ..device import set_threads
@@ -417,14 +432,19 @@ def main(argv: list[str] | None = None) -> int:
             tr = _graphs(tr_views, tr_recs, [r["report"] for r in tr_recs], cache, enc)
             va = _graphs(va_views, va_recs, [r["report"] for r in va_recs], cache, enc)
         t0 = time.time()
+        init, init_thr = None, None
+        if args.init:
+            init = NeuralClassifier.from_pretrained(Path(args.init) / f"classifier_{name}")
+            init_thr = json.loads((Path(args.init) / f"results_{name}.json").read_text())["threshold"]
         weights = (source_weights([tr_recs[i]["dataset"] for i, _, _ in tr_views])
                    if args.balance == "source" else None)
         clf, info = train_one(name, tr, va, cfg, epochs=args.epochs, patience=args.patience, lr=args.lr,
                               seed=args.seed, logline=logline, weights=weights,
                               va_source=[va_recs[i]["dataset"] for i, _, _ in va_views],
                               va_keep=[k for _, k, _ in va_views], threshold_rule=args.threshold,
-                              select=args.select)
+                              select=args.select, init=init, init_threshold=init_thr)
         info["balance"] = args.balance
+        info["init"] = str(args.init) if args.init else None
         info["val_keeps"] = list(val_keeps)
         info["seconds"] = time.time() - t0
         info["salience"] = salience_cfg.to_dict()      # the map that cut its training artifacts (assemble checks it)

@@ -114,3 +114,29 @@ def test_balanced_selection_needs_sources_and_keeps_and_scores_the_returned_mode
     assert info["select"] == "balanced"
     assert info["val_score"] == pytest.approx(
         balanced_auc([1, 0, 1, 0], stages.predict(model, va), ["a@1", "a@1", "b@0.05", "b@0.05"]))
+
+
+def test_init_fine_tunes_a_copy_and_keeps_its_threshold():
+    tr = [_graph(1.0, 1) for _ in range(6)] + [_graph(-1.0, 0) for _ in range(6)]
+    va = [_graph(1.0, 1), _graph(-1.0, 0)]
+    kw = dict(epochs=2, patience=5, lr=1e-2, seed=0, logline=lambda **k: None)
+    start, _ = train_one("image", tr, va, CFG, **kw)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    tuned, info = train_one("image", tr, va, CFG, init=start, init_threshold=0.123, threshold_rule="init", **kw)
+    assert info["threshold"] == pytest.approx(0.123) and info["threshold_rule"] == "init"
+    # the initial classifier is not modified; the tuned one started from it (a fresh one starts elsewhere)
+    assert all(torch.equal(before[k], v) for k, v in start.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+    fresh = NeuralClassifier(CFG)
+    dist = lambda m: sum(float((before[k] - v).abs().sum()) for k, v in m.state_dict().items())  # noqa: E731
+    assert dist(tuned) < dist(fresh)
+    with pytest.raises(ValueError, match="threshold"):
+        train_one("image", tr, va, CFG, init=start, threshold_rule="init", **kw)
+    other = ClassifierConfig(patch_encoder="backbone", feature_dim=4, dropout=0.0, hidden=CFG.hidden * 2)
+    with pytest.raises(ValueError, match="config differs"):
+        train_one("image", tr, va, other, init=start, **kw)
+
+
+def test_threshold_init_needs_init():
+    with pytest.raises(SystemExit):
+        main(["--threshold", "init", "--decoder", "/nonexistent"])
