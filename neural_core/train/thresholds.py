@@ -10,10 +10,13 @@ the sources that have negatives, minus one (each source counts once, whatever it
 
     python -m neural_core.train.thresholds --clf runs/clf --features runs/pre [--extra jsrt] [--name image]
     python -m neural_core.train.thresholds --clf runs/clf --keeps 1,0.25,0.1,0.05,0.023 --decoder runs/decoder/best
+    python -m neural_core.train.thresholds --clf runs/clf --keeps ... --decoder ... --seeds runs/clf_seed1,runs/clf_seed2
 
 The threshold is chosen on keep-0.10 views and applied at every keep: ``--keeps`` re-cuts the validation views at
 other keeps (from the cached maps) and prints the stored threshold's rates there (:func:`keep_rows`), and those of
 one source-balanced threshold chosen on the views of all the keeps together (:func:`pooled_keeps_threshold`).
+``--seeds`` adds classifiers trained on the same views with other seeds, and the mean of their scores
+(:func:`seed_rows`): one run's threshold and adult sensitivity vary a lot with the seed.
 
 Research evaluation only; validation sets are small (17 covid-cxr positives, 23 JSRT negatives): read the
 per-source rates with their counts.
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "keep_rows", "pooled_keeps_threshold", "main"]
+__all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "keep_rows", "pooled_keeps_threshold",
+           "seed_rows", "main"]
 
 
 def source_rates(y: np.ndarray, p: np.ndarray, source: np.ndarray,
@@ -103,6 +107,15 @@ def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, 
                      decoder: str | None = None) -> tuple[np.ndarray, ...]:
     """Validation labels, scores and sources of ``classifier_<name>``: the cached keep-0.10 views, or (another
     ``keep``) views cut again from the cached maps at that keep with the backbone of ``decoder``."""
+    y, p, src = _val_predictions_many(clf, features, extra, name, keep=keep, decoder=decoder)
+    return y, p[0], src
+
+
+def _val_predictions_many(clf: Path, features: Path, extra: list[str], name: str, *, keep: float = 0.10,
+                          decoder: str | None = None, others: tuple = ()) -> tuple[np.ndarray, ...]:
+    """As :func:`_val_predictions`, for ``clf``'s classifier and those of ``others`` (folders trained on the same
+    cached views: same maps, another seed) on ``clf``'s views. *Shapes*: ``y``, ``src`` :math:`(N,)`; scores
+    :math:`(1 + len(others), N)`."""
     import torch
 
     from ..graphs.text_encoder import get_text_encoder
@@ -110,7 +123,8 @@ def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, 
     from .classifier import _graphs, predict
     from .decoder import load_features
 
-    model = NeuralClassifier.from_pretrained(clf / f"classifier_{name}")
+    models = [NeuralClassifier.from_pretrained(Path(c) / f"classifier_{name}") for c in (clf, *others)]
+    model = models[0]
     if model.cfg.zone_features:
         from ..models.lung import LungModel
         from ..models.patch_features import register_lung_model
@@ -148,11 +162,38 @@ def _val_predictions(clf: Path, features: Path, extra: list[str], name: str, *, 
             t = texts
         else:
             t = [r["report"] for r in recs]
-        pv = predict(model, _graphs(views, recs, t, {}, enc))
+        graphs = _graphs(views, recs, t, {}, enc)
+        p.append(np.stack([predict(m, graphs) for m in models]))
         y += [int(recs[i]["pneumonia"]) for i, _, _ in views]
         src += [recs[i]["dataset"] for i, _, _ in views]
-        p += pv.tolist()
-    return np.array(y), np.array(p), np.array(src)
+    return np.array(y), np.concatenate(p, axis=1), np.array(src)
+
+
+def seed_rows(by_keep: dict, thresholds: list[float], names: list[str], rule: str = "youden") -> list[dict]:
+    """Several classifiers trained on the same views with different seeds, and their mean-score ensemble, at every
+    keep: one row per (classifier, keep) with the ROC-AUC and per-source rates at that classifier's threshold. The
+    ensemble's threshold is chosen by ``rule`` (:func:`neural_core.train.classifier.choose_threshold`) on its
+    keep-0.10 scores, as a single classifier's is.
+
+    ``by_keep``: keep -> ``(y, P, source)`` with ``P`` of shape :math:`(M, N_k)` (one row per classifier, in the
+    order of ``names`` and ``thresholds``). Returns :math:`(M + 1) \times K` rows."""
+    from sklearn.metrics import roc_auc_score
+
+    from .classifier import choose_threshold
+
+    ref = min(by_keep, key=lambda k: abs(k - 0.10))
+    y10, P10, s10 = by_keep[ref]
+    ens_thr = choose_threshold(y10, np.asarray(P10).mean(0), s10, rule)
+    rows = []
+    for m, (name, thr) in enumerate(zip([*names, "mean of the seeds"], [*thresholds, ens_thr])):
+        for keep in sorted(by_keep, reverse=True):
+            y, P, src = by_keep[keep]
+            P = np.asarray(P)
+            p = P.mean(0) if m == len(names) else P[m]
+            rows.append({"classifier": name, "keep": float(keep), "threshold": float(thr),
+                         "auc": float(roc_auc_score(y, p)) if len(set(np.asarray(y).tolist())) == 2 else float("nan"),
+                         "rates": source_rates(y, p, src, thr)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     "list, e.g. 1,0.25,0.1,0.05,0.023): views cut again from the cached maps; needs --decoder")
     ap.add_argument("--decoder", default=None, help="the report model the classifiers were trained with (its frozen "
                     "backbone featurizes the re-cut views)")
+    ap.add_argument("--seeds", default="", help="other train.classifier folders trained on the same cached views "
+                    "(another --seed; comma list): with --keeps, every seed's rates and those of their mean score")
     a = ap.parse_args(argv)
     clf = Path(a.clf)
     res = json.loads((clf / f"results_{a.name}.json").read_text())
@@ -201,6 +244,23 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"| {r['keep']:g} | {r['auc']:.3f} | {r['j']:.3f} | "
                       + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
+        seeds = [Path(d) for d in a.seeds.split(",") if d.strip()]
+        if seeds:
+            many = {k: _val_predictions_many(clf, Path(a.features), extra, a.name, keep=k, decoder=a.decoder,
+                                             others=tuple(seeds)) for k in keeps}
+            thrs = [stored] + [json.loads((d / f"results_{a.name}.json").read_text())["threshold"] for d in seeds]
+            rows = seed_rows(many, thrs, [clf.name] + [d.name for d in seeds], rule)
+            names = [f"{s} {'sens.' if c else 'spec.'} (n={n})" for (s, c), (_, n) in rows[0]["rates"].items()]
+            print("\nEvery seed at its stored threshold, and the mean of their scores (threshold by the same rule on "
+                  "its keep-0.10 scores):\n")
+            print("| classifier | threshold | keep | AUC | " + " | ".join(names) + " |")
+            print("|---|---|---|---|" + "---|" * len(names))
+            for r in rows:
+                print(f"| {r['classifier']} | {r['threshold']:.3f} | {r['keep']:g} | {r['auc']:.3f} | "
+                      + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
+    elif a.seeds:
+        print("error: --seeds needs --keeps", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -93,3 +93,24 @@ def test_cached_keep_views_reads_the_val_keeps_file(tmp_path):
     assert _cached_keep_views(tmp_path, "val", 0.05) == [(0, 0.05, "a05"), (1, 0.05, "b05")]
     assert _cached_keep_views(tmp_path, "val", 0.25) is None          # not cached: cut again
     assert _cached_keep_views(tmp_path, "jsrt_val", 1.0) is None
+
+
+def test_seed_rows_every_seed_and_the_mean_of_their_scores():
+    from neural_core.train.thresholds import seed_rows
+
+    y = np.array([1, 1, 0, 0, 1])
+    src = np.array(["k", "k", "k", "k", "a"])
+    # two seeds that disagree on the adult positive (last column)
+    P10 = np.array([[0.9, 0.8, 0.1, 0.2, 0.7], [0.9, 0.7, 0.2, 0.1, 0.1]])
+    P1 = np.array([[0.95, 0.9, 0.05, 0.1, 0.9], [0.9, 0.9, 0.1, 0.05, 0.3]])
+    rows = seed_rows({0.10: (y, P10, src), 1.0: (y, P1, src)}, [0.5, 0.5], ["s0", "s1"])
+    assert [(r["classifier"], r["keep"]) for r in rows] == [("s0", 1.0), ("s0", 0.1), ("s1", 1.0), ("s1", 0.1),
+                                                           ("mean of the seeds", 1.0), ("mean of the seeds", 0.1)]
+    by = {(r["classifier"], r["keep"]): r for r in rows}
+    assert by[("s0", 0.1)]["rates"][("a", 1)] == (1.0, 1) and by[("s1", 0.1)]["rates"][("a", 1)] == (0.0, 1)
+    ens = by[("mean of the seeds", 0.1)]
+    # the ensemble's threshold is re-chosen (pooled Youden on its keep-0.10 mean scores) and used at every keep
+    from neural_core.train.classifier import choose_threshold
+    assert ens["threshold"] == pytest.approx(choose_threshold(y, P10.mean(0), src, "youden"))
+    assert by[("mean of the seeds", 1.0)]["threshold"] == ens["threshold"]
+    assert ens["auc"] == pytest.approx(1.0)
