@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="", help="other train.classifier folders trained on the same cached views "
                     "(another --seed; comma list): with --keeps, every seed's rates and those of their mean score")
     a = ap.parse_args(argv)
+    if a.seeds.strip() and not a.keeps.strip():
+        print("error: --seeds needs --keeps (the seeds are compared at every keep)", file=sys.stderr)
+        return 2
     clf = Path(a.clf)
     res = json.loads((clf / f"results_{a.name}.json").read_text())
     stored, rule = res["threshold"], res.get("threshold_rule", "youden")   # older folders: pooled Youden
@@ -258,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"| {r['classifier']} | {r['threshold']:.3f} | {r['keep']:g} | {r['auc']:.3f} | "
                       + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
-    elif a.seeds:
-        print("error: --seeds needs --keeps", file=sys.stderr)
-        return 2
     return 0
 
 

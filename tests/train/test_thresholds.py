@@ -114,3 +114,10 @@ def test_seed_rows_every_seed_and_the_mean_of_their_scores():
     assert ens["threshold"] == pytest.approx(choose_threshold(y, P10.mean(0), src, "youden"))
     assert by[("mean of the seeds", 1.0)]["threshold"] == ens["threshold"]
     assert ens["auc"] == pytest.approx(1.0)
+
+
+def test_seeds_need_keeps_and_fail_before_reading(tmp_path, capsys):
+    from neural_core.train.thresholds import main
+
+    assert main(["--clf", str(tmp_path / "missing"), "--seeds", str(tmp_path / "other")]) == 2
+    assert "--seeds needs --keeps" in capsys.readouterr().err
