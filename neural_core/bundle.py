@@ -10,6 +10,8 @@ Directory layout (``assets/default_model`` is the shipped one)::
       classifier_report/         trained on image + the model's *generated* report graphs
       classifier_oracle/         trained on image + *given* report graphs (for real reports; on label-template
                                  training text it is an oracle: the label comes from the report)
+                               any of them may be a seed ensemble instead (``ensemble.json`` + ``member_<i>/``,
+                               :mod:`neural_core.models.ensemble`): the members' mean probability
     baseline/                  optional: the transfer-learning baseline (frozen backbone + logistic regression,
                                :mod:`neural_core.models.baseline`) that every evaluation reports beside NEURAL
     lung/                      optional: the lung-field model (:mod:`neural_core.models.lung`) and its
@@ -37,6 +39,7 @@ import torch
 from .config import ClassifierConfig, ReportModelConfig, SalienceConfig, small_report_config
 from .errors import ModelLoadError
 from .models.classifier import NeuralClassifier
+from .models.ensemble import load_classifier
 from .models.report_model import ReportModel
 from .models.tokenizer import load_tokenizer, train_tokenizer
 from .stages import CLASSIFIER_NAMES
@@ -200,7 +203,7 @@ def load_bundle(path: str | Path | None = None, device: torch.device | str | Non
             info = json.loads((p / "model.json").read_text())
             rm = ReportModel.from_pretrained(p / "report", map_location=dev)
             tok = load_tokenizer(p / "report" / "tokenizer")
-            clfs = {name: NeuralClassifier.from_pretrained(p / CLASSIFIER_DIR.format(name), map_location=dev).eval()
+            clfs = {name: load_classifier(p / CLASSIFIER_DIR.format(name), map_location=dev).eval()
                     for name in CLASSIFIER_NAMES if (p / CLASSIFIER_DIR.format(name)).is_dir()}
             baseline = lung = None
             if (p / "baseline").is_dir():

@@ -269,7 +269,7 @@ class Pipeline:
         with self._lock:
             entry = derived.get(key)
             if entry is None:
-                entry = (torch.zeros((artifact.rows * artifact.cols, clf.cfg.patch_dim), device=self.bundle.device),
+                entry = (torch.zeros((artifact.rows * artifact.cols, clf.patch_feature_dim), device=self.bundle.device),
                          torch.zeros(artifact.rows * artifact.cols, dtype=torch.bool))
                 derived[key] = entry
             buf, have = entry

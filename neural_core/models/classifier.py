@@ -157,6 +157,11 @@ class NeuralClassifier(nn.Module):
         self.act = nn.GELU()
         self.head = nn.Sequential(nn.Linear(2 * h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 1))
 
+    @property
+    def patch_feature_dim(self) -> int:
+        """Width of ``patch_encoder``'s output (what :meth:`node_embeddings` takes as ``patch_features``)."""
+        return self.cfg.patch_dim
+
     # ------------------------------------------------------------------ embeddings
     def node_embeddings(self, data: Data, patch_features: torch.Tensor | None = None) -> torch.Tensor:
         r"""Initial node embeddings :math:`h^{(0)}`, shape :math:`(N, \text{hidden})` (the input for attributions).

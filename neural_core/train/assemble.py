@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..bundle import ModelBundle
 from ..models.baseline import TransferBaseline
-from ..models.classifier import NeuralClassifier
+from ..models.ensemble import ClassifierEnsemble, load_classifier
 from ..models.report_model import ReportModel
 from ..models.tokenizer import load_tokenizer
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     clfs, thresholds, val_auc = {}, {}, {}
     for n, d in where.items():
         if (d / f"classifier_{n}").is_dir():
-            clfs[n] = NeuralClassifier.from_pretrained(d / f"classifier_{n}")
+            clfs[n] = load_classifier(d / f"classifier_{n}")
             res = json.loads((d / f"results_{n}.json").read_text())
             thresholds[n], val_auc[n] = res["threshold"], res["val_auc"]
     base = TransferBaseline.load(Path(args.classifiers) / "baseline")
@@ -112,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         density = DensityAtlas.load(args.density)
     training = _training_record(Path(args.decoder).parent / "log.jsonl")
     zone = sorted(n for n, c in clfs.items() if c.cfg.zone_features)
+    ensembles = {n: c.size for n, c in clfs.items() if isinstance(c, ClassifierEnsemble)}
     info = {"name": "neural-lite0", "version": args.version, "trained": True, "thresholds": thresholds,
             "val_auc": val_auc, "split_file": "split.json",
             "encoder": rm.cfg.encoder, "report_model": rm.cfg.to_dict(),
             "report_model_training": training,
             "sources": {n: str(d) for n, d in where.items() if n in clfs},
             "classifier_zone_features": zone,
+            **({"classifier_ensembles": ensembles} if ensembles else {}),
             "data": ["kermany-train (label-template reports; Kermany capped at 1300 studies per class)",
                      "covid-cxr (clinical notes)", "jsrt: the 154 nodule films as adult negatives (classifiers)",
                      "iu-reports (tokenizer text only)"]
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 "impression written from the label (neural_core.train.report_targets; the notes themselves are "
                 "not what it learnt to write)"] if training.get("notes_target") == "findings" else [])
             + ([f"classifiers: {args.classifier_note}"] if args.classifier_note else [])
+            + [f"classifier {n}: the mean probability of {k} runs of one recipe on the same views (seeds; "
+               "neural_core.models.ensemble), threshold chosen on the ensemble's validation scores"
+               for n, k in sorted(ensembles.items())]
             + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
             + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "

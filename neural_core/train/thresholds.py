@@ -16,7 +16,12 @@ The threshold is chosen on keep-0.10 views and applied at every keep: ``--keeps`
 other keeps (from the cached maps) and prints the stored threshold's rates there (:func:`keep_rows`), and those of
 one source-balanced threshold chosen on the views of all the keeps together (:func:`pooled_keeps_threshold`).
 ``--seeds`` adds classifiers trained on the same views with other seeds, and the mean of their scores
-(:func:`seed_rows`): one run's threshold and adult sensitivity vary a lot with the seed.
+(:func:`seed_rows`): one run's threshold and adult sensitivity vary a lot with the seed. ``--write-ensemble OUT``
+then writes that mean-score ensemble as a classifier folder (``OUT/classifier_<name>/``, a
+:class:`~neural_core.models.ensemble.ClassifierEnsemble`, and ``OUT/results_<name>.json`` with its threshold and
+validation AUC), which ``train.assemble --also <name>=OUT`` ships like a single classifier:
+
+    python -m neural_core.train.thresholds --clf runs/clf --keeps ... --decoder ... --seeds ... --write-ensemble runs/ens
 
 Research evaluation only; validation sets are small (17 covid-cxr positives, 23 JSRT negatives): read the
 per-source rates with their counts.
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["source_rates", "source_balanced_j", "source_balanced_threshold", "keep_rows", "pooled_keeps_threshold",
-           "seed_rows", "main"]
+           "seed_rows", "write_ensemble", "main"]
 
 
 def source_rates(y: np.ndarray, p: np.ndarray, source: np.ndarray,
@@ -119,11 +124,11 @@ def _val_predictions_many(clf: Path, features: Path, extra: list[str], name: str
     import torch
 
     from ..graphs.text_encoder import get_text_encoder
-    from ..models.classifier import NeuralClassifier
+    from ..models.ensemble import load_classifier
     from .classifier import _graphs, predict
     from .decoder import load_features
 
-    models = [NeuralClassifier.from_pretrained(Path(c) / f"classifier_{name}") for c in (clf, *others)]
+    models = [load_classifier(Path(c) / f"classifier_{name}") for c in (clf, *others)]
     model = models[0]
     if model.cfg.zone_features:
         from ..models.lung import LungModel
@@ -209,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                     "backbone featurizes the re-cut views)")
     ap.add_argument("--seeds", default="", help="other train.classifier folders trained on the same cached views "
                     "(another --seed; comma list): with --keeps, every seed's rates and those of their mean score")
+    ap.add_argument("--write-ensemble", default=None, metavar="OUT", help="with --seeds: write --clf and the seeds "
+                    "as one mean-probability ensemble classifier folder (classifier_<name>/, results_<name>.json "
+                    "with the ensemble's threshold, chosen as above)")
     a = ap.parse_args(argv)
     if a.seeds.strip() and not a.keeps.strip():
         print("error: --seeds needs --keeps (the seeds are compared at every keep)", file=sys.stderr)
+        return 2
+    if a.write_ensemble and not a.seeds.strip():
+        print("error: --write-ensemble needs --seeds (an ensemble of one is the classifier itself)", file=sys.stderr)
         return 2
     clf = Path(a.clf)
     res = json.loads((clf / f"results_{a.name}.json").read_text())
@@ -261,7 +272,34 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"| {r['classifier']} | {r['threshold']:.3f} | {r['keep']:g} | {r['auc']:.3f} | "
                       + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
+            if a.write_ensemble:
+                ens = [r for r in rows if r["classifier"] == "mean of the seeds"]
+                out = write_ensemble(Path(a.write_ensemble), a.name, [clf, *seeds], res, ens)
+                print(f"\nwrote the ensemble of {1 + len(seeds)} classifiers to {out}")
     return 0
+
+
+def write_ensemble(out: Path, name: str, folders: list[Path], res: dict, rows: list[dict]) -> Path:
+    """``out/classifier_<name>/`` (the folders' classifiers as one :class:`~neural_core.models.ensemble.
+    ClassifierEnsemble`) and ``out/results_<name>.json``: the first folder's results with the ensemble's threshold,
+    its keep-0.10 validation AUC and every keep's AUC (``rows``: :func:`seed_rows`' rows of the ensemble)."""
+    from ..models.ensemble import ClassifierEnsemble, load_classifier
+    from ..utils import atomic_write_text
+
+    ref = min(rows, key=lambda r: abs(r["keep"] - 0.10))
+    members = []
+    for f in folders:
+        m = load_classifier(f / f"classifier_{name}")
+        members += list(m.members) if isinstance(m, ClassifierEnsemble) else [m]
+    out.mkdir(parents=True, exist_ok=True)
+    ClassifierEnsemble(members).save_pretrained(out / f"classifier_{name}", sources=[str(f) for f in folders])
+    results = {**res, "threshold": ref["threshold"], "val_auc": ref["auc"],
+               "val_auc_by_keep": {f"{r['keep']:g}": r["auc"] for r in rows},
+               "ensemble": {"members": [str(f) for f in folders], "combine": "mean_probability",
+                            "member_thresholds": [json.loads((f / f"results_{name}.json").read_text())["threshold"]
+                                                  for f in folders]}}
+    atomic_write_text(out / f"results_{name}.json", json.dumps(results, indent=2))
+    return out
 
 
 if __name__ == "__main__":

@@ -121,3 +121,49 @@ def test_seeds_need_keeps_and_fail_before_reading(tmp_path, capsys):
 
     assert main(["--clf", str(tmp_path / "missing"), "--seeds", str(tmp_path / "other")]) == 2
     assert "--seeds needs --keeps" in capsys.readouterr().err
+
+
+def test_write_ensemble_needs_seeds(tmp_path, capsys):
+    from neural_core.train.thresholds import main
+
+    assert main(["--clf", str(tmp_path / "missing"), "--write-ensemble", str(tmp_path / "e")]) == 2
+    assert "--write-ensemble needs --seeds" in capsys.readouterr().err
+
+
+def test_write_ensemble_is_a_classifier_folder_the_bundle_reads(tmp_path):
+    """The seeds' mean-score ensemble becomes ``classifier_image/`` + ``results_image.json`` with the ensemble's
+    threshold, which the one loader reads back as a ClassifierEnsemble answering with the mean probability."""
+    import json
+
+    import torch
+
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.models.ensemble import ClassifierEnsemble, load_classifier
+    from neural_core.train.thresholds import write_ensemble
+    from tests.models.test_classifier import CFG, batch_of, three_graphs
+
+    folders = []
+    for s in range(3):
+        f = tmp_path / f"clf{s}"
+        torch.manual_seed(s)
+        NeuralClassifier(CFG).save_pretrained(f / "classifier_image")
+        (f / "results_image.json").write_text(json.dumps({"threshold": 0.1 * (s + 1), "val_auc": 0.9,
+                                                          "salience": {"method": "located", "layers": [1]}}))
+        folders.append(f)
+    rows = [{"classifier": "mean of the seeds", "keep": k, "threshold": 0.42, "auc": a, "rates": {}}
+            for k, a in ((1.0, 0.97), (0.1, 0.95), (0.05, 0.93))]
+    res = json.loads((folders[0] / "results_image.json").read_text())
+    out = write_ensemble(tmp_path / "ens", "image", folders, res, rows)
+    got = json.loads((out / "results_image.json").read_text())
+    assert got["threshold"] == 0.42 and got["val_auc"] == 0.95 and got["salience"] == res["salience"]
+    assert got["val_auc_by_keep"] == {"1": 0.97, "0.1": 0.95, "0.05": 0.93}
+    assert got["ensemble"]["member_thresholds"] == pytest.approx([0.1, 0.2, 0.3])
+    ens = load_classifier(out / "classifier_image")
+    assert isinstance(ens, ClassifierEnsemble) and ens.size == 3
+    batch = batch_of(three_graphs())
+    with torch.no_grad():
+        mean = torch.stack([torch.sigmoid(load_classifier(f / "classifier_image")(batch)) for f in folders]).mean(0)
+        assert torch.allclose(torch.sigmoid(ens(batch)), mean, atol=1e-6)
+    # an ensemble folder can itself be a member source: its members are taken one by one
+    again = write_ensemble(tmp_path / "ens2", "image", [out, folders[0]], res, rows)
+    assert load_classifier(again / "classifier_image").size == 4
