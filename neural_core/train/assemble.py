@@ -5,6 +5,13 @@
 
 ``--classifiers DIR`` holds ``classifier_<name>/``, ``results_<name>.json`` (validation AUC, threshold) and
 ``baseline/`` from :mod:`neural_core.train.classifier`; ``--also name=DIR`` takes one classifier from another run.
+
+``--base BUNDLE`` starts from an existing bundle instead and replaces only the classifiers named by ``--also`` (their
+weights, thresholds, validation AUC and provenance); everything else, ``model.json``'s record of how the report
+model was trained included, is the base's:
+
+    python -m neural_core.train.assemble --base assets/default_model --also image=runs/ens --out runs/bundle_x \
+        --version neural-lite0-20261202x
 """
 from __future__ import annotations
 
@@ -66,10 +73,77 @@ def _lung_line(lung) -> str:
     return "lung model (neural_core.train.lung): held-out Dice " + ("; ".join(parts) if parts else "not recorded")
 
 
+def _ensemble_line(name: str, size: int) -> str:
+    return (f"classifier {name}: the mean probability of {size} runs of one recipe on the same views (seeds; "
+            "neural_core.models.ensemble), threshold chosen on the ensemble's validation scores")
+
+
+def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: str) -> Path:
+    """Copy bundle ``base`` to ``out`` with the classifiers in ``also`` (name -> train.classifier folder holding
+    ``classifier_<name>/`` and ``results_<name>.json``) replaced, and ``model.json`` updated (version, threshold,
+    validation AUC, source, ensemble size, data lines; ``replaced_from``: the base's version). Written beside ``out``
+    first and moved into place at the end, so ``out`` may be ``base`` and a failure leaves ``out`` as it was."""
+    from ..stages import CLASSIFIER_NAMES
+
+    info = json.loads((base / "model.json").read_text())
+    unknown = set(also) - set(CLASSIFIER_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown classifier name(s) {sorted(unknown)}; the registry holds {CLASSIFIER_NAMES}")
+    tmp = out.parent / f".{out.name}.assembling"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    try:
+        lines = list(info.get("data", []))
+        ensembles = dict(info.get("classifier_ensembles", {}))
+        for name, d in sorted(also.items()):
+            clf = load_classifier(d / f"classifier_{name}")
+            res = json.loads((d / f"results_{name}.json").read_text())
+            trained_with = res.get("salience")
+            if trained_with and info.get("classifier_training_salience"):
+                key = ("method", "layers", "head_reduce")
+                if [trained_with.get(k) for k in key] != [info["classifier_training_salience"].get(k) for k in key]:
+                    raise SystemExit(f"{d}: classifier {name} was trained on another map than the base's classifiers "
+                                     f"({trained_with} vs {info['classifier_training_salience']})")
+            if bool(getattr(clf.cfg, "zone_features", False)) != (name in info.get("classifier_zone_features", [])):
+                raise SystemExit(f"{d}: classifier {name} differs from the base's in zone features")
+            shutil.rmtree(tmp / f"classifier_{name}", ignore_errors=True)
+            clf.save_pretrained(tmp / f"classifier_{name}", fp16=True)
+            info.setdefault("thresholds", {})[name] = res["threshold"]
+            info.setdefault("val_auc", {})[name] = res["val_auc"]
+            info.setdefault("sources", {})[name] = str(d)
+            lines = [ln for ln in lines if not ln.startswith(f"classifier {name}: the mean probability")]
+            if isinstance(clf, ClassifierEnsemble):
+                ensembles[name] = clf.size
+                lines.append(_ensemble_line(name, clf.size))
+            else:
+                ensembles.pop(name, None)
+        info["data"] = lines
+        if ensembles:
+            info["classifier_ensembles"] = ensembles
+        else:
+            info.pop("classifier_ensembles", None)
+        info["replaced_from"] = {"version": info.get("version"), "classifiers": sorted(also)}
+        info["version"] = version
+        (tmp / "model.json").write_text(json.dumps(info, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--decoder", required=True)
-    ap.add_argument("--classifiers", required=True)
+    ap.add_argument("--base", default=None, help="an existing bundle: keep all of it but the --also classifiers")
+    ap.add_argument("--decoder", default=None)
+    ap.add_argument("--classifiers", default=None)
     ap.add_argument("--also", action="append", default=[], help="name=DIR: take classifier NAME from run DIR")
     ap.add_argument("--lung", default=None)
     ap.add_argument("--density", default=None, help="density_atlas.json (or the feature folder holding it) of "
@@ -77,12 +151,23 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline (the attention teacher of --targets lung+zone+density)")
     ap.add_argument("--salience", default=None, help="model.json whose \"salience\" entry (validate-salience --choose) "
                     "the bundle keeps; pass the same file the classifier trainer's --salience read")
-    ap.add_argument("--split", required=True)
+    ap.add_argument("--split", default=None)
     ap.add_argument("--classifier-note", default="", help="how the classifiers were trained when their results do "
                     "not record it (e.g. carried over from an earlier release), shown in the bundle's data list")
     ap.add_argument("--out", required=True)
     ap.add_argument("--version", default="neural-lite0-" + time.strftime("%Y%m%d"))
     args = ap.parse_args(argv)
+    if args.base:
+        if not args.also:
+            ap.error("--base needs --also name=DIR (the classifiers to replace)")
+        also = dict(a.split("=", 1) for a in args.also)
+        out = swap_classifiers(Path(args.base), Path(args.out), {n: Path(d) for n, d in also.items()},
+                               version=args.version)
+        print(json.dumps({"out": str(out), "replaced": sorted(also)}, indent=1))
+        return 0
+    missing = [f"--{k}" for k in ("decoder", "classifiers", "split") if not getattr(args, k)]
+    if missing:
+        ap.error(f"{', '.join(missing)} required (or --base)")
     rm = ReportModel.from_pretrained(args.decoder)
     tok = load_tokenizer(Path(args.decoder) / "tokenizer")
     where = {n: Path(args.classifiers) for n in ("image", "report", "oracle")}
@@ -142,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "impression written from the label (neural_core.train.report_targets; the notes themselves are "
                 "not what it learnt to write)"] if training.get("notes_target") == "findings" else [])
             + ([f"classifiers: {args.classifier_note}"] if args.classifier_note else [])
-            + [f"classifier {n}: the mean probability of {k} runs of one recipe on the same views (seeds; "
-               "neural_core.models.ensemble), threshold chosen on the ensemble's validation scores"
-               for n, k in sorted(ensembles.items())]
+            + [_ensemble_line(n, k) for n, k in sorted(ensembles.items())]
             + ([f"report model: {training['burn_in_copies']} burned-in copies per training image (letters, markers, "
                 "borders at random, both classes)"] if training.get("burn_in_copies") else [])
             + ([f"classifiers {', '.join(zone)}: + six lung-zone fractions per image node (lung model on the "

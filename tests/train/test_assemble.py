@@ -47,3 +47,46 @@ def test_classifiers_read_the_map_of_the_models_own_reports(tmp_path):
     assert read_salience_config(str(p)) == SalienceConfig("located", (1,))
     assert read_salience_config(str(p), generated=True) == SalienceConfig("entity", (0,))
     assert read_salience_config(None, generated=True) == SalienceConfig()
+
+
+def test_swap_classifiers_replaces_one_role_and_keeps_the_rest(tmp_path):
+    """``assemble --base``: a release with only its image classifier replaced (here by a seed ensemble); the rest of
+    the bundle and its record are the base's, and a refused swap leaves the target as it was."""
+    import pytest
+    import torch
+
+    from neural_core.bundle import load_bundle, untrained_bundle
+    from neural_core.config import ClassifierConfig, tiny_report_config
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.models.ensemble import ClassifierEnsemble
+    from neural_core.train.assemble import main, swap_classifiers
+
+    base = tmp_path / "base"
+    b = untrained_bundle(tiny_report_config())
+    b.info.update({"thresholds": {"image": 0.5, "report": 0.5}, "val_auc": {"image": 0.8}, "data": ["kept line"],
+                   "classifier_training_salience": {"method": "entity", "layers": [1], "head_reduce": "mean"}})
+    b.save(base, fp16=False)
+    run = tmp_path / "ens"
+    torch.manual_seed(0)
+    ClassifierEnsemble([NeuralClassifier(ClassifierConfig()) for _ in range(3)]).save_pretrained(run / "classifier_image")
+    (run / "results_image.json").write_text(json.dumps({
+        "threshold": 0.42, "val_auc": 0.9, "salience": {"method": "entity", "layers": [1], "head_reduce": "mean"}}))
+    out = swap_classifiers(base, tmp_path / "out", {"image": run}, version="v-new")
+    info = json.loads((out / "model.json").read_text())
+    assert info["version"] == "v-new" and info["replaced_from"] == {"version": "0", "classifiers": ["image"]}
+    assert info["thresholds"] == {"image": 0.42, "report": 0.5} and info["val_auc"]["image"] == 0.9
+    assert info["classifier_ensembles"] == {"image": 3} and info["data"][0] == "kept line"
+    assert any(line.startswith("classifier image: the mean probability of 3 runs") for line in info["data"])
+    loaded = load_bundle(out, device="cpu")
+    assert isinstance(loaded.classifiers["image"], ClassifierEnsemble)
+    assert isinstance(loaded.classifiers["report"], NeuralClassifier)
+    assert (out / "report").is_dir() and json.loads((base / "model.json").read_text())["version"] == "0"
+    # a classifier trained on another map is refused, and the target keeps what it had
+    (run / "results_image.json").write_text(json.dumps({"threshold": 0.1, "val_auc": 0.9,
+                                                        "salience": {"method": "located", "layers": [1]}}))
+    with pytest.raises(SystemExit, match="another map"):
+        swap_classifiers(out, out, {"image": run}, version="v-bad")
+    assert json.loads((out / "model.json").read_text())["version"] == "v-new"
+    assert not list(tmp_path.glob(".*assembling"))
+    with pytest.raises(SystemExit):
+        main(["--base", str(out), "--out", str(tmp_path / "x")])             # nothing to replace
