@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-ensemble", default=None, metavar="OUT", help="with --seeds: write --clf and the seeds "
                     "as one mean-probability ensemble classifier folder (classifier_<name>/, results_<name>.json "
                     "with the ensemble's threshold, chosen as above)")
+    ap.add_argument("--ensemble-threshold", choices=("rule", "keeps-balanced"), default="rule",
+                    help="the written ensemble's threshold: 'rule' = the --clf classifier's rule on the ensemble's "
+                    "keep-0.10 scores (pooled Youden by default); 'keeps-balanced' = the source-balanced threshold "
+                    "of its scores at every --keeps pooled (pooled_keeps_threshold: each source once)")
     a = ap.parse_args(argv)
     if a.seeds.strip() and not a.keeps.strip():
         print("error: --seeds needs --keeps (the seeds are compared at every keep)", file=sys.stderr)
@@ -274,15 +278,28 @@ def main(argv: list[str] | None = None) -> int:
                       + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
             if a.write_ensemble:
                 ens = [r for r in rows if r["classifier"] == "mean of the seeds"]
-                out = write_ensemble(Path(a.write_ensemble), a.name, [clf, *seeds], res, ens)
+                threshold = rule_name = None
+                if a.ensemble_threshold == "keeps-balanced":
+                    mean = {k: (yk, np.asarray(Pk).mean(0), sk) for k, (yk, Pk, sk) in many.items()}
+                    threshold, rule_name = pooled_keeps_threshold(mean), "source-balanced, every keep pooled"
+                    print(f"\nThe ensemble at the source-balanced threshold of all keeps pooled, {threshold:.3f}:\n")
+                    print("| keep | AUC | source-balanced J | " + " | ".join(names) + " |")
+                    print("|---|---|---|" + "---|" * len(names))
+                    for r in keep_rows(mean, threshold):
+                        print(f"| {r['keep']:g} | {r['auc']:.3f} | {r['j']:.3f} | "
+                              + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
+                out = write_ensemble(Path(a.write_ensemble), a.name, [clf, *seeds], res, ens,
+                                     threshold=threshold, threshold_rule=rule_name)
                 print(f"\nwrote the ensemble of {1 + len(seeds)} classifiers to {out}")
     return 0
 
 
-def write_ensemble(out: Path, name: str, folders: list[Path], res: dict, rows: list[dict]) -> Path:
+def write_ensemble(out: Path, name: str, folders: list[Path], res: dict, rows: list[dict], *,
+                   threshold: float | None = None, threshold_rule: str | None = None) -> Path:
     """``out/classifier_<name>/`` (the folders' classifiers as one :class:`~neural_core.models.ensemble.
-    ClassifierEnsemble`) and ``out/results_<name>.json``: the first folder's results with the ensemble's threshold,
-    its keep-0.10 validation AUC and every keep's AUC (``rows``: :func:`seed_rows`' rows of the ensemble)."""
+    ClassifierEnsemble`) and ``out/results_<name>.json``: the first folder's results with the ensemble's threshold
+    (``threshold``, else the one in ``rows``), its keep-0.10 validation AUC and every keep's AUC (``rows``:
+    :func:`seed_rows`' rows of the ensemble)."""
     from ..models.ensemble import ClassifierEnsemble, load_classifier
     from ..utils import atomic_write_text
 
@@ -293,11 +310,13 @@ def write_ensemble(out: Path, name: str, folders: list[Path], res: dict, rows: l
         members += list(m.members) if isinstance(m, ClassifierEnsemble) else [m]
     out.mkdir(parents=True, exist_ok=True)
     ClassifierEnsemble(members).save_pretrained(out / f"classifier_{name}", sources=[str(f) for f in folders])
-    results = {**res, "threshold": ref["threshold"], "val_auc": ref["auc"],
+    results = {**res, "threshold": ref["threshold"] if threshold is None else float(threshold), "val_auc": ref["auc"],
                "val_auc_by_keep": {f"{r['keep']:g}": r["auc"] for r in rows},
                "ensemble": {"members": [str(f) for f in folders], "combine": "mean_probability",
                             "member_thresholds": [json.loads((f / f"results_{name}.json").read_text())["threshold"]
                                                   for f in folders]}}
+    if threshold_rule:
+        results["threshold_rule"] = threshold_rule
     atomic_write_text(out / f"results_{name}.json", json.dumps(results, indent=2))
     return out
 

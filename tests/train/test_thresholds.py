@@ -167,3 +167,28 @@ def test_write_ensemble_is_a_classifier_folder_the_bundle_reads(tmp_path):
     # an ensemble folder can itself be a member source: its members are taken one by one
     again = write_ensemble(tmp_path / "ens2", "image", [out, folders[0]], res, rows)
     assert load_classifier(again / "classifier_image").size == 4
+
+
+def test_write_ensemble_takes_a_given_threshold_and_rule(tmp_path):
+    import json
+
+    import torch
+
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.train.thresholds import write_ensemble
+    from tests.models.test_classifier import CFG
+
+    folders = []
+    for s in range(2):
+        f = tmp_path / f"c{s}"
+        torch.manual_seed(s)
+        NeuralClassifier(CFG).save_pretrained(f / "classifier_image")
+        (f / "results_image.json").write_text(json.dumps({"threshold": 0.5, "val_auc": 0.9,
+                                                          "threshold_rule": "youden"}))
+        folders.append(f)
+    rows = [{"classifier": "mean of the seeds", "keep": 0.1, "threshold": 0.42, "auc": 0.95, "rates": {}}]
+    out = write_ensemble(tmp_path / "e", "image", folders, {"threshold_rule": "youden"}, rows, threshold=0.25,
+                         threshold_rule="source-balanced, every keep pooled")
+    got = json.loads((out / "results_image.json").read_text())
+    assert got["threshold"] == 0.25 and got["threshold_rule"] == "source-balanced, every keep pooled"
+    assert got["val_auc"] == 0.95
