@@ -204,6 +204,10 @@ class ClassifierConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+#: SalienceConfig.findings values
+FINDING_RULES = ("linked", "all")
+
+
 @dataclass
 class SalienceConfig:
     """How cross-attention becomes one map per image. Stored in a bundle's ``model.json`` under ``"salience"``
@@ -213,6 +217,14 @@ class SalienceConfig:
     layers: tuple[int, ...] | None = None   # decoder layers to aggregate; None = all
     head_reduce: str = "mean"               # mean | max
     chosen_by: str = ""                     # provenance: how this setting was chosen (shown with the heatmap)
+    # which present observations are finding words (entity / located / gradient): "linked" = a size or course word
+    # only with the finding it modifies (report_kg.present_findings); "all" = every one, so "old" of "51-year-old"
+    # too (the rule of the releases up to neural-lite0-20261201h, whose stored settings lack this field)
+    findings: str = "linked"
+
+    def __post_init__(self):
+        if self.findings not in FINDING_RULES:
+            raise ValueError(f"SalienceConfig.findings must be one of {FINDING_RULES}, got {self.findings!r}")
 
     def label(self) -> str:
         """Plain words for the reader: which map the heatmap shows."""
@@ -233,6 +245,8 @@ class SalienceConfig:
         d = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__}
         if d.get("layers") is not None:
             d["layers"] = tuple(int(i) for i in d["layers"])
+        if d and "findings" not in d:
+            d["findings"] = "all"     # stored before the field existed: keep the map it was measured with
         return cls(**d)
 
 

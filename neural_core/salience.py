@@ -9,8 +9,10 @@ turns them into one map per image on the encoder's ``G x G`` token grid, which c
 * ``attention``: cross-attention averaged over heads (or their max), the chosen layers and every *real* token
   (padding and ``</s>`` carry no finding). The first release's map, kept for comparison.
 * ``entity`` (semantics-guided, the paper's idea): the same average, but only over the decoder tokens that spell
-  the report's **present** finding entities of the knowledge graph (:func:`neural_core.graphs.report_kg.extract`:
-  observations whose certainty is ``present``; negated and uncertain ones are left out). Character spans become
+  the report's **present** finding entities of the knowledge graph
+  (:func:`neural_core.graphs.report_kg.present_findings`: observations whose certainty is ``present``; negated and
+  uncertain ones are left out, and so is a size / course word that describes no finding, such as "old" of
+  "51-year-old" in case notes). Character spans become
   token positions through the fast tokenizer's offsets. A report without a present finding falls back to all
   real tokens and says so (``SalienceResult.entity_fallback``).
 * ``located``: the ``entity`` tokens plus, in each sentence holding a present finding, the words from its first
@@ -140,20 +142,27 @@ def real_token_mask(labels: torch.Tensor, pad_id: int, eos_id: int) -> torch.Ten
 # finding tokens (semantics-guided aggregation)
 # ------------------------------------------------------------------------------------------------------------------
 
-def finding_spans(report: str) -> list[tuple[int, int]]:
-    """Character spans of the report's present finding entities (knowledge-graph observations, certainty
-    ``present``). A report the extractor refuses (too long, not text) has none."""
+def finding_spans(report: str, findings: str = "linked") -> list[tuple[int, int]]:
+    """Character spans of the report's present findings. ``findings`` (:attr:`SalienceConfig.findings`):
+    ``"linked"`` = :func:`~neural_core.graphs.report_kg.present_findings` (knowledge-graph observations with certainty
+    ``present``, a size or course word only with the finding it modifies); ``"all"`` = every present observation,
+    a lone "old" of "51-year-old" included (the rule of releases up to 20261201h). A report the extractor refuses
+    (too long, not text) has none."""
     from .errors import ReportError
-    from .graphs.report_kg import extract
+    from .graphs.report_kg import extract, present_findings
 
     try:
         graph = extract(report)
     except ReportError:
         return []
-    return [(e.start, e.end) for e in graph.entities if e.type == "observation" and e.certainty == "present"]
+    if findings == "all":
+        return [(e.start, e.end) for e in graph.entities if e.type == "observation" and e.certainty == "present"]
+    if findings != "linked":
+        raise ValueError(f"findings must be 'linked' or 'all', got {findings!r}")
+    return [(e.start, e.end) for e in present_findings(graph)]
 
 
-def located_spans(report: str) -> list[tuple[int, int]]:
+def located_spans(report: str, findings: str = "linked") -> list[tuple[int, int]]:
     """:func:`finding_spans` plus, for each sentence that holds one of them, the span from the sentence's first
     non-negated zone mention to its end (:func:`~neural_core.graphs.zones.sentence_zones` ``from_mention``): the
     finding with the words that say where it is. A zone named in a sentence without a present finding ("No
@@ -163,7 +172,7 @@ def located_spans(report: str) -> list[tuple[int, int]]:
     import bisect
     import re
 
-    spans = finding_spans(report)
+    spans = finding_spans(report, findings)
     zoned = sentence_zones(report, from_mention=True) if spans else ()
     if not zoned:
         return spans
@@ -252,16 +261,17 @@ def _tokenize(tokenizer, model, reports: list[str], device):
     return batch["input_ids"].to(device), batch.get("offset_mapping")
 
 
-def _focus_masks(reports, labels, real, offsets, spans_fn=finding_spans) -> tuple[torch.Tensor, list[bool]]:
-    """(B, T) mask of the tokens spelling ``spans_fn(report)`` (all real tokens where a report has no present
-    finding) and the fallback flags."""
+def _focus_masks(reports, labels, real, offsets, spans_fn=finding_spans,
+                 findings: str = "linked") -> tuple[torch.Tensor, list[bool]]:
+    """(B, T) mask of the tokens spelling ``spans_fn(report, findings)`` (all real tokens where a report has no
+    present finding) and the fallback flags."""
     if offsets is None:
         raise ValueError("the entity, located and gradient salience methods need a fast tokenizer (character "
                          "offsets)")
     focus = torch.zeros_like(real)
     fallback = []
     for i, rep in enumerate(reports):
-        row = finding_token_mask(offsets[i].tolist(), spans_fn(rep), real[i].tolist())
+        row = finding_token_mask(offsets[i].tolist(), spans_fn(rep, findings), real[i].tolist())
         if any(row):
             focus[i] = torch.tensor(row, dtype=torch.bool, device=real.device)
             fallback.append(False)
@@ -272,7 +282,7 @@ def _focus_masks(reports, labels, real, offsets, spans_fn=finding_spans) -> tupl
 
 
 def _teacher_pass(model, tokenizer, enc, pixel_values, reports: list[str], *, focus_kinds: Sequence[str] = (),
-                  grad: bool) -> _Pass:
+                  grad: bool, findings: str = "linked") -> _Pass:
     labels, offsets = _tokenize(tokenizer, model, reports, enc.last_hidden_state.device)
     real = real_token_mask(labels, tokenizer.pad_token_id, tokenizer.eos_token_id)
     empty = real.sum(1) == 0
@@ -280,7 +290,7 @@ def _teacher_pass(model, tokenizer, enc, pixel_values, reports: list[str], *, fo
         real[empty] = labels[empty] != tokenizer.pad_token_id
     focus, fallback = {}, {}
     for kind in set(focus_kinds) | ({"findings"} if grad else set()):
-        focus[kind], fallback[kind] = _focus_masks(reports, labels, real, offsets, FOCUS_SPANS[kind])
+        focus[kind], fallback[kind] = _focus_masks(reports, labels, real, offsets, FOCUS_SPANS[kind], findings)
     if not grad:
         out = model(pixel_values, labels, output_attentions=True, encoder_outputs=enc)
         return _Pass(labels, real, focus, fallback, out.cross_attentions, out.decoder_attentions, model.token_grid)
@@ -422,15 +432,17 @@ def upsample_map(token_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(token_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def variant_grid(n_layers: int, methods: Sequence[str] | None = None) -> list[SalienceConfig]:
-    """Every method x layer choice (each single decoder layer, and all) x head reduction (mean, max)."""
+def variant_grid(n_layers: int, methods: Sequence[str] | None = None, *,
+                 findings: str = "linked") -> list[SalienceConfig]:
+    """Every method x layer choice (each single decoder layer, and all) x head reduction (mean, max), all with the
+    finding rule ``findings`` (:attr:`SalienceConfig.findings`)."""
     methods = list(SALIENCE_METHODS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in SALIENCE_METHODS]
     if unknown:
         raise ValueError(f"unknown salience method(s) {unknown}; known: {sorted(SALIENCE_METHODS)}")
     layer_sets = [(i,) for i in range(n_layers)] + [None] if n_layers > 1 else [None]
-    return [SalienceConfig(method=m, layers=ls, head_reduce=h) for m in methods for ls in layer_sets
-            for h in ("mean", "max")]
+    return [SalienceConfig(method=m, layers=ls, head_reduce=h, findings=findings) for m in methods
+            for ls in layer_sets for h in ("mean", "max")]
 
 
 @torch.inference_mode()
@@ -447,6 +459,9 @@ def salience_variants(model, tokenizer, pixel_values: torch.Tensor, reports: lis
     for c in cfgs:
         if c.method not in SALIENCE_METHODS:
             raise ValueError(f"unknown salience method {c.method!r}; known: {sorted(SALIENCE_METHODS)}")
+    rules = {c.findings for c in cfgs if c.method in METHOD_FOCUS}
+    if len(rules) > 1:
+        raise ValueError(f"one pass reads the finding words by one rule; got {sorted(rules)} (SalienceConfig.findings)")
     model.eval()
     enc = encoder_outputs if encoder_outputs is not None else model.encode(pixel_values)
     reports = list(reports)
@@ -473,7 +488,7 @@ def salience_variants(model, tokenizer, pixel_values: torch.Tensor, reports: lis
         pixel_values = None if pixel_values is None else pixel_values[owner]
     p = _teacher_pass(model, tokenizer, enc, pixel_values, windows,
                       focus_kinds=[METHOD_FOCUS[c.method] for c in cfgs if c.method in METHOD_FOCUS],
-                      grad=any(c.method in _NEEDS_GRAD for c in cfgs))
+                      grad=any(c.method in _NEEDS_GRAD for c in cfgs), findings=rules.pop() if rules else "linked")
     toks = [tokenizer.convert_ids_to_tokens(p.labels[w].tolist()) for w in range(len(windows))]
     offs = None
     if getattr(tokenizer, "is_fast", False):    # token -> character span in its report (windows shifted back)

@@ -195,14 +195,11 @@ def visual_graph(artifact: Artifact, ccfg: ClassifierConfig, *, features=None, z
     *Shapes*: ``features`` :math:`(K, D)`, ``zones`` :math:`(K, 6)` for the artifact's :math:`K` kept patches."""
     from .graphs.visual import build_visual_graph
 
-    if ccfg.patch_encoder == "backbone" and features is None:
-        from .models.patch_features import get_featurizer
+    if (ccfg.patch_encoder == "backbone" and features is None) or (
+            getattr(ccfg, "zone_features", False) and zones is None):
+        from .models.patch_features import node_inputs
 
-        features = get_featurizer(ccfg).features_of(artifact)
-    if getattr(ccfg, "zone_features", False) and zones is None:
-        from .models.patch_features import get_zone_featurizer
-
-        zones = get_zone_featurizer().zones_of(artifact)
+        features, zones = node_inputs(artifact, ccfg, features=features, zones=zones)
     return build_visual_graph(artifact, ccfg, features=features, zones=zones)
 
 

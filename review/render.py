@@ -260,7 +260,7 @@ def training_map_note(cfg, trained_on) -> str:
         return ""
 
     def key(c):
-        return c.method, None if c.layers is None else tuple(c.layers), c.head_reduce
+        return c.method, None if c.layers is None else tuple(c.layers), c.head_reduce, c.findings
 
     if key(cfg) == key(trained_on):
         return ""

@@ -125,10 +125,11 @@ def test_prediction_card_says_when_the_classifier_learnt_from_another_map():
     note = render.training_map_note(loc, ent)
     assert "another map" in note and "finding words" in note
     assert render.training_map_note(ent, SalienceConfig(method="entity", layers=(0,))) != ""   # another layer
+    assert render.training_map_note(ent, SalienceConfig(method="entity", layers=(1,), findings="all")) != ""  # rule
     b = untrained_bundle()
     assert b.classifier_training_salience is None
     b.info["classifier_training_salience"] = {"method": "entity", "layers": [1], "head_reduce": "mean"}
-    assert b.classifier_training_salience == ent
+    assert b.classifier_training_salience == SalienceConfig(method="entity", layers=(1,), findings="all")
     # the card shows it under the source line, and not when there is no classifier score
     fused = SimpleNamespace(num_nodes=5, num_image_nodes=5)
     a = SimpleNamespace(probability=0.7, trained=True, fused=fused, image_only=True, report_graph=None)

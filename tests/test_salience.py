@@ -66,6 +66,25 @@ def test_salience_config_round_trips_through_the_bundle_info():
     assert "zone words" in SalienceConfig(method="located").label()
 
 
+def test_finding_rule_of_a_stored_setting_without_one_is_the_old_rule():
+    """A setting stored before ``findings`` existed (neural-lite0-20261201h's model.json) keeps the rule its map
+    was measured with; new settings read lone size and course words as no finding."""
+    assert SalienceConfig().findings == "linked"
+    assert SalienceConfig.from_dict({"method": "located", "layers": [1], "head_reduce": "mean"}).findings == "all"
+    assert SalienceConfig.from_dict(SalienceConfig(method="entity").to_dict()).findings == "linked"
+    assert SalienceConfig.from_dict(None) == SalienceConfig() == SalienceConfig.from_dict({})
+    with pytest.raises(ValueError, match="findings"):
+        SalienceConfig(findings="some")
+    from neural_core.bundle import load_bundle
+
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "default_model"
+    if (shipped / "model.json").is_file():
+        import json
+
+        stored = json.loads((shipped / "model.json").read_text())["salience"]
+        assert load_bundle(shipped).salience.findings == stored.get("findings", "all")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # methods: entity tokens, gradient relevance, variants
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,6 +193,21 @@ def test_every_variant_is_a_finite_distribution_and_gradient_differs(tiny_model)
     np.testing.assert_allclose(att[1].raw_map, ent[1].raw_map, atol=1e-6)   # fallback: all tokens, same map
 
 
+def test_finding_spans_leave_out_a_modifier_that_modifies_nothing():
+    from neural_core.salience import finding_spans, located_spans
+
+    # generated case prose: "old" (of "51-year-old") and "several" (of "several months") are size/course words of
+    # the knowledge graph, but they describe no finding, so the map must not read them
+    r = "A 51 - year - old male patient with cough for several months. Patchy opacity in the left upper zone."
+    assert [r[a:b] for a, b in finding_spans(r)] == ["Patchy", "opacity"]
+    assert [r[a:b] for a, b in located_spans(r)][:2] == ["Patchy", "opacity"]
+    assert finding_spans("A 51-year-old male patient with a history of fever.") == []   # -> all-token fallback
+    # the rule of releases up to 20261201h read them (SalienceConfig.findings="all")
+    assert [r[a:b] for a, b in finding_spans(r, "all")] == ["old", "several", "Patchy", "opacity"]
+    with pytest.raises(ValueError, match="findings"):
+        finding_spans(r, "none")
+
+
 def test_located_spans_add_the_zone_words_of_a_finding_sentence_only():
     from neural_core.salience import located_spans
 
@@ -185,6 +219,24 @@ def test_located_spans_add_the_zone_words_of_a_finding_sentence_only():
     assert located_spans("Nodule in the right upper lung field.")[-1][1] == len("Nodule in the right upper lung field.")
     assert located_spans("No pneumothorax at the left apex.") == []   # no present finding: nothing (fallback)
     assert located_spans("Right lower lobe consolidation.") == located_spans("Right lower lobe consolidation.")
+
+
+def test_finding_rule_changes_the_map_only_where_a_size_word_is_alone(tiny_model):
+    model, tok, x = tiny_model
+    reps = ["A 51-year-old man with cough. Consolidation in the left lower zone.", "Consolidation. No effusion."]
+    with torch.inference_mode():
+        new = salience_variants(model, tok, x, reps, [SalienceConfig(method="entity")])[0]
+        old = salience_variants(model, tok, x, reps, [SalienceConfig(method="entity", findings="all")])[0]
+        with pytest.raises(ValueError, match="one rule"):
+            salience_variants(model, tok, x, reps, [SalienceConfig(method="entity"),
+                                                    SalienceConfig(method="located", findings="all")])
+    def words(r):
+        return "".join(t.replace("##", "") for t in r.focus_tokens)
+
+    assert words(old[0]) == "oldconsolidation" and words(new[0]) == "consolidation"
+    assert not np.allclose(new[0].raw_map, old[0].raw_map)
+    np.testing.assert_allclose(new[1].raw_map, old[1].raw_map, atol=1e-6)   # no lone size word: the same map
+    assert {c.findings for c in variant_grid(2, findings="all")} == {"all"}
 
 
 def test_located_method_reads_the_zone_words_too(tiny_model):

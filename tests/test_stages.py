@@ -154,4 +154,4 @@ def test_bundle_salience_generated_falls_back_to_salience():
     b.info["salience"] = {"method": "located", "layers": [1], "head_reduce": "mean"}
     assert b.salience_generated == b.salience
     b.info["salience_generated"] = {"method": "entity", "layers": [0], "head_reduce": "mean", "chosen_by": "x"}
-    assert b.salience_generated == SalienceConfig("entity", (0,), "mean", "x") and b.salience.method == "located"
+    assert b.salience_generated == SalienceConfig("entity", (0,), "mean", "x", "all") and b.salience.method == "located"

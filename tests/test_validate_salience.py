@@ -218,6 +218,19 @@ def test_validate_reports_every_variant_and_baseline(tiny_bundle, tmp_path):
     assert res["scorers"]["nodule_oracle"]["nodule_pointing"] == 1.0
 
 
+def test_findings_override_scores_every_variant_with_that_rule(tiny_bundle, tmp_path):
+    from neural_core.errors import NeuralError
+
+    man = _manifest(tmp_path)
+    res = validate(man, bundle=tiny_bundle, keeps=(1.0,), methods="entity", findings="all")
+    assert res["bundle_salience"]["findings"] == "all"
+    assert {c["findings"] for c in res["variant_configs"].values()} == {"all"}
+    assert validate(man, bundle=tiny_bundle, keeps=(1.0,), methods="bundle")["bundle_salience"]["findings"] == \
+        tiny_bundle.salience.findings
+    with pytest.raises(NeuralError, match="--findings"):
+        validate(man, bundle=tiny_bundle, keeps=(1.0,), findings="some")
+
+
 def test_cli_choose_writes_the_winner_only_when_asked(tiny_bundle_dir, tmp_path, capsys):
     import shutil
 

@@ -262,14 +262,14 @@ def variants_for(methods: str, bundle_cfg: SalienceConfig, n_layers: int) -> lis
     spec = (methods or "bundle").strip().lower()
     out = [bundle_cfg]
     if spec == "all":
-        out += variant_grid(n_layers)
+        out += variant_grid(n_layers, findings=bundle_cfg.findings)
     elif spec != "bundle":
         names = [m.strip() for m in spec.split(",") if m.strip()]
         unknown = [m for m in names if m not in SALIENCE_METHODS]
         if unknown:
             raise NeuralError(f"--methods: unknown salience method(s) {unknown}; known: bundle, all, "
                               + ", ".join(sorted(SALIENCE_METHODS)))
-        out += variant_grid(n_layers, names)
+        out += variant_grid(n_layers, names, findings=bundle_cfg.findings)
     seen, uniq = set(), []
     for c in out:
         k = variant_name(c, n_layers)
@@ -396,13 +396,15 @@ def _run_variants(bundle, images, reports, cfgs):
 
 def validate(manifest: str | Path, *, bundle=None, model: str | None = None, device: str | None = None,
              keeps=DEFAULT_KEEPS, seed: int = 0, draws: int = RANDOM_DRAWS, batch: int = 16,
-             methods: str = "bundle", reports: str = "given") -> dict:
+             methods: str = "bundle", reports: str = "given", findings: str | None = None) -> dict:
     """Score every variant of ``methods`` (see :func:`variants_for`) and the baselines on one manifest.
 
     ``reports``: ``"given"`` reads each row's ``report`` (the model writes one where a row has none);
     ``"generated"`` has the model write every report, as the app does for an image alone, and compares the bundle's
     ``salience_generated`` setting; zone agreement is then the map of the model's own report against the zones the
-    row's given report names (the finding-words measure needs the given report's words: not scored)."""
+    row's given report names (the finding-words measure needs the given report's words: not scored).
+    ``findings`` (``"linked"`` / ``"all"``, :attr:`~neural_core.config.SalienceConfig.findings`) scores every variant
+    with that finding-word rule instead of the bundle's (to compare the rules on the same images)."""
     if reports not in READINGS:
         raise NeuralError(f"reports must be one of {READINGS}, got {reports!r}")
     import torch
@@ -426,6 +428,13 @@ def validate(manifest: str | Path, *, bundle=None, model: str | None = None, dev
     n_layers = int(bundle.report_model.t5.config.num_decoder_layers)
     own = reports == "generated"
     bundle_cfg = bundle.salience_generated if own else bundle.salience
+    if findings is not None:
+        import dataclasses
+
+        try:
+            bundle_cfg = dataclasses.replace(bundle_cfg, findings=findings)
+        except ValueError as err:
+            raise NeuralError(f"--findings: {err}") from None
     cfgs = variants_for(methods, bundle_cfg, n_layers)
     names = [variant_name(c, n_layers) for c in cfgs]
     neural = names[0]                          # the bundle's own setting: the "NEURAL" column of the old tables
@@ -556,6 +565,9 @@ def add_arguments(p) -> None:
     p.add_argument("--reports", choices=READINGS, default="given", help="given: read each row's report (the model "
                    "writes one where a row has none); generated: the model writes every report, as the app does for "
                    "an image alone (scores and chooses the bundle's map for its own reports)")
+    p.add_argument("--findings", choices=("linked", "all"), default=None, help="finding-word rule of every "
+                   "variant (SalienceConfig.findings; default: the bundle's setting's): 'linked' reads a size or "
+                   "course word only with the finding it modifies, 'all' every present observation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=RANDOM_DRAWS, help="random-keep draws averaged per image")
     p.add_argument("--device", default=None)
@@ -569,7 +581,7 @@ def cmd_validate_salience(a) -> int:
         raise NeuralError("--write-bundle needs --choose")
     keeps = parse_keeps(a.keeps)
     kw = dict(keeps=keeps, seed=a.seed, draws=a.draws, batch=a.batch, methods=a.methods,
-              reports=getattr(a, "reports", "given"))
+              reports=getattr(a, "reports", "given"), findings=getattr(a, "findings", None))
     if any(not str(m).lower().endswith(".json") for m in list(a.manifest) + list(a.test)):
         kw["bundle"] = load_bundle(a.model, device=a.device)
 

@@ -214,8 +214,11 @@ def render_one(res: dict, level: str = "##") -> list[str]:
         L += [f"> **WARNING: {res['warning']}**", ""]
     reading = ("the model writes every report (`--reports generated`)" if res.get("reports") == "generated"
                else "the manifest's, generated where missing")
+    rule = (res.get("bundle_salience") or {}).get("findings")
+    rule = {"linked": "; finding words: a size or course word only with its finding",
+            "all": "; finding words: every present observation (lone size and course words too)"}.get(rule, "")
     L += [f"- manifest: `{res['manifest']}`; {res['n_images']} images scored, {len(res['bad_rows'])} rows skipped",
-          f"- model: `{res['model_version']}`; bundle salience `{res['neural']}`; reports: {reading}; "
+          f"- model: `{res['model_version']}`; bundle salience `{res['neural']}`{rule}; reports: {reading}; "
           f"seed {res['seed']}; random "
           f"baseline averaged over {res['random_draws']} draws",
           "- lung-field prior: two ellipses in normalised coordinates (cx, cy, ax, ay): "

@@ -42,7 +42,7 @@ Agreement with the IU labels: ``python -m neural_core.graphs.labeler_eval`` (see
 from __future__ import annotations
 
 from neural_core.graphs.report_kg import (
-    _LABEL_MOD, CHEXPERT_LABELS, READ_SECTIONS, Entity, ReportGraph, concept_of,
+    _LABEL_MOD, CHEXPERT_LABELS, READ_SECTIONS, STANDALONE_MODIFIERS, Entity, ReportGraph, concept_of,
 )
 
 __all__ = ["labels_from_graph"]
@@ -168,7 +168,7 @@ def labels_from_graph(g: ReportGraph) -> dict[str, float | None]:
             if lab == _LABEL_MOD:
                 # "the heart is large": a size word that modifies nothing states a size; so does "borderline"
                 # ("borderline heart size"; "borderline enlarged" modifies "enlarged").
-                if e.id not in modifies and e.text.lower() in ("large", "big"):
+                if e.id not in modifies and e.text.lower() in STANDALONE_MODIFIERS - {"borderline"}:
                     core.append((e, "enlarged"))
                 elif e.id not in modifies and e.text.lower() == "borderline":
                     core.append((e, "borderline"))

@@ -35,7 +35,8 @@ from neural_core.errors import ReportError
 
 __all__ = [
     "CHEXPERT_LABELS", "Certainty", "Entity", "Relation", "ReportGraph", "parse_sections", "extract",
-    "chexpert_labels", "get_nlp", "concept_of", "SECTION_KEYS", "READ_SECTIONS",
+    "chexpert_labels", "get_nlp", "concept_of", "SECTION_KEYS", "READ_SECTIONS", "STANDALONE_MODIFIERS",
+    "present_findings",
 ]
 
 Certainty = Literal["present", "uncertain", "absent"]
@@ -599,6 +600,27 @@ def concept_of(text: str) -> tuple[str, str] | None:
     with _NLP_LOCK:  # the tokenizer may grow the shared vocabulary
         key = _norm_key(t.text for t in nlp.make_doc(text))
     return _CONCEPTS.get(key)
+
+
+#: Modifier words that state a finding when they modify nothing: "the heart is large", "borderline heart size".
+STANDALONE_MODIFIERS: frozenset[str] = frozenset({"large", "big", "borderline"})
+
+
+def present_findings(graph: "ReportGraph") -> list["Entity"]:
+    """The report's present findings: observations with certainty ``"present"``, where a modifier (size, severity,
+    distribution or course word) counts only when it modifies a present observation, or is one of
+    :data:`STANDALONE_MODIFIERS`. A modifier left alone is not a finding: "old" of "51-year-old", "several" of
+    "several months" (the report's salience focus; :func:`neural_core.salience.finding_spans`)."""
+    present = {e.id: e for e in graph.entities if e.type == "observation" and e.certainty == "present"}
+    modified = {r.src: r.dst for r in graph.relations if r.type == "modify"}
+    out = []
+    for e in present.values():
+        c = concept_of(e.text)
+        if c is not None and c[0] == _LABEL_MOD and not (
+                modified.get(e.id) in present or e.text.lower() in STANDALONE_MODIFIERS):
+            continue
+        out.append(e)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-__all__ = ["CHANNELS", "ZONES", "LungConfig", "LungModel", "LungFields", "lung_fields", "zone_map",
+__all__ = ["CHANNELS", "ZONES", "LungConfig", "LungModel", "LungFields", "lung_fields", "lung_masks", "zone_map",
            "patch_lung_fraction", "patch_zone_fractions", "lung_baseline_scores", "lung_gate", "peak_zone",
            "zone_agreement", "dice"]
 
@@ -328,17 +328,35 @@ def lung_fields(model: LungModel, xray_pixels: np.ndarray, *, convention: str = 
         - xray_pixels: :math:`(H, W)`.
         - returned masks: :math:`(H, W)` bool; probabilities :math:`(3, H, W)`.
     """
+    full, thr = _full_resolution(model, xray_pixels, convention, threshold, ("right", "left", "heart"))
+    masks = full > thr
+    return LungFields(right=masks[0], left=masks[1], heart=masks[2], probabilities=full, convention=convention)
+
+
+def lung_masks(model: LungModel, xray_pixels: np.ndarray, *, convention: str = "full",
+               threshold: float | None = None) -> np.ndarray:
+    """The ``right`` and ``left`` masks of :func:`lung_fields` alone (the heart is not computed): what zone
+    features need, on every slider move.
+
+    Shapes:
+        - output: :math:`(2, H, W)` bool, right then left.
+    """
+    full, thr = _full_resolution(model, xray_pixels, convention, threshold, ("right", "left"))
+    return full > thr
+
+
+def _full_resolution(model, xray_pixels, convention: str, threshold, parts) -> tuple[np.ndarray, float]:
+    """Probabilities of ``parts`` (right / left / heart) at the image's resolution, each gated by its largest
+    connected component at the network resolution; and the threshold."""
     if convention not in ("full", "visible"):
         raise ValueError(f"convention must be 'full' or 'visible', got {convention!r}")
     thr = float(model.cfg.threshold if threshold is None else threshold)
     logits = predict_logits(model, xray_pixels)
-    idx = [CHANNELS.index(f"{convention}_right"), CHANNELS.index(f"{convention}_left"), CHANNELS.index("heart")]
+    idx = [CHANNELS.index("heart" if p == "heart" else f"{convention}_{p}") for p in parts]
     prob = 1.0 / (1.0 + np.exp(-logits[idx]))
-    gated = np.stack([prob[i] * _largest_component(prob[i] > thr) for i in range(3)]).astype(np.float32)
+    gated = np.stack([prob[i] * _largest_component(prob[i] > thr) for i in range(len(parts))]).astype(np.float32)
     H, W = np.asarray(xray_pixels).shape
-    full = np.stack([cv2.resize(g, (W, H), interpolation=cv2.INTER_LINEAR) for g in gated])
-    masks = full > thr
-    return LungFields(right=masks[0], left=masks[1], heart=masks[2], probabilities=full, convention=convention)
+    return np.stack([cv2.resize(g, (W, H), interpolation=cv2.INTER_LINEAR) for g in gated]), thr
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -439,10 +457,30 @@ def patch_zone_fractions(masks, grid) -> np.ndarray:
     Shapes:
         - output: :math:`(rows, cols, 6)` float64; each patch's row sums to its lung fraction.
     """
-    z = zone_map(masks)
-    if z.shape != (grid.height, grid.width):
-        raise ValueError(f"mask is {z.shape}, the grid is for {grid.height}x{grid.width}")
-    return np.stack([_patch_mean(z == i + 1, grid) for i in range(len(ZONES))], axis=-1)
+    right, left = _right_left(masks)
+    if right.shape != (grid.height, grid.width):
+        raise ValueError(f"mask is {right.shape}, the grid is for {grid.height}x{grid.width}")
+    # zone_map's zones, counted without building it: a zone is one lung's pixels in a band of rows (a third of that
+    # lung's extent), so each lung's pixels are summed over each patch's columns once and the bands select rows.
+    # Counts are integers, so the result equals the mean of each zone's indicator exactly (~10x faster on 1024^2:
+    # this runs on every slider move through the classifiers' zone features).
+    P, H = grid.patch, grid.height
+    ph, pw = grid.padded_shape
+    counts = np.zeros((grid.rows, grid.cols, len(ZONES)), dtype=np.float64)
+    for s, m in enumerate((right, left & ~right)):          # a pixel in both masks counts for the right lung
+        rows = np.flatnonzero(m.any(axis=1))
+        if rows.size == 0:
+            continue
+        top, height = rows[0], rows[-1] - rows[0] + 1
+        level = np.clip(((np.arange(H) - top) * 3) // height, 0, 2)
+        padded = np.zeros((H, pw), dtype=bool)
+        padded[:, : grid.width] = m
+        per_row = padded.reshape(H, grid.cols, P).sum(axis=2, dtype=np.int64)          # (H, cols)
+        for lv in range(3):
+            band = np.zeros((ph, grid.cols), dtype=np.int64)
+            band[:H] = np.where((level == lv)[:, None], per_row, 0)
+            counts[..., 3 * s + lv] = band.reshape(grid.rows, P, grid.cols).sum(axis=1)
+    return counts / np.outer(grid.row_heights(), grid.col_widths())[..., None]
 
 
 def lung_gate(scores: np.ndarray, masks, grid) -> np.ndarray:

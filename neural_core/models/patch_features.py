@@ -171,10 +171,11 @@ class ZoneFeaturizer:
         self._lock = threading.Lock()
 
     def lung_masks(self, pixels: np.ndarray):
-        """The lung model's :class:`~neural_core.models.lung.LungFields` of an ``(H, W)`` image in [-1024, 1024]."""
-        from .lung import lung_fields
+        """The lung model's right and left lung masks (:func:`~neural_core.models.lung.lung_masks`, ``(2, H, W)``)
+        of an ``(H, W)`` image in [-1024, 1024]."""
+        from .lung import lung_masks
 
-        return lung_fields(self.lung_model, pixels)
+        return lung_masks(self.lung_model, pixels)
 
     def compute(self, artifact) -> torch.Tensor:
         """:math:`(K, 6)` zone fractions of the kept patches, in the artifact's ``coords`` order."""
@@ -235,6 +236,52 @@ def get_zone_featurizer() -> ZoneFeaturizer:
         if (d / "lung_config.json").is_file():
             return register_lung_model(LungModel.from_pretrained(d))
     raise ModelLoadError("zone features need a lung model: load a bundle with lung/ or call register_lung_model")
+
+
+_POOL: list = []
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    with _POOL_LOCK:
+        if not _POOL:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="neural-zones"))
+        return _POOL[0]
+
+
+def _zones_in_worker(artifact) -> torch.Tensor:
+    with torch.inference_mode():             # grad mode is per thread: the worker does not inherit the caller's
+        return get_zone_featurizer().zones_of(artifact)
+
+
+def node_inputs(artifact, cfg, *, features=None, zones=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backbone features (:meth:`BackboneFeaturizer.features_of`) and zone fractions
+    (:meth:`ZoneFeaturizer.zones_of`) of an artifact's kept patches that the classifier config ``cfg`` needs and
+    that were not passed in; ``None`` for what it does not use.
+
+    When both are needed the lung model runs in a worker thread while the backbone runs in the caller's: the two
+    networks read the same artifact and nothing of each other, torch releases the GIL inside their operators, and
+    on the 2-core development machine the pair then takes about two thirds of the time they take in turn (a slider
+    move recomputes both). The results are the same as in turn.
+
+    *Shapes*: ``features`` :math:`(K, D)`, ``zones`` :math:`(K, 6)`."""
+    need_f = cfg.patch_encoder == "backbone" and features is None
+    need_z = bool(getattr(cfg, "zone_features", False)) and zones is None
+    if need_f and need_z:
+        fut = _pool().submit(_zones_in_worker, artifact)
+        try:
+            features = get_featurizer(cfg).features_of(artifact)
+        except BaseException:
+            fut.cancel()
+            raise
+        zones = fut.result()
+    elif need_f:
+        features = get_featurizer(cfg).features_of(artifact)
+    elif need_z:
+        zones = get_zone_featurizer().zones_of(artifact)
+    return features, zones
 
 
 # One featurizer per backbone name in a process: a bundle registers the backbone it ships (its report model's

@@ -78,14 +78,24 @@ def _ensemble_line(name: str, size: int) -> str:
             "neural_core.models.ensemble), threshold chosen on the ensemble's validation scores")
 
 
-def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: str) -> Path:
+def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: str,
+                     findings: str | None = None) -> Path:
     """Copy bundle ``base`` to ``out`` with the classifiers in ``also`` (name -> train.classifier folder holding
     ``classifier_<name>/`` and ``results_<name>.json``) replaced, and ``model.json`` updated (version, threshold,
     validation AUC, source, ensemble size, data lines; ``replaced_from``: the base's version). Written beside ``out``
-    first and moved into place at the end, so ``out`` may be ``base`` and a failure leaves ``out`` as it was."""
+    first and moved into place at the end, so ``out`` may be ``base`` and a failure leaves ``out`` as it was.
+
+    ``findings`` (:attr:`~neural_core.config.SalienceConfig.findings`) sets the finding-word rule of the bundle's maps;
+    a replacing classifier must have been trained on cuts made by the rule the maps will use (its training map is
+    recorded under ``"classifier_training_salience_of"``)."""
+    from ..config import FINDING_RULES, SalienceConfig
     from ..stages import CLASSIFIER_NAMES
 
+    if findings is not None and findings not in FINDING_RULES:
+        raise SystemExit(f"--findings must be one of {FINDING_RULES}, got {findings!r}")
     info = json.loads((base / "model.json").read_text())
+    base_trained = info.get("classifier_training_salience")
+    rule = findings or (SalienceConfig.from_dict(base_trained).findings if base_trained else None)
     unknown = set(also) - set(CLASSIFIER_NAMES)
     if unknown:
         raise SystemExit(f"unknown classifier name(s) {sorted(unknown)}; the registry holds {CLASSIFIER_NAMES}")
@@ -104,6 +114,12 @@ def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: s
                 if [trained_with.get(k) for k in key] != [info["classifier_training_salience"].get(k) for k in key]:
                     raise SystemExit(f"{d}: classifier {name} was trained on another map than the base's classifiers "
                                      f"({trained_with} vs {info['classifier_training_salience']})")
+            if trained_with:
+                own = SalienceConfig.from_dict(trained_with).findings
+                if rule is not None and own != rule:
+                    raise SystemExit(f"{d}: classifier {name} was trained on cuts whose finding words follow the "
+                                     f"{own!r} rule; the bundle's maps use {rule!r} (--findings)")
+                info.setdefault("classifier_training_salience_of", {})[name] = trained_with
             if bool(getattr(clf.cfg, "zone_features", False)) != (name in info.get("classifier_zone_features", [])):
                 raise SystemExit(f"{d}: classifier {name} differs from the base's in zone features")
             shutil.rmtree(tmp / f"classifier_{name}", ignore_errors=True)
@@ -117,6 +133,13 @@ def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: s
                 lines.append(_ensemble_line(name, clf.size))
             else:
                 ensembles.pop(name, None)
+        if findings is not None:
+            for key in ("salience", "salience_generated"):
+                if info.get(key):
+                    info[key] = {**info[key], "findings": findings}
+            lines = [ln for ln in lines if not ln.startswith("maps: finding words")]
+            lines.append(f"maps: finding words by the {findings!r} rule (SalienceConfig.findings); classifiers "
+                         "not replaced keep the cuts they were trained on")
         info["data"] = lines
         if ensembles:
             info["classifier_ensembles"] = ensembles
@@ -152,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--salience", default=None, help="model.json whose \"salience\" entry (validate-salience --choose) "
                     "the bundle keeps; pass the same file the classifier trainer's --salience read")
     ap.add_argument("--split", default=None)
+    ap.add_argument("--findings", default=None, choices=("linked", "all"), help="with --base: the finding-word rule "
+                    "of the new bundle's maps (SalienceConfig.findings); the --also classifiers must have been "
+                    "trained on cuts made by it")
     ap.add_argument("--classifier-note", default="", help="how the classifiers were trained when their results do "
                     "not record it (e.g. carried over from an earlier release), shown in the bundle's data list")
     ap.add_argument("--out", required=True)
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--base needs --also name=DIR (the classifiers to replace)")
         also = dict(a.split("=", 1) for a in args.also)
         out = swap_classifiers(Path(args.base), Path(args.out), {n: Path(d) for n, d in also.items()},
-                               version=args.version)
+                               version=args.version, findings=args.findings)
         print(json.dumps({"out": str(out), "replaced": sorted(also)}, indent=1))
         return 0
     missing = [f"--{k}" for k in ("decoder", "classifiers", "split") if not getattr(args, k)]

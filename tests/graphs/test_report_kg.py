@@ -18,6 +18,7 @@ from neural_core.graphs.report_kg import (
     ReportGraph,
     chexpert_labels,
     extract,
+    present_findings,
     parse_sections,
 )
 
@@ -208,6 +209,28 @@ def test_relations():
     assert other == str(([(e.text, e.type, e.certainty) for e in here.entities],
                          [(r.src, r.dst, r.type) for r in here.relations]))
     assert here.entities, "the sentence has an observation"
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a modifier that modifies a present finding stays with it
+    ("Bilateral airspace opacities.", ["Bilateral", "airspace opacities"]),
+    ("Small left pleural effusion.", ["Small", "pleural effusion"]),
+    # a modifier left alone is no finding: the age of case notes, "several months"
+    ("A 51-year-old male patient with a history of fever.", []),
+    ("Cough for several months.", []),
+    ("A 51-year-old man. Patchy consolidation in the right lower lobe.", ["Patchy", "consolidation"]),
+    # ... unless it states a finding on its own ("the heart is large")
+    ("The heart is large.", ["large"]),
+    ("Borderline heart size.", ["Borderline"]),
+    # negated and uncertain findings (and their modifiers) are not present
+    ("No large pleural effusion.", []),
+    ("Possible small effusion.", []),
+])
+def test_present_findings(text, expected):
+    g = extract(text)
+    assert [e.text for e in present_findings(g)] == expected
+    every = [e for e in g.entities if e.type == "observation" and e.certainty == "present"]
+    assert {e.id for e in present_findings(g)} <= {e.id for e in every}   # a filter, never an addition
 
 
 def test_to_networkx():

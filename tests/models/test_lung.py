@@ -114,6 +114,10 @@ def test_lung_fields_resolution_and_validation():
         lung_fields(m, img, convention="both")
     with pytest.raises(ValueError, match="2-D"):
         lung_fields(m, img[None])
+    from neural_core.models.lung import lung_masks
+
+    with pytest.raises(ValueError, match="convention"):
+        lung_masks(m, img, convention="both")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -178,6 +182,22 @@ def test_lung_baseline_ranks_lung_first_deep_before_shallow():
     top = np.unravel_index(np.argmax(s), s.shape)
     assert frac[top] == 1.0 and 3 <= top[0] <= 6
     assert np.array_equal(lung_baseline_scores(np.zeros((60, 40), bool), grid), np.zeros((12, 8)))
+
+
+@pytest.mark.parametrize("shape, patch", [((60, 40), 5), ((61, 43), 8), ((7, 9), 4)])
+def test_zone_fractions_are_the_mean_of_each_zone_of_zone_map(shape, patch):
+    """patch_zone_fractions counts zones without building zone_map; it must equal the per-patch mean of zone_map's
+    indicators exactly (partial edge patches, overlapping masks: the right lung wins)."""
+    from neural_core.models.lung import _patch_mean
+
+    rng = np.random.default_rng(1)
+    grid = grid_for(*shape, patch=patch)
+    for right, left in [hand_masks() if shape == (60, 40) else (rng.random(shape) < 0.4, rng.random(shape) < 0.4),
+                        (rng.random(shape) < 0.3, rng.random(shape) < 0.6),
+                        (np.zeros(shape, bool), rng.random(shape) < 0.5)]:
+        z = zone_map((right, left))
+        want = np.stack([_patch_mean(z == i + 1, grid) for i in range(6)], axis=-1)
+        assert np.array_equal(patch_zone_fractions((right, left), grid), want)
 
 
 def test_zone_fractions_gate_and_peak_zone():
@@ -302,6 +322,20 @@ def _shipped():
 def test_shipped_model_is_small():
     _shipped()
     assert (SHIPPED / WEIGHTS_NAME).stat().st_size <= 3 * 1024 * 1024
+
+
+def test_lung_masks_are_the_right_and_left_of_lung_fields(shared_data):
+    """lung_masks (zone features, every slider move) skips the heart; its masks are lung_fields' exactly."""
+    from neural_core.io import load_image
+    from neural_core.models.lung import lung_masks
+
+    model = _shipped()
+    for name in ("JPCLN001.jpg", "JPCNN002.jpg"):
+        px = load_image(shared_data / "jsrt" / "images" / name).pixels
+        for conv in ("full", "visible"):
+            rl, f = lung_masks(model, px, convention=conv), lung_fields(model, px, convention=conv)
+            assert rl.shape == (2, *px.shape) and 0.05 < rl.mean() < 0.5          # real lungs, not a blank mask
+            assert np.array_equal(rl[0], f.right) and np.array_equal(rl[1], f.left)
 
 
 def test_shipped_model_dice_on_held_out_real_images(shared_data):

@@ -83,6 +83,47 @@ def test_stage_uses_the_registered_lung_model(monkeypatch):
     assert g.pos[0, 4:].tolist() == [0, 0, 0, 0, 0, 1.0] and hand.calls == 1
 
 
+def test_backbone_and_lung_model_run_side_by_side_with_the_same_result(monkeypatch):
+    """node_inputs runs the lung model in a worker thread while the backbone runs: the same features and zones as
+    one after the other, the worker's zones computed without autograd, and a backbone failure reaches the caller."""
+    import neural_core.models.patch_features as pf
+
+    hand = HandMasks()
+    monkeypatch.setattr(pf, "_ZONE_FEATURIZER", [hand])
+    grad_in_worker = []
+
+    class Backbone:
+        dim = 3
+
+        def features_of(self, artifact):
+            return torch.arange(len(artifact.coords) * 3, dtype=torch.float32).view(-1, 3)
+
+    real_zones_of = hand.zones_of
+
+    def zones_of(artifact):
+        grad_in_worker.append(torch.is_grad_enabled())
+        return real_zones_of(artifact)
+
+    monkeypatch.setattr(hand, "zones_of", zones_of)
+    monkeypatch.setattr(pf, "get_featurizer", lambda cfg: Backbone())
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=3, zone_features=True)
+    art = _artifact([(0, 0), (2, 3)])
+    f, z = pf.node_inputs(art, cfg)
+    assert torch.equal(f, Backbone().features_of(art)) and torch.equal(z, HandMasks().zones_of(art))
+    assert grad_in_worker == [False]
+    given = torch.ones(2, 6)
+    assert pf.node_inputs(art, cfg, zones=given)[1] is given and len(grad_in_worker) == 1   # nothing recomputed
+    assert pf.node_inputs(art, ClassifierConfig(patch_pixels=8)) == (None, None)
+
+    class Broken(Backbone):
+        def features_of(self, artifact):
+            raise RuntimeError("backbone failed")
+
+    monkeypatch.setattr(pf, "get_featurizer", lambda cfg: Broken())
+    with pytest.raises(RuntimeError, match="backbone failed"):
+        pf.node_inputs(_artifact([(1, 1)]), cfg)
+
+
 def test_config_round_trip_and_old_configs():
     cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=12, zone_features=True)
     back = ClassifierConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))

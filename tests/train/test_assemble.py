@@ -41,11 +41,11 @@ def test_classifiers_read_the_map_of_the_models_own_reports(tmp_path):
     p = tmp_path / "model.json"
     p.write_text(json.dumps({"salience": {"method": "located", "layers": [1]}}))
     assert read_salience_config(str(p), generated=True) == read_salience_config(str(p)) == \
-        SalienceConfig("located", (1,))
+        SalienceConfig("located", (1,), findings="all")
     p.write_text(json.dumps({"salience": {"method": "located", "layers": [1]},
                              "salience_generated": {"method": "entity", "layers": [0]}}))
-    assert read_salience_config(str(p)) == SalienceConfig("located", (1,))
-    assert read_salience_config(str(p), generated=True) == SalienceConfig("entity", (0,))
+    assert read_salience_config(str(p)) == SalienceConfig("located", (1,), findings="all")
+    assert read_salience_config(str(p), generated=True) == SalienceConfig("entity", (0,), findings="all")
     assert read_salience_config(None, generated=True) == SalienceConfig()
 
 
@@ -90,3 +90,37 @@ def test_swap_classifiers_replaces_one_role_and_keeps_the_rest(tmp_path):
     assert not list(tmp_path.glob(".*assembling"))
     with pytest.raises(SystemExit):
         main(["--base", str(out), "--out", str(tmp_path / "x")])             # nothing to replace
+
+
+def test_swap_classifiers_checks_and_sets_the_finding_rule(tmp_path):
+    """``assemble --base ... --findings linked``: the maps read finding words by the new rule, and only classifiers
+    trained on cuts made by that rule may replace the base's (a setting stored without the rule reads "all")."""
+    import pytest
+    import torch
+
+    from neural_core.bundle import load_bundle, untrained_bundle
+    from neural_core.config import ClassifierConfig, SalienceConfig, tiny_report_config
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.train.assemble import swap_classifiers
+
+    base = tmp_path / "base"
+    b = untrained_bundle(tiny_report_config())
+    b.info.update({"thresholds": {"image": 0.5}, "val_auc": {"image": 0.8},
+                   "salience": {"method": "located", "layers": [1], "head_reduce": "mean"},
+                   "classifier_training_salience": {"method": "entity", "layers": [1], "head_reduce": "mean"}})
+    b.save(base, fp16=False)
+    run = tmp_path / "clf"
+    torch.manual_seed(0)
+    NeuralClassifier(ClassifierConfig()).save_pretrained(run / "classifier_image")
+    linked = SalienceConfig(method="entity", layers=(1,)).to_dict()
+    (run / "results_image.json").write_text(json.dumps({"threshold": 0.3, "val_auc": 0.9, "salience": linked}))
+    with pytest.raises(SystemExit, match="'linked' rule; the bundle's maps use 'all'"):
+        swap_classifiers(base, tmp_path / "out", {"image": run}, version="v1")     # the base's maps read "all"
+    out = swap_classifiers(base, tmp_path / "out", {"image": run}, version="v1", findings="linked")
+    info = json.loads((out / "model.json").read_text())
+    assert info["salience"]["findings"] == "linked" and info["classifier_training_salience_of"]["image"] == linked
+    assert load_bundle(out, device="cpu").salience == SalienceConfig("located", (1,), "mean", findings="linked")
+    assert any(line.startswith("maps: finding words by the 'linked' rule") for line in info["data"])
+    assert load_bundle(base, device="cpu").salience.findings == "all"                  # the base is untouched
+    with pytest.raises(SystemExit, match="must be one of"):
+        swap_classifiers(base, tmp_path / "out2", {"image": run}, version="v2", findings="some")
