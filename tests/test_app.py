@@ -149,6 +149,15 @@ def test_analyze_phantom_then_slider_reprunes_without_the_report_model(open_app,
     assert is_noop(ctrl.reprune("tau", 0.77, 0.9, True, st))                             # keep moved in tau mode
     assert vlm_calls["n"] == before + 1
 
+    # the page's slider: pictures first; the correction canvases follow with the details of the new regions
+    fast = ctrl.reprune("keep", 0.25, 0.5, False, st, details=False)
+    assert "view_kept" in fast and not {"grid_img", "editor", "corr_md", "graph_plot"} & set(fast)
+    later = ctrl.details(st)
+    kept = st.analysis.mask
+    assert later["grid_img"].shape == (h, w, 3) and later["editor"]["background"].shape == (h, w, 3)
+    assert "graph_plot" in later and is_noop(ctrl.details(st))                             # drawn once
+    assert kept.sum() != a2.mask.sum()
+
 
 def test_no_report_gives_a_generated_one_marked_as_such(open_app, tmp_path):
     _, ctrl, _ = open_app

@@ -243,12 +243,15 @@ _POOL_LOCK = threading.Lock()
 
 
 def _pool():
+    import os
+
     with _POOL_LOCK:
-        if not _POOL:
+        # a forked child inherits the pool object but not its threads: it gets a pool of its own
+        if not _POOL or _POOL[0][0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="neural-zones"))
-        return _POOL[0]
+            _POOL[:] = [(os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="neural-zones"))]
+        return _POOL[0][1]
 
 
 def _zones_in_worker(artifact) -> torch.Tensor:

@@ -124,6 +124,25 @@ def test_backbone_and_lung_model_run_side_by_side_with_the_same_result(monkeypat
         pf.node_inputs(_artifact([(1, 1)]), cfg)
 
 
+
+def test_side_by_side_pool_works_in_a_forked_child():
+    """A child forked after the pool exists (batch workers) must not wait on the parent's threads."""
+    import multiprocessing as mp
+
+    import neural_core.models.patch_features as pf
+
+    pf._pool().submit(int).result()
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as p:
+        assert p.apply_async(_child_submits).get(timeout=60) == 7
+
+
+def _child_submits():
+    import neural_core.models.patch_features as pf
+
+    return pf._pool().submit(lambda: 7).result(timeout=30)
+
+
 def test_config_round_trip_and_old_configs():
     cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=12, zone_features=True)
     back = ClassifierConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
