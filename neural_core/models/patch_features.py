@@ -255,7 +255,9 @@ def _pool():
 
 
 def _zones_in_worker(artifact) -> torch.Tensor:
-    with torch.inference_mode():             # grad mode is per thread: the worker does not inherit the caller's
+    # grad mode is per thread and the worker does not inherit the caller's; no_grad, not inference_mode: the zones
+    # must stay ordinary tensors that a later autograd pass (explanations) may use
+    with torch.no_grad():
         return get_zone_featurizer().zones_of(artifact)
 
 

@@ -110,7 +110,7 @@ def test_backbone_and_lung_model_run_side_by_side_with_the_same_result(monkeypat
     art = _artifact([(0, 0), (2, 3)])
     f, z = pf.node_inputs(art, cfg)
     assert torch.equal(f, Backbone().features_of(art)) and torch.equal(z, HandMasks().zones_of(art))
-    assert grad_in_worker == [False]
+    assert grad_in_worker == [False] and not z.is_inference()      # usable by a later autograd pass
     given = torch.ones(2, 6)
     assert pf.node_inputs(art, cfg, zones=given)[1] is given and len(grad_in_worker) == 1   # nothing recomputed
     assert pf.node_inputs(art, ClassifierConfig(patch_pixels=8)) == (None, None)
