@@ -90,6 +90,30 @@ def read_salience_config(path: str | None, *, generated: bool = False) -> Salien
     return SalienceConfig.from_dict(d.get("salience", d))
 
 
+def classifier_setup(decoder: str, *, zone_features: bool = True, lung: str = "assets/default_model/lung"):
+    """The report model and tokenizer of ``decoder``, the featurizer on its frozen backbone, and the classifier
+    config every classifier of this module is built with; registers the lung model for zone features."""
+    model = ReportModel.from_pretrained(decoder)
+    tok = load_tokenizer(Path(decoder) / "tokenizer")
+    featurizer = BackboneFeaturizer(copy.deepcopy(model.cnn.backbone).fuse_for_inference())
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=featurizer.dim, canvas=featurizer.canvas,
+                           dropout=0.3, zone_features=zone_features)
+    if zone_features:
+        from ..models.lung import LungModel
+        from ..models.patch_features import register_lung_model
+
+        register_lung_model(LungModel.from_pretrained(lung))
+    return model, tok, featurizer, cfg
+
+
+def labelled_features(features: Path, which: str):
+    """Cached encoder tokens, pooled features and records of one split, the studies with a pneumonia label only
+    (the order every cached views file of the split indexes)."""
+    tokens, pooled, recs = load_features(features, which)
+    keep = [i for i, r in enumerate(recs) if r["pneumonia"] is not None]
+    return tokens[keep], pooled[keep], [recs[i] for i in keep]
+
+
 def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
                views: int, keeps: tuple | None, rng: np.random.Generator | None, batch: int = 16, desc: str,
                logline) -> list:
@@ -335,16 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         with (out / "log.jsonl").open("a") as fh:
             fh.write(json.dumps({"time": time.time(), **kw}) + "\n")
 
-    model = ReportModel.from_pretrained(args.decoder)
-    tok = load_tokenizer(Path(args.decoder) / "tokenizer")
-    featurizer = BackboneFeaturizer(copy.deepcopy(model.cnn.backbone).fuse_for_inference())
-    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=featurizer.dim, canvas=featurizer.canvas,
-                           dropout=0.3, zone_features=args.zone_features)
-    if args.zone_features:
-        from ..models.lung import LungModel
-        from ..models.patch_features import register_lung_model
-
-        register_lung_model(LungModel.from_pretrained(args.lung))
+    model, tok, featurizer, cfg = classifier_setup(args.decoder, zone_features=args.zone_features, lung=args.lung)
     data = {}
     extra = [e for e in args.extra.split(",") if e]
     splits = ["train", "val"] + [f"{e}_{w}" for e in extra for w in ("train", "val")]
@@ -352,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     for which in (only or splits):
         # one generator per split: the views do not depend on which process cached the other splits
         rng = np.random.default_rng([args.seed, splits.index(which)])
-        tokens, pooled, recs = load_features(Path(args.features), which)
-        keep = [i for i, r in enumerate(recs) if r["pneumonia"] is not None]
-        tokens, pooled, recs = tokens[keep], pooled[keep], [recs[i] for i in keep]
+        tokens, pooled, recs = labelled_features(Path(args.features), which)
         vf = out / f"views_{which}.pt"
         if vf.exists():
             maps, texts, views = torch.load(vf, weights_only=False)

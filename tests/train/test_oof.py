@@ -1,0 +1,149 @@
+"""Out-of-fold adult scores (neural_core.train.oof): folds, the summary's counts, the paired comparison."""
+import json
+
+import pytest
+
+from neural_core.train import oof
+
+
+def _recs():
+    recs = [{"dataset": "kermany", "pneumonia": i % 2, "patient_id": f"k{i}", "image": f"k{i}.png"}
+            for i in range(10)]
+    # covid-cxr: 10 patients with two films each (one patient's films must stay in one fold), two negatives
+    recs += [{"dataset": "covid-cxr", "pneumonia": 1, "patient_id": f"c{i // 2}", "image": f"c{i}.png"}
+             for i in range(20)]
+    recs += [{"dataset": "covid-cxr", "pneumonia": 0, "patient_id": f"cn{i}", "image": f"cn{i}.png"} for i in range(2)]
+    recs += [{"dataset": "jsrt", "pneumonia": 0, "patient_id": f"j{i}", "image": f"j{i}.png"} for i in range(15)]
+    return recs
+
+
+def test_adult_folds_group_patients_and_leave_kermany_out():
+    recs = _recs()
+    fold = oof.adult_folds(recs, 5, seed=0)
+    assert (fold[:10] == -1).all()                      # Kermany is in every fold's training set
+    assert set(fold[10:].tolist()) == set(range(5))     # every adult study is held out exactly once
+    by_patient = {}
+    for r, f in zip(recs[10:], fold[10:]):
+        by_patient.setdefault(r["patient_id"], set()).add(int(f))
+    assert all(len(s) == 1 for s in by_patient.values())
+    for f in range(5):                                  # stratified: positives and JSRT negatives in every fold
+        members = [r for r, g in zip(recs, fold) if g == f]
+        assert any(r["dataset"] == "covid-cxr" and r["pneumonia"] == 1 for r in members)
+        assert sum(r["dataset"] == "jsrt" for r in members) == 3
+    assert (oof.adult_folds(recs, 5, seed=0) == fold).all()      # same seed, same folds
+
+
+def test_adult_folds_need_enough_adults():
+    with pytest.raises(ValueError, match="cannot fill"):
+        oof.adult_folds(_recs()[:12], 5)
+
+
+def _fold(path, f, threshold, rows, kb=None):
+    d = {"fold": f, "folds": 2, "thresholds": {"recipe": threshold, "keeps-balanced": kb if kb is not None
+                                               else threshold},
+         "heldout": [{"id": i, "patient_id": i, "dataset": s, "y": y, "keep": k, "p": p} for i, s, y, k, p in rows]}
+    (path / f"fold{f}.json").write_text(json.dumps(d))
+
+
+def test_summarize_counts_each_fold_at_its_own_threshold(tmp_path):
+    # fold 0 threshold 0.5, fold 1 threshold 0.2: c1's 0.3 is found by fold 1's model, c0's 0.3 is not by fold 0's
+    _fold(tmp_path, 0, 0.5, [("c0", "covid-cxr", 1, 1.0, 0.3), ("j0", "jsrt", 0, 1.0, 0.1),
+                             ("c2", "covid-cxr", 1, 1.0, 0.9)], kb=0.25)
+    _fold(tmp_path, 1, 0.2, [("c1", "covid-cxr", 1, 1.0, 0.3), ("j1", "jsrt", 0, 1.0, 0.25)])
+    s = oof.summarize(tmp_path)
+    row = s["rules"]["recipe"][0]
+    assert row["keep"] == 1.0 and row["n"] == 5
+    assert (row["covid_pos_found"]["k"], row["covid_pos_found"]["n"]) == (2, 3)
+    assert (row["jsrt_neg_kept"]["k"], row["jsrt_neg_kept"]["n"]) == (1, 2)   # j1 0.25 >= 0.2: called positive
+    assert row["covid_neg_kept"]["n"] == 0
+    lo, hi = row["covid_pos_found"]["rate_ci"][1:]
+    assert lo < 2 / 3 < hi
+    kb = s["rules"]["keeps-balanced"][0]                 # fold 0 at 0.25 now finds c0
+    assert kb["covid_pos_found"]["k"] == 3
+    # AUC of the pooled scores: positives 0.3, 0.9, 0.3 against negatives 0.1, 0.25
+    assert row["auc"] == pytest.approx(1.0)
+
+
+def test_compare_counts_discordant_studies(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    rows_a = [(f"c{i}", "covid-cxr", 1, 0.1, 0.9) for i in range(6)] + [("j0", "jsrt", 0, 0.1, 0.1)]
+    rows_b = [(f"c{i}", "covid-cxr", 1, 0.1, 0.9 if i < 2 else 0.1) for i in range(6)] + [("j0", "jsrt", 0, 0.1, 0.9)]
+    _fold(a, 0, 0.5, rows_a)
+    _fold(b, 0, 0.5, rows_b)
+    r = {(x["source"], x["label"]): x for x in oof.compare(a, b, "recipe")}
+    pos = r[("covid-cxr", 1)]
+    assert (pos["a"], pos["b"], pos["a_only"], pos["b_only"]) == (6, 2, 4, 0)
+    assert pos["mcnemar_p"] == pytest.approx(2 * 0.5 ** 4)      # exact two-sided binomial on 4 discordant pairs
+    neg = r[("jsrt", 0)]
+    assert (neg["a"], neg["b"], neg["a_only"]) == (1, 0, 1)
+    _fold(b, 1, 0.5, [("x", "jsrt", 0, 0.1, 0.1)])
+    with pytest.raises(ValueError, match="different held-out studies"):
+        oof.compare(a, b, "recipe")
+
+
+def test_cli_summarize_and_compare(tmp_path, capsys):
+    _fold(tmp_path, 0, 0.5, [("c0", "covid-cxr", 1, 0.05, 0.7), ("j0", "jsrt", 0, 0.05, 0.2)])
+    assert oof.main(["--summarize", str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.05 | 1.000 | 1 / 1" in out
+    assert json.loads((tmp_path / "s.json").read_text())["rules"]["recipe"][0]["jsrt_neg_kept"]["k"] == 1
+    assert oof.main(["--compare", str(tmp_path), str(tmp_path / "missing")]) == 2
+    assert "no fold*.json" in capsys.readouterr().err
+
+
+def test_training_needs_a_recipe_folder(capsys):
+    with pytest.raises(SystemExit):
+        oof.main(["--out", "x"])
+    assert "--clf and --out" in capsys.readouterr().err
+
+
+def test_a_fold_trains_without_its_adults_and_scores_them_at_every_keep(monkeypatch):
+    """_train_fold on tiny hand-made graphs: fold 0's adult views leave the training set, every fold-0 adult is
+    scored once per keep, both thresholds and the validation scores are written."""
+    from argparse import Namespace
+
+    import torch
+    from torch_geometric.data import Data
+
+    from neural_core.config import ClassifierConfig
+    from neural_core.train import classifier as trainer
+
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=4, hidden=8, layers=1, zone_features=False)
+
+    def g(x):
+        n = 3
+        return Data(patch=torch.tensor([[x, -x, 2 * x, 0.0]]).repeat(n, 1), pos=torch.zeros(n, cfg.pos_dim),
+                    score=torch.ones(n, 1), node_type=torch.zeros(n, dtype=torch.long),
+                    edge_index=torch.tensor([[0, 1], [1, 2]]), edge_type=torch.zeros(2, dtype=torch.long))
+
+    recs = _recs()
+    fold = oof.adult_folds(recs, 5, seed=0)
+    sign = [1.0 if r["pneumonia"] else -1.0 for r in recs]
+    train_views = [(i, k, g(sign[i] * (1 + 0.1 * j))) for i in range(len(recs)) for j, k in enumerate((1.0, 0.1))]
+    keeps = (1.0, 0.1)
+    heldout = [(i, k, g(sign[i])) for i in range(len(recs)) if fold[i] >= 0 for k in keeps]
+    val_recs = [{"dataset": d, "pneumonia": y, "patient_id": f"v{j}", "image": f"v{j}.png"}
+                for j, (d, y) in enumerate([("kermany", 0), ("kermany", 1), ("covid-cxr", 1), ("jsrt", 0)] * 2)]
+    vsign = [1.0 if r["pneumonia"] else -1.0 for r in val_recs]
+    data = {"recs": recs, "fold": fold, "train_views": train_views, "heldout_views": heldout, "val_recs": val_recs,
+            "val_views": [(i, 0.1, g(vsign[i])) for i in range(len(val_recs))],
+            "val_keep_views": {k: [(i, k, g(vsign[i])) for i in range(len(val_recs))] for k in keeps}}
+    seen = {}
+    real = trainer.train_one
+
+    def spy(name, tr, va, *args, **kw):
+        seen["n_train"], seen["seed"] = len(tr), kw["seed"]
+        return real(name, tr, va, *args, **kw)
+
+    monkeypatch.setattr(trainer, "train_one", spy)
+    a = Namespace(balance="none", epochs=2, patience=2, lr=1e-2, seed=10, threshold="youden", select="auc", folds=5,
+                  fold_seed=0, clf="tiny")
+    d = oof._train_fold(0, a, data, cfg, lambda **kw: None)
+    in_fold = [i for i in range(len(recs)) if fold[i] == 0]
+    assert seen["n_train"] == len(train_views) - 2 * len(in_fold) and seen["seed"] == 10
+    assert sorted((r["id"], r["keep"]) for r in d["heldout"]) == sorted((recs[i]["image"], k) for i in in_fold
+                                                                          for k in keeps)
+    assert set(d["thresholds"]) == set(oof.RULES)
+    assert set(d["val"]) == {"1", "0.1"} and len(d["val"]["0.1"]["p"]) == len(val_recs)
+    json.dumps(d)                                        # the fold file is plain JSON
