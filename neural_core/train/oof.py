@@ -20,8 +20,8 @@ cut once per keep from the same cached map (one view per keep, no augmentation) 
 backbone (cached in ``OUT``). Each fold writes ``OUT/fold<k>.json``: its thresholds by two rules, the recipe's
 (``--threshold``, on the keep-0.10 validation views) and the source-balanced one of every validation keep pooled
 (``keeps-balanced``, the rule of the shipped seed ensembles; needs the ``--val-keeps`` views of ``--clf``), every
-held-out score, and the fold model's validation scores at every keep (another threshold rule can be scored later
-without retraining). Fold models are not kept (they are the recipe minus data, not release candidates).
+held-out score, and the fold model's validation scores at every keep, from which ``--summarize`` and ``--compare``
+also score ``per-keep-balanced`` (each keep's own source-balanced threshold, applied at that keep). Fold models are not kept (they are the recipe minus data, not release candidates).
 
 Pair recipes with the same ``--folds``, ``--fold-seed`` and ``--seed``: the folds, and the seed of fold ``f``
 (``seed + f``), are then the same for both, and ``--compare`` counts the studies one finds and the other misses
@@ -37,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ADULT", "adult_folds", "summarize", "compare", "main"]
+__all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "summarize", "compare", "main"]
 
 ADULT = ("covid-cxr", "jsrt")
 KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
 RULES = ("recipe", "keeps-balanced")
+#: rules computed afterwards from a fold's stored validation scores (folds written before those were stored lack them)
+LATE_RULES = ("per-keep-balanced",)
 
 
 def adult_folds(recs: list[dict], k: int, seed: int = 0) -> np.ndarray:
@@ -75,13 +77,30 @@ def _rate_row(rows: list[dict], source: str, label: int) -> tuple[int, int]:
     return sum(int((r["p"] >= r["threshold"]) == bool(label)) for r in sel), len(sel)
 
 
+def _late_threshold(d: dict, rule: str, keep: float) -> float:
+    """``per-keep-balanced``: the source-balanced threshold of the fold model's validation scores at ``keep``
+    (:func:`neural_core.train.thresholds.source_balanced_threshold`), applied at that keep only."""
+    from .thresholds import source_balanced_threshold
+
+    if "val" not in d:
+        raise ValueError(f"fold {d['fold']} stores no validation scores (written before they were stored): "
+                         f"rule {rule!r} needs them; re-run the fold")
+    v = d["val"].get(f"{keep:g}")
+    if v is None:
+        raise ValueError(f"fold {d['fold']} has no validation scores at keep {keep:g}")
+    return source_balanced_threshold(np.asarray(v["y"]), np.asarray(v["p"]), np.asarray(v["source"]))
+
+
 def _heldout_rows(out: Path, rule: str) -> list[dict]:
     """Every held-out score of every fold, each with the threshold of its fold's model under ``rule``."""
     rows = []
     for f in sorted(out.glob("fold*.json")):
         d = json.loads(f.read_text())
-        thr = d["thresholds"][rule]
-        rows += [{**r, "fold": d["fold"], "threshold": thr} for r in d["heldout"]]
+        if rule in LATE_RULES:
+            thr = {k: _late_threshold(d, rule, k) for k in {r["keep"] for r in d["heldout"]}}
+            rows += [{**r, "fold": d["fold"], "threshold": thr[r["keep"]]} for r in d["heldout"]]
+        else:
+            rows += [{**r, "fold": d["fold"], "threshold": d["thresholds"][rule]} for r in d["heldout"]]
     return rows
 
 
@@ -98,7 +117,8 @@ def summarize(out: Path) -> dict:
     meta = [json.loads(f.read_text()) for f in folds]
     res = {"folds": [m["fold"] for m in meta], "of": meta[0]["folds"],
            "thresholds": {m["fold"]: m["thresholds"] for m in meta}, "rules": {}}
-    for rule in RULES:
+    rules = RULES + (LATE_RULES if all("val" in m for m in meta) else ())
+    for rule in rules:
         rows = _heldout_rows(out, rule)
         per_keep = []
         for keep in sorted({r["keep"] for r in rows}, reverse=True):
@@ -271,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                     "validation AUC at keep 0.10)")
     ap.add_argument("--summarize", metavar="OUT", help="print the held-out rates of a finished OUT and exit")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two OUT folders of paired recipes")
-    ap.add_argument("--rule", choices=RULES, default="keeps-balanced", help="threshold rule for --compare")
+    ap.add_argument("--rule", choices=RULES + LATE_RULES, default="keeps-balanced",
+                    help="threshold rule for --compare (per-keep-balanced: each keep's own source-balanced "
+                    "threshold, from the folds' stored validation scores)")
     ap.add_argument("--json", default=None, help="with --summarize / --compare: also write the result here")
     a = ap.parse_args(argv)
     from ..utils import atomic_write_text

@@ -38,10 +38,12 @@ def test_adult_folds_need_enough_adults():
         oof.adult_folds(_recs()[:12], 5)
 
 
-def _fold(path, f, threshold, rows, kb=None):
+def _fold(path, f, threshold, rows, kb=None, val=None):
     d = {"fold": f, "folds": 2, "thresholds": {"recipe": threshold, "keeps-balanced": kb if kb is not None
                                                else threshold},
          "heldout": [{"id": i, "patient_id": i, "dataset": s, "y": y, "keep": k, "p": p} for i, s, y, k, p in rows]}
+    if val is not None:
+        d["val"] = val
     (path / f"fold{f}.json").write_text(json.dumps(d))
 
 
@@ -147,3 +149,24 @@ def test_a_fold_trains_without_its_adults_and_scores_them_at_every_keep(monkeypa
     assert set(d["thresholds"]) == set(oof.RULES)
     assert set(d["val"]) == {"1", "0.1"} and len(d["val"]["0.1"]["p"]) == len(val_recs)
     json.dumps(d)                                        # the fold file is plain JSON
+
+
+def test_per_keep_rule_uses_each_keeps_validation_scores(tmp_path):
+    # validation at keep 1: adults score high (source-balanced threshold 0.8); at keep 0.1 low (threshold 0.3)
+    def val(p_pos, p_neg):
+        return {"y": [1, 1, 0, 0], "p": [p_pos, p_pos, p_neg, p_neg], "source": ["covid-cxr", "covid-cxr", "jsrt", "jsrt"]}
+
+    rows = [("c0", "covid-cxr", 1, 1.0, 0.5), ("c0", "covid-cxr", 1, 0.1, 0.5), ("j0", "jsrt", 0, 0.1, 0.2)]
+    _fold(tmp_path, 0, 0.9, rows, val={"1": val(0.8, 0.6), "0.1": val(0.3, 0.1)})
+    s = oof.summarize(tmp_path)
+    assert "per-keep-balanced" in s["rules"]
+    by_keep = {r["keep"]: r for r in s["rules"]["per-keep-balanced"]}
+    assert by_keep[1.0]["covid_pos_found"]["k"] == 0          # 0.5 < keep 1's threshold 0.8
+    assert by_keep[0.1]["covid_pos_found"]["k"] == 1          # 0.5 >= keep 0.1's threshold 0.3
+    assert by_keep[0.1]["jsrt_neg_kept"]["k"] == 1            # 0.2 < 0.3
+    old = tmp_path / "old"
+    old.mkdir()
+    _fold(old, 0, 0.9, rows)                                  # a fold written before validation scores were kept
+    assert "per-keep-balanced" not in oof.summarize(old)["rules"]
+    with pytest.raises(ValueError, match="stores no validation scores"):
+        oof.compare(old, tmp_path, "per-keep-balanced")
