@@ -21,7 +21,11 @@ backbone (cached in ``OUT``). Each fold writes ``OUT/fold<k>.json``: its thresho
 (``--threshold``, on the keep-0.10 validation views) and the source-balanced one of every validation keep pooled
 (``keeps-balanced``, the rule of the shipped seed ensembles; needs the ``--val-keeps`` views of ``--clf``), every
 held-out score, and the fold model's validation scores at every keep, from which ``--summarize`` and ``--compare``
-also score ``per-keep-balanced`` (each keep's own source-balanced threshold, applied at that keep). Fold models are not kept (they are the recipe minus data, not release candidates).
+also score ``per-keep-balanced`` (each keep's own source-balanced threshold, applied at that keep) and
+``cv-keeps-balanced`` (:func:`cv_threshold`: the validation scores of every keep pooled together with the *other*
+folds' held-out adult scores, so that 87 + 131 adult films instead of 17 + 23 place the adult operating point; nested,
+a fold's own adults never choose its threshold). Fold models are not kept (they are the recipe minus data, not
+release candidates).
 
 Pair recipes with the same ``--folds``, ``--fold-seed`` and ``--seed``: the folds, and the seed of fold ``f``
 (``seed + f``), are then the same for both, and ``--compare`` counts the studies one finds and the other misses
@@ -37,13 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "summarize", "compare", "main"]
+__all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "oof_adult_scores", "cv_threshold", "summarize", "compare",
+           "main"]
 
 ADULT = ("covid-cxr", "jsrt")
 KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
 RULES = ("recipe", "keeps-balanced")
 #: rules computed afterwards from a fold's stored validation scores (folds written before those were stored lack them)
-LATE_RULES = ("per-keep-balanced",)
+LATE_RULES = ("per-keep-balanced", "cv-keeps-balanced")
 
 
 def adult_folds(recs: list[dict], k: int, seed: int = 0) -> np.ndarray:
@@ -91,12 +96,50 @@ def _late_threshold(d: dict, rule: str, keep: float) -> float:
     return source_balanced_threshold(np.asarray(v["y"]), np.asarray(v["p"]), np.asarray(v["source"]))
 
 
+def oof_adult_scores(folds: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(y, p, source)`` of every held-out adult view of ``folds`` (fold dicts as written by this module), every
+    keep: each score from the one fold model that did not see the study.
+
+    *Shapes*: :math:`(\\sum_f N_f K,)` each."""
+    rows = [r for d in folds for r in d["heldout"]]
+    return (np.array([int(r["y"]) for r in rows], dtype=int), np.array([float(r["p"]) for r in rows]),
+            np.array([str(r["dataset"]) for r in rows]))
+
+
+def cv_threshold(by_keep: dict, oof: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> float:
+    """The source-balanced threshold (:func:`neural_core.train.thresholds.source_balanced_threshold`) of a model's
+    validation scores at every keep pooled (``by_keep``: keep -> ``(y, p, source)``) together with out-of-fold adult
+    scores ``oof`` (:func:`oof_adult_scores`; None: the validation scores alone, i.e. ``keeps-balanced``). Sources
+    count once each, whatever their size, so the adult sources' rates are read off 87 + 131 training films scored out
+    of fold plus the 17 + 23 of validation.
+
+    *Shapes*: each array of ``by_keep`` :math:`(N_k,)`, each of ``oof`` :math:`(M,)` -> scalar."""
+    from .thresholds import source_balanced_threshold
+
+    parts = list(by_keep.values()) + ([oof] if oof is not None else [])
+    y, p, src = (np.concatenate([np.asarray(v[i]) for v in parts]) for i in range(3))
+    return source_balanced_threshold(y.astype(int), p.astype(np.float64), src.astype(str))
+
+
+def _val_by_keep(d: dict) -> dict:
+    if "val" not in d:
+        raise ValueError(f"fold {d['fold']} stores no validation scores (written before they were stored): "
+                         "late threshold rules need them; re-run the fold")
+    return {float(k): (np.asarray(v["y"]), np.asarray(v["p"]), np.asarray(v["source"])) for k, v in d["val"].items()}
+
+
 def _heldout_rows(out: Path, rule: str) -> list[dict]:
     """Every held-out score of every fold, each with the threshold of its fold's model under ``rule``."""
     rows = []
-    for f in sorted(out.glob("fold*.json")):
+    files = sorted(out.glob("fold*.json"))
+    every = [json.loads(f.read_text()) for f in files] if rule == "cv-keeps-balanced" else None
+    for f in files:
         d = json.loads(f.read_text())
-        if rule in LATE_RULES:
+        if rule == "cv-keeps-balanced":
+            others = [o for o in every if o["fold"] != d["fold"]]
+            thr = cv_threshold(_val_by_keep(d), oof_adult_scores(others) if others else None)
+            rows += [{**r, "fold": d["fold"], "threshold": thr} for r in d["heldout"]]
+        elif rule in LATE_RULES:
             thr = {k: _late_threshold(d, rule, k) for k in {r["keep"] for r in d["heldout"]}}
             rows += [{**r, "fold": d["fold"], "threshold": thr[r["keep"]]} for r in d["heldout"]]
         else:
@@ -292,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summarize", metavar="OUT", help="print the held-out rates of a finished OUT and exit")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two OUT folders of paired recipes")
     ap.add_argument("--rule", choices=RULES + LATE_RULES, default="keeps-balanced",
-                    help="threshold rule for --compare (per-keep-balanced: each keep's own source-balanced "
-                    "threshold, from the folds' stored validation scores)")
+                    help="threshold rule for --compare (per-keep-balanced: each keep's own source-balanced threshold; "
+                    "cv-keeps-balanced: every keep's validation scores and the other folds' held-out adults; both "
+                    "from the folds' stored validation scores)")
     ap.add_argument("--json", default=None, help="with --summarize / --compare: also write the result here")
     a = ap.parse_args(argv)
     from ..utils import atomic_write_text

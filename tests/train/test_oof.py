@@ -170,3 +170,27 @@ def test_per_keep_rule_uses_each_keeps_validation_scores(tmp_path):
     assert "per-keep-balanced" not in oof.summarize(old)["rules"]
     with pytest.raises(ValueError, match="stores no validation scores"):
         oof.compare(old, tmp_path, "per-keep-balanced")
+
+
+def test_cv_rule_places_each_fold_threshold_with_the_other_folds_adults(tmp_path):
+    # validation alone (Kermany only) would put the threshold at 0.7; fold 1's held-out adults (covid 0.45-0.5,
+    # JSRT 0.1-0.2) pull fold 0's threshold down between them, and vice versa; a fold's own adults never count
+    kval = {"1": {"y": [1, 1, 0, 0], "p": [0.9, 0.7, 0.3, 0.6], "source": ["kermany"] * 4}}
+    _fold(tmp_path, 0, 0.7, [("c0", "covid-cxr", 1, 1.0, 0.4), ("j0", "jsrt", 0, 1.0, 0.35)], val=kval)
+    _fold(tmp_path, 1, 0.7, [("c1", "covid-cxr", 1, 1.0, 0.5), ("c2", "covid-cxr", 1, 1.0, 0.45),
+                             ("j1", "jsrt", 0, 1.0, 0.2), ("j2", "jsrt", 0, 1.0, 0.1)], val=kval)
+    folds = [json.loads((tmp_path / f"fold{f}.json").read_text()) for f in (0, 1)]
+    y, p, src = oof.oof_adult_scores(folds)
+    assert len(y) == 6 and set(src.tolist()) == {"covid-cxr", "jsrt"}
+    by_keep = {1.0: (kval["1"]["y"], kval["1"]["p"], kval["1"]["source"])}
+    assert oof.cv_threshold(by_keep, None) == pytest.approx(0.7)            # keeps-balanced: validation only
+    t0 = oof.cv_threshold(by_keep, oof.oof_adult_scores(folds[1:]))        # fold 0's threshold: fold 1's adults
+    assert 0.2 < t0 <= 0.45
+    rows = oof._heldout_rows(tmp_path, "cv-keeps-balanced")
+    thr = {r["fold"]: r["threshold"] for r in rows}
+    assert thr[0] == pytest.approx(t0)
+    assert thr[1] == pytest.approx(oof.cv_threshold(by_keep, oof.oof_adult_scores(folds[:1])))
+    s = oof.summarize(tmp_path)
+    assert "cv-keeps-balanced" in s["rules"]
+    row = s["rules"]["cv-keeps-balanced"][0]
+    assert row["covid_pos_found"]["n"] == 3 and row["jsrt_neg_kept"]["n"] == 3
