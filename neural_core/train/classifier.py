@@ -114,15 +114,36 @@ def labelled_features(features: Path, which: str):
     return tokens[keep], pooled[keep], [recs[i] for i in keep]
 
 
+def scale_sides(n: int, rng: np.random.Generator, *, p: float, low: int, high: int = TRAIN_MAX_SIDE) -> list:
+    """Per training view, the longest side it is downscaled to before it is cut (None: left at ``high``): with
+    probability ``p`` a side drawn log-uniformly in ``[low, high]``.
+
+    Why: the patch side is 32 px for every image of at least 448 px, so a small web image is cut into a coarse grid
+    and a film downscaled to 1,024 px into a fine one; in these data grid density tells the sources apart (small
+    covid-cxr web images: pneumonia; JSRT and the large covid-cxr films at 1,024 px), and a classifier can read the
+    source from it. Drawing the scale independently of the label takes that cue away.
+
+    *Shapes*: -> ``n`` ints or Nones."""
+    if not 0.0 <= p <= 1.0 or not 0 < low <= high:
+        raise ValueError(f"scale augmentation needs 0 <= p <= 1 and 0 < low <= high, got p={p}, low={low}, "
+                         f"high={high}")
+    draw = rng.random(n) < p
+    side = np.exp(rng.uniform(np.log(low), np.log(high), size=n)).round().astype(int)
+    return [int(s) if d else None for d, s in zip(draw, side)]
+
+
 def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
                views: int, keeps: tuple | None, rng: np.random.Generator | None, batch: int = 16, desc: str,
-               logline) -> list:
+               logline, scale_aug: tuple[float, int] | None = None) -> list:
     """Visual graphs (with backbone features) of real artifacts: ``views`` per study at random keeps (``keeps``
-    None) or one per keep given."""
+    None) or one per keep given. ``scale_aug`` = ``(p, low)``: each view is first downscaled as
+    :func:`scale_sides` draws (training views only; needs ``rng``)."""
     todo = []
     for i in range(len(recs)):
         ks = keeps if keeps is not None else tuple(rng.choice(KEEPS, size=views, p=KEEP_P))
         todo += [(i, float(k)) for k in ks]
+    sides = ([None] * len(todo) if scale_aug is None else
+             scale_sides(len(todo), rng, p=scale_aug[0], low=scale_aug[1]))
     out = [None] * len(todo)
     t0 = time.time()
     cache_raw: dict[int, tuple] = {}
@@ -135,6 +156,8 @@ def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg
                 x = load_image(recs[i]["image"])
                 cache_raw[i] = (_downscale(x.raw, TRAIN_MAX_SIDE), x.meta.bit_depth)
             raw, bd = cache_raw[i]
+            if sides[j] is not None:
+                raw = _downscale(raw, sides[j])
             grid = grid_for(*raw.shape)
             scores = stages.score_patches(maps[i], grid)
             mask = stages.select_patches(scores, PruneConfig(keep=k))
@@ -337,7 +360,21 @@ def main(argv: list[str] | None = None) -> int:
                     "the same weight)")
     ap.add_argument("--lung", default="assets/default_model/lung", help="lung model for --zone-features (ship the "
                     "same one in the bundle)")
+    ap.add_argument("--scale-aug", default=None, metavar="P,LOW", help="training views: with probability P, "
+                    "downscale the image to a longest side drawn log-uniformly in [LOW, 1024] before cutting it "
+                    "(scale_sides: grid density carries no label), e.g. 0.5,384")
+    ap.add_argument("--maps-from", default=None, metavar="DIR", help="take the salience maps and reports of a split "
+                    "whose views are not cached from DIR's views_<split>.pt (another train.classifier folder cut by "
+                    "the same map): new views without running the report model again")
     args = ap.parse_args(argv)
+    scale_aug = None
+    if args.scale_aug:
+        try:
+            p_, low_ = args.scale_aug.split(",")
+            scale_aug = (float(p_), int(low_))
+            scale_sides(1, np.random.default_rng(0), p=scale_aug[0], low=scale_aug[1])
+        except ValueError as e:
+            ap.error(f"--scale-aug: expected P,LOW with 0 <= P <= 1 and 0 < LOW <= 1024 ({e})")
     try:
         val_keeps = tuple(float(k) for k in args.val_keeps.split(",") if k.strip())
     except ValueError:
@@ -376,11 +413,18 @@ def main(argv: list[str] | None = None) -> int:
                                  "another --out or the matching --zone-features setting")
         else:
             t0 = time.time()
-            maps, texts = generated_salience(model, tok, tokens, cfg=salience_cfg)
-            logline(event="salience", split=which, n=len(recs), seconds=time.time() - t0)
+            src = Path(args.maps_from) / f"views_{which}.pt" if args.maps_from else None
+            if src is not None and src.exists():
+                maps, texts, _ = torch.load(src, weights_only=False)
+                if len(maps) != len(recs):
+                    raise SystemExit(f"{src} holds {len(maps)} studies, the features {len(recs)}")
+                logline(event="salience", split=which, n=len(recs), maps_from=str(src))
+            else:
+                maps, texts = generated_salience(model, tok, tokens, cfg=salience_cfg)
+                logline(event="salience", split=which, n=len(recs), seconds=time.time() - t0)
             if which.endswith("train"):
                 views = make_views(recs, maps, featurizer, cfg, rng=rng, desc=which, logline=logline, keeps=None,
-                                   views=args.views if which == "train" else args.extra_views)
+                                   views=args.views if which == "train" else args.extra_views, scale_aug=scale_aug)
             else:
                 views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
                                    logline=logline)
@@ -457,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                               va_keep=[k for _, k, _ in va_views], threshold_rule=args.threshold,
                               select=args.select, init=init, init_threshold=init_thr)
         info["balance"] = args.balance
+        info["scale_aug"] = list(scale_aug) if scale_aug else None
         info["init"] = str(args.init) if args.init else None
         info["val_keeps"] = list(val_keeps)
         info["seconds"] = time.time() - t0

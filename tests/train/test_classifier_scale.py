@@ -1,0 +1,82 @@
+"""train.classifier --scale-aug: the drawn sides, that training views are really cut from the downscaled image (and
+nothing else changes without it), and the flag's checks."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neural_core.config import ClassifierConfig
+from neural_core.train import classifier as trainer
+
+
+def test_scale_sides_draw_log_uniform_sides_with_probability_p():
+    rng = np.random.default_rng(0)
+    assert trainer.scale_sides(50, rng, p=0.0, low=384) == [None] * 50
+    sides = trainer.scale_sides(4000, np.random.default_rng(1), p=1.0, low=256, high=1024)
+    assert all(256 <= s <= 1024 for s in sides)
+    # log-uniform: the median is the geometric mean of the bounds (512), not the arithmetic one (640)
+    assert abs(np.median(sides) - 512) < 25
+    half = trainer.scale_sides(4000, np.random.default_rng(2), p=0.5, low=384)
+    assert 0.45 < np.mean([s is not None for s in half]) < 0.55
+    assert trainer.scale_sides(10, np.random.default_rng(3), p=1.0, low=300) == \
+        trainer.scale_sides(10, np.random.default_rng(3), p=1.0, low=300)          # seeded: reproducible views
+    for p, low, high in ((1.5, 384, 1024), (-0.1, 384, 1024), (0.5, 0, 1024), (0.5, 2000, 1024)):
+        with pytest.raises(ValueError, match="scale augmentation"):
+            trainer.scale_sides(3, rng, p=p, low=low, high=high)
+
+
+def _fake_stages(monkeypatch, shapes):
+    real_grid = trainer.grid_for
+
+    def grid(h, w, *a, **k):
+        shapes.append((h, w))
+        return real_grid(h, w, *a, **k)
+
+    monkeypatch.setattr(trainer, "grid_for", grid)
+    monkeypatch.setattr(trainer.stages, "score_patches", lambda m, g: np.ones(g.rows * g.cols))
+    monkeypatch.setattr(trainer.stages, "select_patches", lambda s, cfg: np.ones(len(s), dtype=bool))
+    monkeypatch.setattr(trainer.stages, "make_artifact", lambda raw, *a, **k: SimpleNamespace(shape=raw.shape))
+    monkeypatch.setattr(trainer.stages, "visual_graph", lambda art, cfg, features: SimpleNamespace(
+        patch=torch.zeros(1), shape=art.shape))
+
+
+def _recs(tmp_path, n=6):
+    recs = []
+    for i in range(n):
+        f = tmp_path / f"img{i}.png"
+        Image.fromarray((np.arange(900 * 800) % 251).reshape(900, 800).astype(np.uint8)).save(f)
+        recs.append({"image": str(f)})
+    return recs
+
+
+def test_scale_aug_cuts_training_views_from_the_downscaled_image(tmp_path, monkeypatch):
+    shapes = []
+    _fake_stages(monkeypatch, shapes)
+    recs = _recs(tmp_path)
+    feat = lambda arts, rng=None: [torch.zeros(4) for _ in arts]      # noqa: E731 - a stand-in backbone
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=4)
+    kw = dict(views=4, keeps=None, desc="t", logline=lambda **k: None)
+    plain = trainer.make_views(recs, [None] * len(recs), feat, cfg, rng=np.random.default_rng(0), **kw)
+    assert set(shapes) == {(900, 800)} and len(plain) == 4 * len(recs)       # below 1,024 px: left as it is
+    shapes.clear()
+    aug = trainer.make_views(recs, [None] * len(recs), feat, cfg, rng=np.random.default_rng(0),
+                             scale_aug=(1.0, 200), **kw)
+    assert len(aug) == len(plain) and len(shapes) == len(plain)
+    assert all(max(s) < 900 for s in shapes if max(s) != 900)
+    smaller = [s for s in shapes if max(s) < 900]
+    assert len(smaller) >= len(shapes) // 2                                  # sides drawn in [200, 1024]
+    assert all(abs(h / w - 900 / 800) < 0.02 for h, w in smaller)           # aspect kept
+    assert [g.shape for _, _, g in aug] == shapes                           # the graph is of the scaled cut
+    # validation views (rng None, no augmentation) are never rescaled
+    shapes.clear()
+    trainer.make_views(recs, [None] * len(recs), feat, cfg, views=1, keeps=(0.1,), rng=None, desc="v",
+                       logline=lambda **k: None)
+    assert set(shapes) == {(900, 800)}
+
+
+def test_scale_aug_flag_is_checked_before_anything_loads():
+    for bad in ("0.5", "2,384", "0.5,0", "x,384", "0.5,4000"):
+        with pytest.raises(SystemExit):
+            trainer.main(["--scale-aug", bad, "--decoder", "/nonexistent"])
