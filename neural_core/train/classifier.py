@@ -15,6 +15,8 @@ and keep), no augmentation; early stopping on its ROC-AUC (``--select auc``: poo
 :func:`neural_core.train.thresholds.source_balanced_threshold`, each source once, the keeps pooled).
 ``--balance source`` weights the training loss so that every data source carries the same total weight
 (:func:`source_weights`): 87 adult positives otherwise count for 3 % of a set of 2,316 pediatric studies.
+``--scale-aug P,LOW`` cuts a share P of the training views from the image downscaled to a random longest side
+(:func:`scale_sides`): the patch grid's density otherwise tells small web images (covid-cxr) from films.
 With ``--zone-features`` (default) every image node also carries its patch's six lung-zone fractions, from the
 lung model (``--lung``, the one the bundle ships) run on the artifact's reconstruction. Also fits the
 transfer-learning baseline (frozen backbone, mean+max pooled, logistic regression with C=0.01 and balanced classes)
