@@ -80,3 +80,34 @@ def test_scale_aug_flag_is_checked_before_anything_loads():
     for bad in ("0.5", "2,384", "0.5,0", "x,384", "0.5,4000"):
         with pytest.raises(SystemExit):
             trainer.main(["--scale-aug", bad, "--decoder", "/nonexistent"])
+
+
+def test_maps_from_reuses_cached_maps_without_the_report_model(tmp_path, monkeypatch):
+    recs = [{"image": f"i{i}.png", "pneumonia": i % 2, "dataset": "kermany"} for i in range(3)]
+    src = tmp_path / "old"
+    src.mkdir()
+    torch.save((["m0", "m1", "m2"], ["t0", "t1", "t2"], []), src / "views_train.pt")
+    seen = {}
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=4)
+    monkeypatch.setattr(trainer, "classifier_setup", lambda *a, **k: (None, None, None, cfg))
+    monkeypatch.setattr(trainer, "labelled_features", lambda f, which: (None, None, recs))
+
+    def no_decoder(*a, **k):
+        raise AssertionError("the report model ran although --maps-from holds the maps")
+
+    def views(recs_, maps, *a, **k):
+        seen.update(maps=maps, scale_aug=k.get("scale_aug"))
+        return []
+
+    monkeypatch.setattr(trainer, "generated_salience", no_decoder)
+    monkeypatch.setattr(trainer, "make_views", views)
+    out = tmp_path / "new"
+    assert trainer.main(["--out", str(out), "--maps-from", str(src), "--cache-only", "train",
+                         "--scale-aug", "0.5,384", "--no-zone-features"]) == 0
+    assert seen == {"maps": ["m0", "m1", "m2"], "scale_aug": (0.5, 384)}
+    maps, texts, _ = torch.load(out / "views_train.pt", weights_only=False)
+    assert texts == ["t0", "t1", "t2"]
+    torch.save((["m0"], ["t0"], []), src / "views_train.pt")                 # another feature set: refused
+    (out / "views_train.pt").unlink()
+    with pytest.raises(SystemExit, match="holds 1 studies"):
+        trainer.main(["--out", str(out), "--maps-from", str(src), "--cache-only", "train", "--no-zone-features"])
