@@ -136,10 +136,11 @@ def scale_sides(n: int, rng: np.random.Generator, *, p: float, low: int, high: i
 
 def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
                views: int, keeps: tuple | None, rng: np.random.Generator | None, batch: int = 16, desc: str,
-               logline, scale_aug: tuple[float, int] | None = None) -> list:
+               logline, scale_aug: tuple[float, int] | None = None, max_side: int | None = TRAIN_MAX_SIDE) -> list:
     """Visual graphs (with backbone features) of real artifacts: ``views`` per study at random keeps (``keeps``
-    None) or one per keep given. ``scale_aug`` = ``(p, low)``: each view is first downscaled as
-    :func:`scale_sides` draws (training views only; needs ``rng``)."""
+    None) or one per keep given, each image first downscaled to ``max_side`` (None: cut as stored, as the app
+    does). ``scale_aug`` = ``(p, low)``: each view is then downscaled as :func:`scale_sides` draws (training views
+    only; needs ``rng``)."""
     todo = []
     for i in range(len(recs)):
         ks = keeps if keeps is not None else tuple(rng.choice(KEEPS, size=views, p=KEEP_P))
@@ -156,7 +157,7 @@ def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg
             if i not in cache_raw:
                 cache_raw.clear() if len(cache_raw) > 64 else None
                 x = load_image(recs[i]["image"])
-                cache_raw[i] = (_downscale(x.raw, TRAIN_MAX_SIDE), x.meta.bit_depth)
+                cache_raw[i] = (_downscale(x.raw, max_side) if max_side else x.raw, x.meta.bit_depth)
             raw, bd = cache_raw[i]
             if sides[j] is not None:
                 raw = _downscale(raw, sides[j])

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "oof_adult_scores", "cv_threshold", "summarize", "compare",
-           "main"]
+__all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "oof_adult_scores", "cv_threshold", "heldout_file",
+           "summarize", "compare", "main"]
 
 ADULT = ("covid-cxr", "jsrt")
 KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
@@ -262,6 +262,17 @@ def _train_fold(f: int, a, data: dict, cfg, logline) -> dict:
     return d
 
 
+def heldout_file(out: Path, side: int) -> Path:
+    """The cache of the held-out views cut after a downscale to ``side`` px (0: as stored, the app's cut); the
+    training views' size keeps the name of the runs before the option existed."""
+    from .classifier import TRAIN_MAX_SIDE
+
+    if side < 0:
+        raise ValueError(f"held-out side must be >= 0 (0: full resolution), got {side}")
+    tag = "" if side == TRAIN_MAX_SIDE else f"_side{side or 'full'}"
+    return out / f"heldout_views_keeps{'_'.join(f'{k:g}' for k in KEEPS)}{tag}.pt"
+
+
 def _load(a, out: Path, logline, *, build: bool):
     """Records, folds and views of the recipe folder; the held-out keep views are cut (and cached in ``out``)."""
     import torch
@@ -281,14 +292,14 @@ def _load(a, out: Path, logline, *, build: bool):
         recs, maps = recs + r, maps + list(m)
     fold = adult_folds(recs, a.folds, a.fold_seed)
     adults = [i for i in range(len(recs)) if fold[i] >= 0]
-    hf = out / f"heldout_views_keeps{'_'.join(f'{k:g}' for k in KEEPS)}.pt"
+    hf = heldout_file(out, a.heldout_side)
     if hf.exists():
         ids, heldout = torch.load(hf, weights_only=False)
         if ids != [recs[i]["image"] for i in adults]:
             raise SystemExit(f"{hf} was cut for other studies; remove it or use another --out")
     elif build:
         v = make_views([recs[i] for i in adults], [maps[i] for i in adults], featurizer, cfg, views=1, keeps=KEEPS,
-                       rng=None, desc="adult_train", logline=logline)
+                       rng=None, desc="adult_train", logline=logline, max_side=a.heldout_side or None)
         heldout = [(adults[j], k, g) for j, k, g in v]
         tmp = hf.with_suffix(".tmp")
         torch.save(([recs[i]["image"] for i in adults], heldout), tmp)
@@ -324,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold-seed", type=int, default=0, help="the fold split's random state")
     ap.add_argument("--run-folds", default="", help="comma list of folds to train (default: all)")
     ap.add_argument("--cache-only", action="store_true", help="cut and cache the held-out views, train nothing")
+    ap.add_argument("--heldout-side", type=int, default=1024, help="longest side the held-out studies are downscaled "
+                    "to before they are cut (1024: the training views' size, as before; 0: as stored, as the app "
+                    "cuts them); another side is another cache file")
     ap.add_argument("--seed", type=int, default=0, help="fold f trains with seed + f")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--patience", type=int, default=4)
@@ -364,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             atomic_write_text(a.json, json.dumps(rows, indent=2))
         return 0
+    if a.heldout_side < 0:
+        ap.error("--heldout-side must be >= 0 (0: full resolution)")
     if not a.clf or not a.out:
         ap.error("--clf and --out are needed to train folds (or --summarize / --compare)")
     import logging

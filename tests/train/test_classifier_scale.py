@@ -111,3 +111,16 @@ def test_maps_from_reuses_cached_maps_without_the_report_model(tmp_path, monkeyp
     (out / "views_train.pt").unlink()
     with pytest.raises(SystemExit, match="holds 1 studies"):
         trainer.main(["--out", str(out), "--maps-from", str(src), "--cache-only", "train", "--no-zone-features"])
+
+
+def test_max_side_none_cuts_the_image_as_stored(tmp_path, monkeypatch):
+    shapes = []
+    _fake_stages(monkeypatch, shapes)
+    f = tmp_path / "big.png"
+    Image.fromarray(np.zeros((1300, 1100), dtype=np.uint8)).save(f)
+    feat = lambda arts, rng=None: [torch.zeros(4) for _ in arts]      # noqa: E731 - a stand-in backbone
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=4)
+    kw = dict(views=1, keeps=(0.1,), rng=None, desc="v", logline=lambda **k: None)
+    trainer.make_views([{"image": str(f)}], [None], feat, cfg, **kw)
+    trainer.make_views([{"image": str(f)}], [None], feat, cfg, max_side=None, **kw)
+    assert shapes[0] == (1024, round(1100 * 1024 / 1300)) and shapes[1] == (1300, 1100)

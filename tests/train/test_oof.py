@@ -194,3 +194,14 @@ def test_cv_rule_places_each_fold_threshold_with_the_other_folds_adults(tmp_path
     assert "cv-keeps-balanced" in s["rules"]
     row = s["rules"]["cv-keeps-balanced"][0]
     assert row["covid_pos_found"]["n"] == 3 and row["jsrt_neg_kept"]["n"] == 3
+
+
+def test_heldout_views_at_another_side_are_another_cache(tmp_path, capsys):
+    assert oof.heldout_file(tmp_path, 1024).name == "heldout_views_keeps1_0.25_0.1_0.05_0.023.pt"   # earlier runs'
+    assert oof.heldout_file(tmp_path, 0).name.endswith("_sidefull.pt")
+    assert oof.heldout_file(tmp_path, 512).name.endswith("_side512.pt")
+    with pytest.raises(ValueError, match=">= 0"):
+        oof.heldout_file(tmp_path, -1)
+    with pytest.raises(SystemExit):
+        oof.main(["--clf", "x", "--out", str(tmp_path), "--heldout-side", "-3"])
+    assert "--heldout-side" in capsys.readouterr().err
