@@ -13,6 +13,7 @@ never saw it. Kermany's training studies and the validation split are in every f
     python -m neural_core.train.oof --clf runs/clf_h --decoder ... --out runs/oof_h --run-folds 1,3     # another
     python -m neural_core.train.oof --summarize runs/oof_h
     python -m neural_core.train.oof --compare runs/oof_h runs/oof_k        # two recipes, study by study
+    python -m neural_core.train.oof --summarize runs/oof_h --by-size 1500  # positives found: large films vs the rest
 
 ``--clf``: a ``train.classifier`` folder with cached views (``views_train.pt``, ``views_jsrt_train.pt``,
 ``views_val.pt``, ``views_jsrt_val.pt``); the recipe's training views are those, unchanged. Every held-out study is
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "oof_adult_scores", "cv_threshold", "heldout_file",
-           "summarize", "compare", "main"]
+           "summarize", "compare", "by_size", "main"]
 
 ADULT = ("covid-cxr", "jsrt")
 KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
@@ -208,6 +209,33 @@ def compare(a: Path, b: Path, rule: str = "keeps-balanced") -> list[dict]:
     return out
 
 
+def _longest_side(path: str) -> int:
+    """Longest side in pixels of a stored image, from its header (PIL opens lazily; nothing is decoded)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return max(im.size)
+
+
+def by_size(out: Path, px: int, rule: str = "keeps-balanced", *, side=_longest_side) -> list[dict]:
+    """Covid-cxr positives found per keep, split by the stored image's longest side: ``> px`` (large) and the rest.
+
+    Why: the training views are downscaled to at most 1,024 px and cut into 32-px patches, so the grid's density
+    tells the sources apart; large adult films can look like the JSRT negatives (*Session 15* of the model card).
+    ``side`` maps a held-out ``id`` (the image path) to its longest side (tests pass their own)."""
+    rows = [r for r in _heldout_rows(out, rule) if r["dataset"] == "covid-cxr" and r["y"] == 1]
+    sizes = {i: side(i) for i in sorted({r["id"] for r in rows})}
+    res = []
+    for keep in sorted({r["keep"] for r in rows}, reverse=True):
+        rk = [r for r in rows if r["keep"] == keep]
+        cell = {}
+        for name, big in (("large", True), ("small", False)):
+            part = [r for r in rk if (sizes[r["id"]] > px) == big]
+            cell[name] = {"k": sum(r["p"] >= r["threshold"] for r in part), "n": len(part)}
+        res.append({"keep": keep, "px": px, **cell})
+    return res
+
+
 def _print_summary(out: Path, s: dict) -> None:
     print(f"{out}: folds {s['folds']} of {s['of']}")
     for rule, rows in s["rules"].items():
@@ -353,12 +381,22 @@ def main(argv: list[str] | None = None) -> int:
                     "cv-keeps-balanced: every keep's validation scores and the other folds' held-out adults; both "
                     "from the folds' stored validation scores)")
     ap.add_argument("--json", default=None, help="with --summarize / --compare: also write the result here")
+    ap.add_argument("--by-size", type=int, default=None, metavar="PX", help="with --summarize: also the covid-cxr "
+                    "positives found per keep (under --rule) among films longer than PX and the rest")
     a = ap.parse_args(argv)
     from ..utils import atomic_write_text
 
     if a.summarize:
         s = summarize(Path(a.summarize))
         _print_summary(Path(a.summarize), s)
+        if a.by_size is not None:
+            if a.by_size < 1:
+                ap.error("--by-size must be a positive number of pixels")
+            s["by_size"] = {"rule": a.rule, "rows": by_size(Path(a.summarize), a.by_size, a.rule)}
+            print(f"\ncovid-cxr positives found by image size (longest side > {a.by_size} px / the rest), rule {a.rule}\n")
+            print("| keep | large found | small found |\n|---|---|---|")
+            for r in s["by_size"]["rows"]:
+                print(f"| {r['keep']:g} | {r['large']['k']} / {r['large']['n']} | {r['small']['k']} / {r['small']['n']} |")
         if a.json:
             atomic_write_text(a.json, json.dumps(s, indent=2))
         return 0

@@ -205,3 +205,31 @@ def test_heldout_views_at_another_side_are_another_cache(tmp_path, capsys):
     with pytest.raises(SystemExit):
         oof.main(["--clf", "x", "--out", str(tmp_path), "--heldout-side", "-3"])
     assert "--heldout-side" in capsys.readouterr().err
+
+
+def test_by_size_splits_the_positives_at_the_longest_side(tmp_path, capsys):
+    # fold threshold 0.5: big0 found, big1 missed, small0 found; the JSRT film is not a positive and is not counted
+    _fold(tmp_path, 0, 0.5, [("big0", "covid-cxr", 1, 1.0, 0.6), ("big1", "covid-cxr", 1, 1.0, 0.4),
+                             ("small0", "covid-cxr", 1, 1.0, 0.7), ("j0", "jsrt", 0, 1.0, 0.9),
+                             ("big0", "covid-cxr", 1, 0.1, 0.2), ("big1", "covid-cxr", 1, 0.1, 0.2),
+                             ("small0", "covid-cxr", 1, 0.1, 0.55)])
+    sides = {"big0": 2000, "big1": 1501, "small0": 1500}
+    rows = oof.by_size(tmp_path, 1500, side=sides.__getitem__)
+    assert [r["keep"] for r in rows] == [1.0, 0.1]
+    assert rows[0]["large"] == {"k": 1, "n": 2} and rows[0]["small"] == {"k": 1, "n": 1}
+    assert rows[1]["large"] == {"k": 0, "n": 2} and rows[1]["small"] == {"k": 1, "n": 1}
+
+
+def test_cli_by_size_reads_the_image_headers(tmp_path, capsys):
+    from PIL import Image
+
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("L", (40, 1600)).save(big)
+    Image.new("L", (300, 200)).save(small)
+    _fold(tmp_path, 0, 0.5, [(str(big), "covid-cxr", 1, 1.0, 0.6), (str(small), "covid-cxr", 1, 1.0, 0.3),
+                             ("j0", "jsrt", 0, 1.0, 0.1)])
+    assert oof.main(["--summarize", str(tmp_path), "--by-size", "1500", "--json", str(tmp_path / "s.json")]) == 0
+    assert "| 1 | 1 / 1 | 0 / 1 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["by_size"]["rows"][0]["large"]["k"] == 1
+    with pytest.raises(SystemExit):
+        oof.main(["--summarize", str(tmp_path), "--by-size", "0"])
