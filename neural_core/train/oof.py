@@ -14,6 +14,7 @@ never saw it. Kermany's training studies and the validation split are in every f
     python -m neural_core.train.oof --summarize runs/oof_h
     python -m neural_core.train.oof --compare runs/oof_h runs/oof_k        # two recipes, study by study
     python -m neural_core.train.oof --summarize runs/oof_h --by-size 1500  # positives found: large films vs the rest
+    python -m neural_core.train.oof --merge-seeds runs/oof_h runs/oof_h_s5 ... --out runs/oof_h5   # seed ensemble
 
 ``--clf``: a ``train.classifier`` folder with cached views (``views_train.pt``, ``views_jsrt_train.pt``,
 ``views_val.pt``, ``views_jsrt_val.pt``); the recipe's training views are those, unchanged. Every held-out study is
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ADULT", "RULES", "LATE_RULES", "adult_folds", "oof_adult_scores", "cv_threshold", "heldout_file",
-           "summarize", "compare", "by_size", "main"]
+           "summarize", "compare", "by_size", "merge_seeds", "main"]
 
 ADULT = ("covid-cxr", "jsrt")
 KEEPS = (1.0, 0.25, 0.10, 0.05, 0.023)
@@ -290,6 +291,65 @@ def _train_fold(f: int, a, data: dict, cfg, logline) -> dict:
     return d
 
 
+def merge_seeds(dirs: list[Path]) -> list[dict]:
+    """Out-of-fold scores of a seed ensemble from runs of one recipe that differ only in ``--seed``: per fold, every
+    held-out and validation score is the mean over the runs (what a bundle's seed ensemble scores,
+    :mod:`neural_core.models.ensemble`), and both thresholds are chosen again on the mean validation scores
+    (``recipe``: the recipe's rule at keep 0.10; ``keeps-balanced``: every keep pooled). The runs must hold the same
+    folds, recipe and held-out studies and distinct seeds.
+
+    *Update rule*: :math:`\bar p_i = \frac{1}{S}\sum_{s=1}^{S} p_i^{(s)}` for every study-and-keep view :math:`i`.
+
+    *Shapes*: ``S`` folders of ``k`` fold files -> ``k`` fold dicts (this module's format)."""
+    from .classifier import choose_threshold
+    from .thresholds import pooled_keeps_threshold
+
+    if len(dirs) < 2:
+        raise ValueError("an ensemble needs at least two runs")
+    runs = []
+    for d in dirs:
+        files = sorted(Path(d).glob("fold*.json"))
+        if not files:
+            raise FileNotFoundError(f"no fold*.json in {d}")
+        runs.append({(m := json.loads(f.read_text()))["fold"]: m for f in files})
+    folds = sorted(runs[0])
+    for d, r in zip(dirs, runs):
+        if sorted(r) != folds:
+            raise ValueError(f"{d} holds folds {sorted(r)}, {dirs[0]} holds {folds}")
+    out = []
+    for f in folds:
+        ms = [r[f] for r in runs]
+        seeds = [m["seed"] for m in ms]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"fold {f}: the runs share a seed ({seeds}); give each run its own --seed")
+        for m in ms[1:]:
+            for key in ("folds", "fold_seed", "recipe"):
+                if m[key] != ms[0][key]:
+                    raise ValueError(f"fold {f}: the runs differ in {key} ({m[key]} vs {ms[0][key]})")
+        key_of = [[(r["id"], r["keep"]) for r in m["heldout"]] for m in ms]
+        if any(k != key_of[0] for k in key_of[1:]):
+            raise ValueError(f"fold {f}: the runs scored different held-out views")
+        if any("val" not in m for m in ms):
+            raise ValueError(f"fold {f}: a run stores no validation scores (written before they were stored)")
+        held = [{**r, "p": float(np.mean([m["heldout"][j]["p"] for m in ms]))} for j, r in enumerate(ms[0]["heldout"])]
+        val, by_keep = {}, {}
+        for k, v in ms[0]["val"].items():
+            if any(m["val"][k]["y"] != v["y"] or m["val"][k]["source"] != v["source"] for m in ms[1:]):
+                raise ValueError(f"fold {f}: the runs' validation views at keep {k} differ")
+            pm = np.mean([np.asarray(m["val"][k]["p"], dtype=np.float64) for m in ms], axis=0)
+            val[k] = {"y": v["y"], "p": pm.tolist(), "source": v["source"]}
+            by_keep[float(k)] = (np.asarray(v["y"]), pm, np.asarray(v["source"]))
+        if 0.1 not in by_keep:
+            raise ValueError(f"fold {f}: no validation scores at keep 0.1 (the recipe's threshold keep)")
+        y1, p1, s1 = by_keep[0.1]
+        out.append({"fold": f, "folds": ms[0]["folds"], "fold_seed": ms[0]["fold_seed"], "seed": seeds,
+                    "clf": ms[0]["clf"], "recipe": ms[0]["recipe"], "ensemble_of": [str(d) for d in dirs],
+                    "thresholds": {"recipe": float(choose_threshold(y1, p1, s1, ms[0]["recipe"]["threshold"])),
+                                   "keeps-balanced": float(pooled_keeps_threshold(by_keep))},
+                    "val": val, "heldout": held})
+    return out
+
+
 def heldout_file(out: Path, side: int) -> Path:
     """The cache of the held-out views cut after a downscale to ``side`` px (0: as stored, the app's cut); the
     training views' size keeps the name of the runs before the option existed."""
@@ -381,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                     "cv-keeps-balanced: every keep's validation scores and the other folds' held-out adults; both "
                     "from the folds' stored validation scores)")
     ap.add_argument("--json", default=None, help="with --summarize / --compare: also write the result here")
+    ap.add_argument("--merge-seeds", nargs="+", metavar="OUT", help="runs of one recipe with different --seed: "
+                    "write their seed ensemble's out-of-fold scores (mean score, thresholds re-chosen) to --out")
     ap.add_argument("--by-size", type=int, default=None, metavar="PX", help="with --summarize: also the covid-cxr "
                     "positives found per keep (under --rule) among films longer than PX and the rest")
     a = ap.parse_args(argv)
@@ -399,6 +461,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {r['keep']:g} | {r['large']['k']} / {r['large']['n']} | {r['small']['k']} / {r['small']['n']} |")
         if a.json:
             atomic_write_text(a.json, json.dumps(s, indent=2))
+        return 0
+    if a.merge_seeds:
+        if not a.out:
+            ap.error("--merge-seeds needs --out")
+        try:
+            merged = merge_seeds([Path(p) for p in a.merge_seeds])
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        for d in merged:
+            atomic_write_text(Path(a.out) / f"fold{d['fold']}.json", json.dumps(d))
+        print(f"{a.out}: {len(merged)} folds, mean of {len(a.merge_seeds)} runs")
         return 0
     if a.compare:
         A, B = (Path(p) for p in a.compare)

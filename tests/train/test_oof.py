@@ -1,6 +1,7 @@
 """Out-of-fold adult scores (neural_core.train.oof): folds, the summary's counts, the paired comparison."""
 import json
 
+import numpy as np
 import pytest
 
 from neural_core.train import oof
@@ -233,3 +234,55 @@ def test_cli_by_size_reads_the_image_headers(tmp_path, capsys):
     assert json.loads((tmp_path / "s.json").read_text())["by_size"]["rows"][0]["large"]["k"] == 1
     with pytest.raises(SystemExit):
         oof.main(["--summarize", str(tmp_path), "--by-size", "0"])
+
+
+def _seed_fold(path, seed, held_p, val_p, heldout_ids=("c0", "j0")):
+    """A fold-0 file of one seed: two held-out views at keep 1 and validation scores at keeps 1 and 0.1."""
+    path.mkdir(parents=True, exist_ok=True)
+    ys, src = [1, 1, 0, 0], ["covid-cxr", "kermany", "jsrt", "kermany"]
+    d = {"fold": 0, "folds": 2, "fold_seed": 0, "seed": seed, "clf": "runs/clf", "recipe": {"threshold": "youden"},
+         "thresholds": {"recipe": 0.5, "keeps-balanced": 0.5},
+         "val": {"1": {"y": ys, "p": val_p, "source": src}, "0.1": {"y": ys, "p": val_p, "source": src}},
+         "heldout": [{"id": i, "patient_id": i, "dataset": "covid-cxr" if i.startswith("c") else "jsrt",
+                      "y": int(i.startswith("c")), "keep": 1.0, "p": p} for i, p in zip(heldout_ids, held_p)]}
+    (path / "fold0.json").write_text(json.dumps(d))
+
+
+def test_merge_seeds_averages_scores_and_chooses_thresholds_again(tmp_path):
+    from neural_core.train.classifier import choose_threshold
+    from neural_core.train.thresholds import pooled_keeps_threshold
+
+    _seed_fold(tmp_path / "a", 0, [0.2, 0.6], [0.9, 0.3, 0.1, 0.5])
+    _seed_fold(tmp_path / "b", 5, [0.6, 0.2], [0.7, 0.7, 0.3, 0.1])
+    (m,) = oof.merge_seeds([tmp_path / "a", tmp_path / "b"])
+    assert [r["p"] for r in m["heldout"]] == pytest.approx([0.4, 0.4])
+    mean = [0.8, 0.5, 0.2, 0.3]
+    assert m["val"]["0.1"]["p"] == pytest.approx(mean)
+    y, src = [1, 1, 0, 0], ["covid-cxr", "kermany", "jsrt", "kermany"]
+    assert m["thresholds"]["recipe"] == pytest.approx(choose_threshold(y, mean, src, "youden"))   # 0.5: J = 1
+    assert m["thresholds"]["recipe"] == pytest.approx(0.5)
+    arr = (np.array(y), np.array(mean), np.array(src))
+    assert m["thresholds"]["keeps-balanced"] == pytest.approx(pooled_keeps_threshold({1.0: arr, 0.1: arr}))
+    assert m["seed"] == [0, 5]
+    # the merged folds read like any run's: c0 (0.4) missed and j0 (0.4) kept at the recipe threshold 0.5
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "fold0.json").write_text(json.dumps(m))
+    row = oof.summarize(tmp_path / "m")["rules"]["recipe"][0]
+    assert row["covid_pos_found"]["k"] == 0 and row["jsrt_neg_kept"]["k"] == 1
+
+
+def test_merge_seeds_refuses_runs_that_are_not_one_recipes_seeds(tmp_path, capsys):
+    _seed_fold(tmp_path / "a", 0, [0.2, 0.6], [0.9, 0.3, 0.1, 0.5])
+    _seed_fold(tmp_path / "same", 0, [0.2, 0.6], [0.9, 0.3, 0.1, 0.5])
+    _seed_fold(tmp_path / "other", 5, [0.2, 0.6], [0.9, 0.3, 0.1, 0.5], heldout_ids=("c9", "j0"))
+    with pytest.raises(ValueError, match="share a seed"):
+        oof.merge_seeds([tmp_path / "a", tmp_path / "same"])
+    with pytest.raises(ValueError, match="different held-out views"):
+        oof.merge_seeds([tmp_path / "a", tmp_path / "other"])
+    with pytest.raises(ValueError, match="at least two"):
+        oof.merge_seeds([tmp_path / "a"])
+    assert oof.main(["--merge-seeds", str(tmp_path / "a"), str(tmp_path / "same"), "--out", str(tmp_path / "m")]) == 2
+    assert "share a seed" in capsys.readouterr().err
+    _seed_fold(tmp_path / "b", 5, [0.6, 0.2], [0.7, 0.7, 0.3, 0.1])
+    assert oof.main(["--merge-seeds", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "fold0.json").read_text())["ensemble_of"][1].endswith("b")
