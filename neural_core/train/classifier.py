@@ -17,6 +17,8 @@ and keep), no augmentation; early stopping on its ROC-AUC (``--select auc``: poo
 (:func:`source_weights`): 87 adult positives otherwise count for 3 % of a set of 2,316 pediatric studies.
 ``--scale-aug P,LOW`` cuts a share P of the training views from the image downscaled to a random longest side
 (:func:`scale_sides`): the patch grid's density otherwise tells small web images (covid-cxr) from films.
+``--also-native`` (with ``--scale-aug``) keeps the views at the image's own size as well (:func:`training_views`):
+every training study is then seen at its size and at a drawn smaller one.
 With ``--zone-features`` (default) every image node also carries its patch's six lung-zone fractions, from the
 lung model (``--lung``, the one the bundle ships) run on the artifact's reconstruction. Also fits the
 transfer-learning baseline (frozen backbone, mean+max pooled, logistic regression with C=0.01 and balanced classes)
@@ -174,6 +176,27 @@ def make_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg
         if (s // batch) % 20 == 0:
             logline(event="views", desc=desc, done=s + len(where), of=len(todo), seconds=time.time() - t0)
     return out
+
+
+def training_views(recs: list[dict], maps: list, featurizer: BackboneFeaturizer, cfg: ClassifierConfig, *,
+                   views: int, seed: list[int], desc: str, logline, scale_aug: tuple[float, int] | None = None,
+                   also_native: bool = False) -> list:
+    """Training views of one split (:func:`make_views` at random keeps), from a generator seeded with ``seed``.
+
+    ``also_native``: the views cut at the image's own size followed by the ``scale_aug`` ones, each half from a
+    fresh generator of the same seed, so both halves draw the same keeps and the union equals a run without
+    ``--scale-aug`` joined to a run with it. Why: scaling every view (P = 1) takes the grid-density cue away but
+    leaves no adult negative at its own size, the size it is read at; scaling half of them (P = 0.5) shows each
+    study at one size only.
+
+    *Shapes*: ``recs`` :math:`N` studies -> :math:`N \\cdot` ``views`` views (twice that with ``also_native``)."""
+    if also_native and scale_aug is None:
+        raise ValueError("also_native adds the native-size views to scale-augmented ones: give scale_aug")
+    kw = dict(views=views, keeps=None, desc=desc, logline=logline)
+    out = []
+    if also_native:
+        out += make_views(recs, maps, featurizer, cfg, rng=np.random.default_rng(seed), **kw)
+    return out + make_views(recs, maps, featurizer, cfg, rng=np.random.default_rng(seed), scale_aug=scale_aug, **kw)
 
 
 def _graphs(views: list, recs: list[dict], texts: list[str] | None, cache: dict, enc) -> list:
@@ -366,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-aug", default=None, metavar="P,LOW", help="training views: with probability P, "
                     "downscale the image to a longest side drawn log-uniformly in [LOW, 1024] before cutting it "
                     "(scale_sides: grid density carries no label), e.g. 0.5,384")
+    ap.add_argument("--also-native", action="store_true", help="with --scale-aug: also keep every training view at "
+                    "the image's own size (training_views; twice the training views)")
     ap.add_argument("--maps-from", default=None, metavar="DIR", help="take the salience maps and reports of a split "
                     "whose views are not cached from DIR's views_<split>.pt (another train.classifier folder cut by "
                     "the same map): new views without running the report model again")
@@ -378,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             scale_sides(1, np.random.default_rng(0), p=scale_aug[0], low=scale_aug[1])
         except ValueError as e:
             ap.error(f"--scale-aug: expected P,LOW with 0 <= P <= 1 and 0 < LOW <= 1024 ({e})")
+    if args.also_native and scale_aug is None:
+        ap.error("--also-native adds native-size views to scale-augmented ones: give --scale-aug too")
     try:
         val_keeps = tuple(float(k) for k in args.val_keeps.split(",") if k.strip())
     except ValueError:
@@ -406,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     only = [w for w in args.cache_only.split(",") if w]
     for which in (only or splits):
         # one generator per split: the views do not depend on which process cached the other splits
-        rng = np.random.default_rng([args.seed, splits.index(which)])
+        seed = [args.seed, splits.index(which)]
         tokens, pooled, recs = labelled_features(Path(args.features), which)
         vf = out / f"views_{which}.pt"
         if vf.exists():
@@ -426,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                 maps, texts = generated_salience(model, tok, tokens, cfg=salience_cfg)
                 logline(event="salience", split=which, n=len(recs), seconds=time.time() - t0)
             if which.endswith("train"):
-                views = make_views(recs, maps, featurizer, cfg, rng=rng, desc=which, logline=logline, keeps=None,
-                                   views=args.views if which == "train" else args.extra_views, scale_aug=scale_aug)
+                views = training_views(recs, maps, featurizer, cfg, seed=seed, desc=which, logline=logline,
+                                       views=args.views if which == "train" else args.extra_views,
+                                       scale_aug=scale_aug, also_native=args.also_native)
             else:
                 views = make_views(recs, maps, featurizer, cfg, views=1, keeps=(0.10,), rng=None, desc=which,
                                    logline=logline)

@@ -124,3 +124,32 @@ def test_max_side_none_cuts_the_image_as_stored(tmp_path, monkeypatch):
     trainer.make_views([{"image": str(f)}], [None], feat, cfg, **kw)
     trainer.make_views([{"image": str(f)}], [None], feat, cfg, max_side=None, **kw)
     assert shapes[0] == (1024, round(1100 * 1024 / 1300)) and shapes[1] == (1300, 1100)
+
+
+def test_also_native_joins_the_native_views_to_the_scaled_ones(tmp_path, monkeypatch):
+    shapes = []
+    _fake_stages(monkeypatch, shapes)
+    recs = _recs(tmp_path, n=4)
+    feat = lambda arts, rng=None: [torch.zeros(4) for _ in arts]      # noqa: E731 - a stand-in backbone
+    cfg = ClassifierConfig(patch_encoder="backbone", feature_dim=4)
+    kw = dict(views=3, desc="t", logline=lambda **k: None)
+    both = trainer.training_views(recs, [None] * 4, feat, cfg, seed=[0, 2], scale_aug=(1.0, 200), also_native=True,
+                                  **kw)
+    n = 3 * len(recs)
+    assert len(both) == 2 * n
+    native, scaled = both[:n], both[n:]
+    assert [g.shape for _, _, g in native] == [(900, 800)] * n                 # the first half at the image's size
+    assert sum(max(g.shape) < 900 for _, _, g in scaled) >= n // 2           # the second half rescaled
+    assert [(i, k) for i, k, _ in native] == [(i, k) for i, k, _ in scaled]   # same studies, same keeps
+    # the union is exactly a plain run joined to a scale-augmented run of the same seed
+    alone = trainer.training_views(recs, [None] * 4, feat, cfg, seed=[0, 2], scale_aug=(1.0, 200), **kw)
+    plain = trainer.make_views(recs, [None] * 4, feat, cfg, rng=np.random.default_rng([0, 2]), keeps=None, **kw)
+    assert [g.shape for _, _, g in alone] == [g.shape for _, _, g in scaled]
+    assert [(i, k) for i, k, _ in plain] == [(i, k) for i, k, _ in native]
+    with pytest.raises(ValueError, match="give scale_aug"):
+        trainer.training_views(recs, [None] * 4, feat, cfg, seed=[0, 2], also_native=True, **kw)
+
+
+def test_also_native_needs_scale_aug():
+    with pytest.raises(SystemExit):
+        trainer.main(["--also-native", "--decoder", "/nonexistent"])
