@@ -79,7 +79,7 @@ def _ensemble_line(name: str, size: int) -> str:
 
 
 def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: str,
-                     findings: str | None = None) -> Path:
+                     findings: str | None = None, generated=None) -> Path:
     """Copy bundle ``base`` to ``out`` with the classifiers in ``also`` (name -> train.classifier folder holding
     ``classifier_<name>/`` and ``results_<name>.json``) replaced, and ``model.json`` updated (version, threshold,
     validation AUC, source, ensemble size, data lines; ``replaced_from``: the base's version). Written beside ``out``
@@ -87,7 +87,12 @@ def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: s
 
     ``findings`` (:attr:`~neural_core.config.SalienceConfig.findings`) sets the finding-word rule of the bundle's maps;
     a replacing classifier must have been trained on cuts made by the rule the maps will use (its training map is
-    recorded under ``"classifier_training_salience_of"``)."""
+    recorded under ``"classifier_training_salience_of"``).
+
+    ``generated`` (a :class:`~neural_core.config.SalienceConfig`) becomes the map of the model's own reports
+    (``"salience_generated"``: what the app reads for an image alone); the ``also`` classifiers must then have been
+    trained on that map's cuts, not the base classifiers' map. Classifiers not replaced keep what they were trained
+    on, and ``model.json`` says so."""
     from ..config import FINDING_RULES, SalienceConfig
     from ..stages import CLASSIFIER_NAMES
 
@@ -99,6 +104,8 @@ def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: s
     unknown = set(also) - set(CLASSIFIER_NAMES)
     if unknown:
         raise SystemExit(f"unknown classifier name(s) {sorted(unknown)}; the registry holds {CLASSIFIER_NAMES}")
+    if generated is not None:
+        gen_d = SalienceConfig.from_dict(generated.to_dict() | ({"findings": findings} if findings else {})).to_dict()
     tmp = out.parent / f".{out.name}.assembling"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp)
@@ -109,8 +116,12 @@ def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: s
             clf = load_classifier(d / f"classifier_{name}")
             res = json.loads((d / f"results_{name}.json").read_text())
             trained_with = res.get("salience")
-            if trained_with and info.get("classifier_training_salience"):
-                key = ("method", "layers", "head_reduce")
+            key = ("method", "layers", "head_reduce")
+            if generated is not None:
+                if not trained_with or [trained_with.get(k) for k in key] != [gen_d.get(k) for k in key]:
+                    raise SystemExit(f"{d}: classifier {name} was trained on another map than the new map of the "
+                                     f"model's own reports ({trained_with} vs {gen_d})")
+            elif trained_with and info.get("classifier_training_salience"):
                 if [trained_with.get(k) for k in key] != [info["classifier_training_salience"].get(k) for k in key]:
                     raise SystemExit(f"{d}: classifier {name} was trained on another map than the base's classifiers "
                                      f"({trained_with} vs {info['classifier_training_salience']})")
@@ -140,6 +151,13 @@ def swap_classifiers(base: Path, out: Path, also: dict[str, Path], *, version: s
             lines = [ln for ln in lines if not ln.startswith("maps: finding words")]
             lines.append(f"maps: finding words by the {findings!r} rule (SalienceConfig.findings); classifiers "
                          "not replaced keep the cuts they were trained on")
+        if generated is not None:
+            info["salience_generated"] = gen_d
+            lines = [ln for ln in lines if not ln.startswith("maps: the model's own reports")]
+            lines.append(f"maps: the model's own reports are read by {gen_d['method']} / layers "
+                         f"{', '.join(str(x) for x in gen_d['layers'])} / {gen_d['head_reduce']} (salience_generated); "
+                         f"classifier(s) {', '.join(sorted(also))} trained on its cuts, the others on "
+                         "the cuts of the base's map")
         info["data"] = lines
         if ensembles:
             info["classifier_ensembles"] = ensembles
@@ -178,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--findings", default=None, choices=("linked", "all"), help="with --base: the finding-word rule "
                     "of the new bundle's maps (SalienceConfig.findings); the --also classifiers must have been "
                     "trained on cuts made by it")
+    ap.add_argument("--salience-generated", default=None, metavar="JSON", help="with --base: the map of the model's "
+                    "own reports (the file's \"salience_generated\" entry, else its \"salience\"); the --also "
+                    "classifiers must have been trained on its cuts")
     ap.add_argument("--classifier-note", default="", help="how the classifiers were trained when their results do "
                     "not record it (e.g. carried over from an earlier release), shown in the bundle's data list")
     ap.add_argument("--out", required=True)
@@ -187,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.also:
             ap.error("--base needs --also name=DIR (the classifiers to replace)")
         also = dict(a.split("=", 1) for a in args.also)
+        generated = None
+        if args.salience_generated:
+            from .classifier import read_salience_config
+
+            generated = read_salience_config(args.salience_generated, generated=True)
         out = swap_classifiers(Path(args.base), Path(args.out), {n: Path(d) for n, d in also.items()},
-                               version=args.version, findings=args.findings)
+                               version=args.version, findings=args.findings, generated=generated)
         print(json.dumps({"out": str(out), "replaced": sorted(also)}, indent=1))
         return 0
     missing = [f"--{k}" for k in ("decoder", "classifiers", "split") if not getattr(args, k)]

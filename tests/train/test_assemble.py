@@ -124,3 +124,45 @@ def test_swap_classifiers_checks_and_sets_the_finding_rule(tmp_path):
     assert load_bundle(base, device="cpu").salience.findings == "all"                  # the base is untouched
     with pytest.raises(SystemExit, match="must be one of"):
         swap_classifiers(base, tmp_path / "out2", {"image": run}, version="v2", findings="some")
+
+
+def test_swap_classifiers_sets_the_map_of_the_models_own_reports(tmp_path):
+    """``assemble --base ... --salience-generated``: the image classifier is replaced by one trained on the cuts of a
+    new own-report map; the given-report map and the other classifiers stay the base's, and a classifier trained on
+    another map than the new one is refused."""
+    import pytest
+    import torch
+
+    from neural_core.bundle import load_bundle, untrained_bundle
+    from neural_core.config import ClassifierConfig, SalienceConfig, tiny_report_config
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.train.assemble import main
+
+    base = tmp_path / "base"
+    b = untrained_bundle(tiny_report_config())
+    given = {"method": "located", "layers": [1], "head_reduce": "mean"}
+    b.info.update({"thresholds": {"image": 0.5, "report": 0.5}, "val_auc": {"image": 0.8}, "salience": given,
+                   "classifier_training_salience": {"method": "located", "layers": [1], "head_reduce": "mean"}})
+    b.save(base, fp16=False)
+    run = tmp_path / "clf"
+    torch.manual_seed(0)
+    NeuralClassifier(ClassifierConfig()).save_pretrained(run / "classifier_image")
+    l0 = {"method": "entity", "layers": [0], "head_reduce": "mean"}
+    (run / "results_image.json").write_text(json.dumps({"threshold": 0.3, "val_auc": 0.9, "salience": l0}))
+    (tmp_path / "sal.json").write_text(json.dumps({"salience": l0}))
+    with pytest.raises(SystemExit, match="another map than the base's"):
+        main(["--base", str(base), "--also", f"image={run}", "--out", str(tmp_path / "no")])
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--also", f"image={run}", "--out", str(out), "--version", "v2",
+                 "--salience-generated", str(tmp_path / "sal.json")]) == 0
+    info = json.loads((out / "model.json").read_text())
+    loaded = load_bundle(out, device="cpu")
+    assert loaded.salience_generated == SalienceConfig("entity", (0,), "mean", findings="all")
+    assert loaded.salience == SalienceConfig("located", (1,), "mean", findings="all")           # given reports: base's
+    assert info["thresholds"] == {"image": 0.3, "report": 0.5} and info["classifier_training_salience_of"]["image"] == l0
+    assert any(ln.startswith("maps: the model's own reports are read by entity / layers 0 / mean") for ln in info["data"])
+    (tmp_path / "sal2.json").write_text(json.dumps({"salience": {"method": "entity", "layers": [1]}}))
+    with pytest.raises(SystemExit, match="new map of the model's own reports"):
+        main(["--base", str(base), "--also", f"image={run}", "--out", str(tmp_path / "no2"),
+              "--salience-generated", str(tmp_path / "sal2.json")])
+    assert not (tmp_path / "no2").exists()
