@@ -221,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="the written ensemble's threshold: 'rule' = the --clf classifier's rule on the ensemble's "
                     "keep-0.10 scores (pooled Youden by default); 'keeps-balanced' = the source-balanced threshold "
                     "of its scores at every --keeps pooled (pooled_keeps_threshold: each source once)")
+    ap.add_argument("--write-keeps-balanced", default=None, metavar="OUT", help="with --keeps and no --seeds: copy "
+                    "--clf's classifier to OUT with the source-balanced threshold of every --keeps pooled (the rule "
+                    "the out-of-fold tables call keeps-balanced) in OUT/results_<name>.json")
     a = ap.parse_args(argv)
+    if a.write_keeps_balanced and (a.seeds.strip() or not a.keeps.strip()):
+        print("error: --write-keeps-balanced needs --keeps and no --seeds (an ensemble: --write-ensemble "
+              "--ensemble-threshold keeps-balanced)", file=sys.stderr)
+        return 2
     if a.seeds.strip() and not a.keeps.strip():
         print("error: --seeds needs --keeps (the seeds are compared at every keep)", file=sys.stderr)
         return 2
@@ -262,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"| {r['keep']:g} | {r['auc']:.3f} | {r['j']:.3f} | "
                       + " | ".join(f"{v:.3f}" for v, _ in r["rates"].values()) + " |")
+        if a.write_keeps_balanced:
+            aucs = {r["keep"]: r["auc"] for r in keep_rows(by_keep, pooled)}
+            out = write_threshold(Path(a.write_keeps_balanced), a.name, clf, res, pooled,
+                                  "source-balanced, every keep pooled", aucs)
+            print(f"\nwrote classifier_{a.name} with the threshold {pooled:.3f} to {out}")
         seeds = [Path(d) for d in a.seeds.split(",") if d.strip()]
         if seeds:
             many = {k: _val_predictions_many(clf, Path(a.features), extra, a.name, keep=k, decoder=a.decoder,
@@ -292,6 +304,24 @@ def main(argv: list[str] | None = None) -> int:
                                      threshold=threshold, threshold_rule=rule_name)
                 print(f"\nwrote the ensemble of {1 + len(seeds)} classifiers to {out}")
     return 0
+
+
+def write_threshold(out: Path, name: str, clf: Path, res: dict, threshold: float, rule: str,
+                    auc_by_keep: dict[float, float]) -> Path:
+    """``out/classifier_<name>/`` (a copy of ``clf``'s) and ``out/results_<name>.json``: ``clf``'s results with
+    ``threshold`` chosen by ``rule``, and the validation AUC of every keep it was chosen on."""
+    import shutil
+
+    from ..utils import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / f"classifier_{name}", ignore_errors=True)
+    shutil.copytree(clf / f"classifier_{name}", out / f"classifier_{name}")
+    results = {**res, "threshold": float(threshold), "threshold_rule": rule,
+               "threshold_before": res.get("threshold"), "source": str(clf),
+               "val_auc_by_keep": {f"{k:g}": float(v) for k, v in auc_by_keep.items()}}
+    atomic_write_text(out / f"results_{name}.json", json.dumps(results, indent=2))
+    return out
 
 
 def write_ensemble(out: Path, name: str, folders: list[Path], res: dict, rows: list[dict], *,

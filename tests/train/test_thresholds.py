@@ -192,3 +192,34 @@ def test_write_ensemble_takes_a_given_threshold_and_rule(tmp_path):
     got = json.loads((out / "results_image.json").read_text())
     assert got["threshold"] == 0.25 and got["threshold_rule"] == "source-balanced, every keep pooled"
     assert got["val_auc"] == 0.95
+
+
+def test_write_keeps_balanced_copies_one_classifier_with_the_pooled_threshold(tmp_path, monkeypatch, capsys):
+    import json
+
+    import torch
+
+    from neural_core.models.classifier import NeuralClassifier
+    from neural_core.models.ensemble import load_classifier
+    from neural_core.train import thresholds
+    from tests.models.test_classifier import CFG
+
+    clf = tmp_path / "clf"
+    torch.manual_seed(0)
+    NeuralClassifier(CFG).save_pretrained(clf / "classifier_image")
+    (clf / "results_image.json").write_text(json.dumps({"threshold": 0.5, "val_auc": 0.9, "salience": {"m": 1}}))
+    # keep 0.1: source a's positives score 0.6-0.9; keep 1: a's positive 0.35 (the pooled threshold must serve it)
+    k01 = (np.array([0, 1, 1, 0]), np.array([0.2, 0.9, 0.6, 0.3]), np.array(["a", "a", "a", "b"]))
+    k1 = (np.array([0, 1, 0]), np.array([0.1, 0.35, 0.3]), np.array(["a", "a", "b"]))
+    monkeypatch.setattr(thresholds, "_val_predictions", lambda *a, keep=0.1, **k: k1 if keep == 1.0 else k01)
+    want = thresholds.pooled_keeps_threshold({1.0: k1, 0.1: k01})
+    assert thresholds.main(["--clf", str(clf), "--keeps", "1,0.1", "--decoder", "x",
+                            "--write-keeps-balanced", str(tmp_path / "out")]) == 0
+    got = json.loads((tmp_path / "out" / "results_image.json").read_text())
+    assert got["threshold"] == pytest.approx(want) and got["threshold_before"] == 0.5
+    assert got["threshold_rule"] == "source-balanced, every keep pooled" and got["salience"] == {"m": 1}
+    assert set(got["val_auc_by_keep"]) == {"1", "0.1"}
+    a, b = load_classifier(clf / "classifier_image"), load_classifier(tmp_path / "out" / "classifier_image")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert thresholds.main(["--clf", str(clf), "--write-keeps-balanced", str(tmp_path / "o2")]) == 2
+    assert "needs --keeps" in capsys.readouterr().err
