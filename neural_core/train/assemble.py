@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             from .classifier import read_salience_config
 
             generated = read_salience_config(args.salience_generated, generated=True)
+            if not generated.chosen_by:
+                from dataclasses import replace
+
+                generated = replace(generated, chosen_by=f"given by train.assemble --salience-generated "
+                                                         f"{args.salience_generated}")
         out = swap_classifiers(Path(args.base), Path(args.out), {n: Path(d) for n, d in also.items()},
                                version=args.version, findings=args.findings, generated=generated)
         print(json.dumps({"out": str(out), "replaced": sorted(also)}, indent=1))

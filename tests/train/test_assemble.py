@@ -157,7 +157,9 @@ def test_swap_classifiers_sets_the_map_of_the_models_own_reports(tmp_path):
                  "--salience-generated", str(tmp_path / "sal.json")]) == 0
     info = json.loads((out / "model.json").read_text())
     loaded = load_bundle(out, device="cpu")
-    assert loaded.salience_generated == SalienceConfig("entity", (0,), "mean", findings="all")
+    assert loaded.salience_generated == SalienceConfig("entity", (0,), "mean", findings="all",
+                                                       chosen_by=f"given by train.assemble --salience-generated "
+                                                                 f"{tmp_path / 'sal.json'}")
     assert loaded.salience == SalienceConfig("located", (1,), "mean", findings="all")           # given reports: base's
     assert info["thresholds"] == {"image": 0.3, "report": 0.5} and info["classifier_training_salience_of"]["image"] == l0
     assert any(ln.startswith("maps: the model's own reports are read by entity / layers 0 / mean") for ln in info["data"])
